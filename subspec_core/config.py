@@ -1,0 +1,200 @@
+"""Engine configuration: frozen dataclasses, validated once, resolved in one place.
+
+Precedence, lowest first: dataclass defaults < YAML preset < environment (SUBSPEC_*) < CLI overrides.
+`resolve_engine_config` is the only function that merges them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+MODES = ("subspec", "vanilla", "resident")
+QUANT_TYPES = ("nf4", "fp4", "int8")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_byte_size(text: str | int | float) -> int:
+    """Parse '8GiB', '512 MiB', '24GB' or a plain number of bytes into an int."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. '8GiB', '512MiB', '24GB')")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """How the substitute draft is built and how deep/wide its token tree grows."""
+
+    topk: int = 6  # tree width: nodes kept per depth (global beam over cumulative log-probability)
+    max_depth: int = 32  # draft steps per iteration (the paper's offload configs use 48)
+    max_verify_tokens: int | None = None  # None: the whole tree, max_depth * topk + 1 nodes
+    draft_temperature: float = 0.2  # shapes the tree only; verification never reads draft probabilities
+    quant_type: str = "nf4"  # bitsandbytes substitute: nf4 | fp4 (4-bit) | int8 (LLM.int8 absmax)
+    quant_block_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.topk < 1:
+            raise ValueError("speculation.topk must be >= 1")
+        if self.max_depth < 1:
+            raise ValueError("speculation.max_depth must be >= 1")
+        if self.max_verify_tokens is not None and self.max_verify_tokens < 2:
+            raise ValueError("speculation.max_verify_tokens must be >= 2 (the root and one drafted token)")
+        if self.draft_temperature <= 0:
+            raise ValueError("speculation.draft_temperature must be > 0")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"speculation.quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if self.quant_block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError("speculation.quant_block_size must be a power of two in [32, 4096]")
+
+    @property
+    def tree_size(self) -> int:
+        """Nodes drafted per iteration: the root plus topk nodes at each depth."""
+        return self.max_depth * self.topk + 1
+
+    @property
+    def verify_size(self) -> int:
+        """Nodes the target verifies per iteration (the best `max_verify_tokens` of the tree)."""
+        if self.max_verify_tokens is None:
+            return self.tree_size
+        return min(self.max_verify_tokens, self.tree_size)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to load a model and run it. Plain data; YAML keys mirror the fields."""
+
+    model: str = "default"  # 'default' (SmolLM2-135M-Instruct GGUF), a HF id or directory, or a .gguf file
+    gguf_file: str | None = None  # file name inside `model` when `model` is a directory holding GGUF files
+    tokenizer: str | None = None  # defaults to the model's own tokenizer
+    served_model_name: str | None = None  # the name clients pass as `model`; defaults to a short model name
+    mode: str = "subspec"  # subspec | vanilla (streamed target, no speculation) | resident (no offload)
+    device: str = "auto"  # auto: cuda when available, else cpu (the same code path, plain tensors)
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    gpu_memory_budget: str | None = None  # e.g. '8GiB'; None: the device's free memory
+    max_resident_layers: int | None = None  # cap on full-precision decoder layers kept on the GPU; 0 streams all
+    stream_slots: int = 2  # GPU layer buffers in the streaming ring (>= 2: copy of layer i+1 overlaps compute of i)
+    max_model_len: int = 2048  # prompt + completion tokens
+    prefill_chunk_size: int = 256
+    seed: int = 0  # seed for requests that give none
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.gpu_memory_budget is not None:
+            parse_byte_size(self.gpu_memory_budget)
+        if self.max_resident_layers is not None and self.max_resident_layers < 0:
+            raise ValueError("max_resident_layers must be >= 0")
+        if self.stream_slots < 2:
+            raise ValueError("stream_slots must be >= 2 (one being filled while one is read)")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if self.prefill_chunk_size < 1:
+            raise ValueError("prefill_chunk_size must be >= 1")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.gpu_memory_budget is None else parse_byte_size(self.gpu_memory_budget)
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Instantiate a (possibly nested) config dataclass from a mapping, rejecting unknown keys."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name == "speculation" and cls is EngineConfig:
+            value = value if isinstance(value, SpeculationConfig) else _build(SpeculationConfig, value or {}, f"{where}.speculation")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce_env(value: str) -> Any:
+    """Environment values are strings; read them as YAML scalars ('8', 'null', '0.2', 'nf4')."""
+    return yaml.safe_load(value)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a preset file; it must be a mapping of plain data."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping at the top level")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def engine_env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """SUBSPEC_<FIELD> and SUBSPEC_SPECULATION_<FIELD> environment variables as a config mapping."""
+    overrides: dict[str, Any] = {}
+    spec_fields = {f.name for f in dataclasses.fields(SpeculationConfig)}
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "speculation":
+            continue
+        key = f"SUBSPEC_{f.name.upper()}"
+        if key in environ:
+            overrides[f.name] = _coerce_env(environ[key])
+    for name in spec_fields:
+        key = f"SUBSPEC_SPECULATION_{name.upper()}"
+        if key in environ:
+            overrides.setdefault("speculation", {})[name] = _coerce_env(environ[key])
+    for key in ("model", "tokenizer", "gguf_file", "gpu_memory_budget", "served_model_name"):
+        if key in overrides and overrides[key] is not None:
+            overrides[key] = str(overrides[key])
+    return overrides
+
+
+def resolve_engine_config(
+    *,
+    yaml_data: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cli_overrides: Mapping[str, Any] | None = None,
+) -> EngineConfig:
+    """Merge defaults < YAML < env < CLI into one validated EngineConfig.
+
+    `yaml_data` may hold other sections (e.g. `server:`); only engine keys are read here.
+    CLI overrides whose value is None are treated as 'not given'.
+    """
+    merged: dict[str, Any] = {}
+    engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
+    if yaml_data:
+        merged = _deep_merge(merged, {k: v for k, v in yaml_data.items() if k in engine_keys or k not in ("server",)})
+    merged = _deep_merge(merged, engine_env_overrides(environ if environ is not None else os.environ))
+    if cli_overrides:
+        merged = _deep_merge(merged, {k: v for k, v in cli_overrides.items() if v is not None})
+    return _build(EngineConfig, merged, "config")
+
+
+def config_as_dict(config: EngineConfig) -> dict[str, Any]:
+    """Plain-data view of a config (for logging the resolved config at start)."""
+    return dataclasses.asdict(config)

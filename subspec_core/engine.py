@@ -1,0 +1,338 @@
+"""The engine: load, plan, place, and the generation loop, written once as a generator of token events.
+
+One iteration of `subspec` mode is three calls: draft a tree with the substitute (`grow_tree`), verify it
+with one streamed target forward (`_verify_tree`), commit the accepted path (`_emit`). `vanilla` and
+`resident` run the same loop with a plain one-token target step instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from subspec_core.config import EngineConfig, config_as_dict
+from subspec_core.detokenize import IncrementalDetokenizer
+from subspec_core.drafting import grow_tree
+from subspec_core.kv_cache import KVCache
+from subspec_core.loading import load_model
+from subspec_core.model import LayerSource, compute_logits, forward_hidden
+from subspec_core.model_source import resolve_model
+from subspec_core.offload import TargetLayers, place_layers
+from subspec_core.planner import MemoryPlan, plan_memory
+from subspec_core.quant import DraftLayers, build_substitutes
+from subspec_core.sampling import choose_tokens
+from subspec_core.timing import PhaseClock
+from subspec_core.tree import causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
+from subspec_core.types import FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent
+from subspec_core.verify import accepted_path, emitted_tokens
+from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    """cuda when asked or available (auto), else cpu; asking for cuda without one is an error."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device (install a CUDA build of torch)")
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on the GPU (fp16's range is risky for cumulative activations), float32 on the CPU."""
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class _Decoding:
+    """Per-request decoding state that the loop threads through its steps."""
+
+    request_id: str
+    params: SamplingParams
+    seed: int
+    budget: int  # completion tokens allowed (max_tokens capped by the context)
+    eos: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    stats: RequestStats
+
+
+class Engine:
+    """A loaded model ready to generate, one request at a time (batch size 1, as in the paper)."""
+
+    def __init__(
+        self,
+        *,
+        config: EngineConfig,
+        shape: ModelShape,
+        shared: SharedWeights,
+        target_layers: TargetLayers,
+        draft_layers: DraftLayers | None,
+        kv_cache: KVCache,
+        tokenizer: Any,
+        eos_token_ids: frozenset[int],
+        device: torch.device,
+        model_name: str,
+        plan: MemoryPlan | None = None,
+    ) -> None:
+        self.config = config
+        self.shape = shape
+        self.shared = shared
+        self.target_layers = target_layers
+        self.draft_layers = draft_layers
+        self.kv_cache = kv_cache
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.model_name = model_name
+        self.plan = plan
+        self.max_model_len = config.max_model_len
+        self._clock = PhaseClock(device)
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: EngineConfig, *, progress: bool = True) -> "Engine":
+        """Load the target, plan GPU memory, place/stream its layers and build the 4-bit substitute draft."""
+        log.info("engine config: %s", config_as_dict(config))
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, device)
+        resolved = resolve_model(config.model, config.gguf_file, progress=progress)
+        loaded, tokenizer = load_model(config, dtype, resolved)
+        shape = loaded.shape
+        budget = config.budget_bytes
+        if budget is None and device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+        plan = plan_memory(
+            shape=shape, dtype=dtype, mode=config.mode, speculation=config.speculation,
+            max_model_len=config.max_model_len, prefill_chunk_size=config.prefill_chunk_size,
+            stream_slots=config.stream_slots, budget_bytes=budget, max_resident_layers=config.max_resident_layers,
+            shared_bytes=loaded.shared.nbytes(),
+        )
+        log.info("memory plan (%s on %s, %s):\n%s", config.mode, device, dtype, plan.table())
+        if progress:
+            print(plan.table(), flush=True)
+        return cls.from_weights(
+            config=config, shape=shape, shared=loaded.shared, layer_linears=loaded.layer_linears, plan=plan,
+            tokenizer=tokenizer, eos_token_ids=loaded.eos_token_ids, device=device,
+            model_name=config.served_model_name or resolved.display_name, progress=progress,
+        )
+
+    @classmethod
+    def from_weights(
+        cls,
+        *,
+        config: EngineConfig,
+        shape: ModelShape,
+        shared: SharedWeights,
+        layer_linears: list[dict[str, torch.Tensor]],
+        plan: MemoryPlan,
+        tokenizer: Any,
+        eos_token_ids: frozenset[int],
+        device: torch.device,
+        model_name: str,
+        progress: bool = False,
+    ) -> "Engine":
+        """Place host weights according to `plan` (used by `from_config`, and by tests with random weights)."""
+        layout = LayerLayout.for_shape(shape)
+        target_layers = place_layers(
+            layer_linears=layer_linears, layout=layout, resident_ids=plan.resident_layers, device=device,
+            num_slots=config.stream_slots, progress=progress,
+        )
+        draft_layers = None
+        if config.mode == "subspec":
+            if not plan.streamed_layers:
+                log.warning("every layer is resident: the draft equals the target; mode 'resident' is faster")
+            substitutes = build_substitutes(
+                layer_linears=layer_linears, layer_ids=plan.streamed_layers, quant_type=config.speculation.quant_type,
+                block_size=config.speculation.quant_block_size, device=device, progress=progress,
+            )
+            draft_layers = DraftLayers(resident=target_layers.resident, substitutes=substitutes)
+        tree_slots = config.speculation.tree_size if config.mode == "subspec" else 1
+        kv_cache = KVCache(
+            num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+            capacity=config.max_model_len + tree_slots, dtype=shared.embed.dtype, device=device,
+        )
+        return cls(
+            config=config, shape=shape, shared=shared.to(device), target_layers=target_layers, draft_layers=draft_layers,
+            kv_cache=kv_cache, tokenizer=tokenizer, eos_token_ids=eos_token_ids, device=device, model_name=model_name, plan=plan,
+        )
+
+    # ----------------------------------------------------------------------------------------- forwards
+    def _forward(
+        self, layers: LayerSource, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+        kv_length: int, mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return forward_hidden(
+            shape=self.shape, shared=self.shared, layers=layers, kv_cache=self.kv_cache, tokens=tokens,
+            positions=positions, slots=slots, kv_length=kv_length, attention_mask=mask,
+        )
+
+    def _target_forward(self, tokens, positions, slots, kv_length, mask) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        try:
+            return self._forward(self.target_layers, tokens, positions, slots, kv_length, mask)
+        except BaseException:
+            if self.target_layers.streamer is not None:
+                self.target_layers.streamer.reset()  # a forward stopped mid-way leaves the ring out of step
+            raise
+
+    def _draft_logits(self, tokens, positions, slots, kv_length, mask) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        assert self.draft_layers is not None
+        hidden = self._forward(self.draft_layers, tokens, positions, slots, kv_length, mask)
+        return compute_logits(self.shape, self.shared, hidden)
+
+    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Fill KV slots [0, P) chunk by chunk with the target; logits (1, V) of the last prompt token."""
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        chunk = self.config.prefill_chunk_size
+        hidden = None
+        for start in range(0, len(prompt), chunk):
+            end = min(start + chunk, len(prompt))
+            slots = torch.arange(start, end, device=self.device)
+            mask = causal_chunk_mask(start=start, length=end - start, device=self.device)
+            hidden = self._target_forward(ids[start:end], slots, slots, end, mask)
+        assert hidden is not None
+        return compute_logits(self.shape, self.shared, hidden[-1:])
+
+    # ----------------------------------------------------------------------------------------- steps
+    def _plain_step(self, root: torch.Tensor, committed: int, dec: _Decoding) -> list[int]:
+        """One target forward over the last token: the baseline's decoding step (vanilla and resident)."""
+        start = self._clock.mark()
+        slot = torch.tensor([committed], dtype=torch.long, device=self.device)
+        hidden = self._target_forward(root, slot, slot, committed + 1, None)
+        logits = compute_logits(self.shape, self.shared, hidden)
+        token = choose_tokens(
+            logits=logits, params=dec.params, seed=dec.seed, positions=slot + 1, first_position=committed + 1, num_positions=1
+        )
+        end = self._clock.mark()
+        values = token.tolist()
+        dec.stats.verify_s += self._clock.seconds(start, end)
+        dec.stats.iterations += 1
+        return values
+
+    def _speculative_step(self, root: torch.Tensor, committed: int, depth: int, dec: _Decoding) -> tuple[list[int], int]:
+        """Draft a tree, verify it in one target forward, keep the accepted rows; returns (tokens, drafted)."""
+        spec = self.config.speculation
+        n = committed
+        draft_start = self._clock.mark()
+        tree = grow_tree(
+            draft_logits=self._draft_logits, root_token=root, prefix_length=n, topk=spec.topk, max_depth=depth,
+            temperature=spec.draft_temperature,
+        )
+        verify_start = self._clock.mark()
+        verified = subtree(tree, select_verify_nodes(scores=tree.scores, budget=spec.verify_size))
+        size = verified.size
+        slots = n + torch.arange(size, device=self.device)
+        positions = n + verified.depths
+        mask = tree_attention_mask(ancestors=verified.ancestors, prefix_length=n)
+        hidden = self._target_forward(verified.tokens, positions, slots, n + size, mask)
+        logits = compute_logits(self.shape, self.shared, hidden)  # (size, V)
+        target_tokens = choose_tokens(
+            logits=logits, params=dec.params, seed=dec.seed, positions=positions + 1, first_position=n + 1, num_positions=depth + 1
+        )
+        path = accepted_path(
+            parents=verified.parents, tokens=verified.tokens, depths=verified.depths, ancestors=verified.ancestors,
+            target_tokens=target_tokens,
+        )
+        self.kv_cache.compact(dest_start=n, source_slots=n + path)  # keep the root's and accepted nodes' rows
+        verify_end = self._clock.mark()
+        values = emitted_tokens(path=path, target_tokens=target_tokens).tolist()  # the iteration's one host sync
+        dec.stats.draft_s += self._clock.seconds(draft_start, verify_start)
+        dec.stats.verify_s += self._clock.seconds(verify_start, verify_end)
+        dec.stats.iterations += 1
+        dec.stats.drafted_tokens += size - 1
+        dec.stats.accepted_tokens += len(values) - 1
+        return values, size - 1
+
+    def _emit(self, dec: _Decoding, new_tokens: list[int], *, accept_length: int | None, drafted: int) -> TokenEvent:
+        """Apply EOS, max_tokens and stop strings to newly chosen tokens, in order, and make their event."""
+        kept: list[int] = []
+        finish = None
+        for token in new_tokens:
+            if token in dec.eos:
+                finish = FINISH_STOP
+                break
+            kept.append(token)
+            if dec.stats.completion_tokens + len(kept) >= dec.budget:
+                finish = FINISH_LENGTH
+                break
+        delta = dec.detokenizer.add(kept)
+        text = delta.text
+        if delta.stopped:
+            kept, finish = kept[: delta.kept_tokens], FINISH_STOP
+        elif finish is not None:
+            text += dec.detokenizer.flush()
+        dec.stats.completion_tokens += len(kept)
+        return TokenEvent(
+            request_id=dec.request_id, token_ids=tuple(kept), text=text, accept_length=accept_length,
+            drafted_tokens=drafted, finish_reason=finish, stats=dec.stats if finish else None,
+        )
+
+    # ----------------------------------------------------------------------------------------- the loop
+    def validate(self, request: GenerationRequest) -> None:
+        """Reject a request the engine cannot serve, before any work (ValueError with a client-facing message)."""
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty")
+        if prompt_len >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens "
+                "(prompt plus at least one generated token must fit)"
+            )
+        vocab = self.shape.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+        """Generate for one request; yields an event per target forward, the last one with finish_reason and stats.
+
+        Closing the generator between events aborts the request; nothing needs cleaning up, since the next
+        request overwrites the KV cache from slot 0.
+        """
+        self.validate(request)
+        prompt = list(request.prompt_token_ids)
+        params = request.sampling
+        dec = _Decoding(
+            request_id=request.request_id,
+            params=params,
+            seed=self.config.seed if params.seed is None else params.seed,
+            budget=min(params.max_tokens, self.max_model_len - len(prompt)),
+            eos=frozenset() if params.ignore_eos else self.eos_token_ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids=prompt, stop=params.stop),
+            stats=RequestStats(prompt_tokens=len(prompt)),
+        )
+        speculative = self.draft_layers is not None
+        h2d_start = self.target_layers.h2d_bytes
+        with torch.inference_mode():
+            started = time.perf_counter()
+            logits = self._prefill(prompt)
+            first = choose_tokens(
+                logits=logits, params=params, seed=dec.seed, positions=torch.tensor([len(prompt)], device=self.device),
+                first_position=len(prompt), num_positions=1,
+            )
+            values = first.tolist()
+            dec.stats.prefill_s = time.perf_counter() - started
+            committed = len(prompt)  # KV rows written; the last chosen token is not in the cache yet
+            event = self._emit(dec, values, accept_length=None, drafted=0)
+            while True:
+                dec.stats.h2d_bytes = self.target_layers.h2d_bytes - h2d_start
+                yield event
+                if event.finished:
+                    return
+                root = torch.tensor(values[-1:], dtype=torch.long, device=self.device)
+                remaining = dec.budget - dec.stats.completion_tokens
+                if speculative and remaining > 1:
+                    # a tree deeper than the tokens still allowed would only draft what gets cut
+                    depth = min(self.config.speculation.max_depth, remaining - 1)
+                    values, drafted = self._speculative_step(root, committed, depth, dec)
+                else:
+                    values, drafted = self._plain_step(root, committed, dec), 0
+                committed += len(values)
+                event = self._emit(dec, values, accept_length=len(values), drafted=drafted)

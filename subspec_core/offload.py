@@ -1,0 +1,181 @@
+"""The streamed target: layer weights in pinned host memory, copied into a ring of reused GPU buffers.
+
+Ordering (CUDA): a dedicated copy stream fills ring slot s with the next layer, then records `filled[s]`;
+the compute stream waits on `filled[s]` before reading the slot and records `free[s]` after the layer's
+last kernel; the copy stream waits on `free[s]` before overwriting it. No host synchronisation anywhere.
+Layers are consumed in the same cyclic order every forward, so the copy of the next forward's first
+layers is issued as soon as slots free up: it overlaps drafting and bookkeeping between forwards.
+
+On a CPU-only machine the same objects run with plain tensors: copies are synchronous and the events are
+absent, so CI tests exactly this control flow.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from subspec_core.model import DenseLinears, Linears
+from subspec_core.weights import LayerLayout
+
+log = logging.getLogger(__name__)
+
+
+class HostLayerStore:
+    """Streamed layers' flat weights in one host arena (pinned with cudaHostRegister on CUDA: exact size).
+
+    PyTorch's pinned allocator rounds every allocation up to a power of two (host RAM can nearly double),
+    so we allocate ordinary memory once and register it with the driver instead.
+    """
+
+    def __init__(self, *, layout: LayerLayout, layer_ids: Sequence[int], dtype: torch.dtype, pin: bool) -> None:
+        self.layout = layout
+        self.layer_ids = tuple(layer_ids)
+        self.arena = torch.empty(len(self.layer_ids) * layout.numel, dtype=dtype)
+        self.pinned = False
+        if pin and self.arena.numel() > 0:
+            self.pinned = _register_pinned(self.arena)
+        self._index = {layer: k for k, layer in enumerate(self.layer_ids)}
+
+    def layer(self, layer_id: int) -> torch.Tensor:
+        """The flat host buffer of one streamed layer."""
+        k = self._index[layer_id]
+        return self.arena[k * self.layout.numel : (k + 1) * self.layout.numel]
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.arena.data_ptr())
+            self.pinned = False
+
+
+def _register_pinned(arena: torch.Tensor) -> bool:
+    """Page-lock an existing host tensor in place; falls back to pageable memory with a warning."""
+    nbytes = arena.numel() * arena.element_size()
+    result = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+    ok = int(getattr(result, "value", result)) == 0
+    if not ok:
+        log.warning("cudaHostRegister of %.2f GiB failed (%s): streaming from pageable memory (slower)", nbytes / 2**30, result)
+    return ok
+
+
+class LayerStreamer:
+    """Cycles the streamed layers through `num_slots` device buffers on a dedicated copy stream."""
+
+    def __init__(self, *, store: HostLayerStore, device: torch.device, num_slots: int) -> None:
+        if num_slots < 2:
+            raise ValueError("the streaming ring needs at least two slots")
+        self.store = store
+        self.order = store.layer_ids  # the cyclic consumption order
+        self.device = device
+        self.num_slots = num_slots
+        self.slots = [torch.empty(store.layout.numel, dtype=store.arena.dtype, device=device) for _ in range(num_slots)]
+        self.slot_views = [store.layout.views(slot) for slot in self.slots]
+        self.on_cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device=device) if self.on_cuda else None
+        self.filled = [torch.cuda.Event() if self.on_cuda else None for _ in range(num_slots)]
+        self.free = [torch.cuda.Event() if self.on_cuda else None for _ in range(num_slots)]
+        self.h2d_bytes = 0  # total weight bytes copied host-to-device since construction
+        self._slot_nbytes = store.layout.numel * store.arena.element_size()
+        self._issued = 0  # copies issued (sequence number of the next copy)
+        self._consumed = 0  # layers released (sequence number of the next layer to use)
+        self._prime()
+
+    def _prime(self) -> None:
+        while self.order and self._issued - self._consumed < self.num_slots:
+            self._issue_copy()
+
+    def _issue_copy(self) -> None:
+        seq = self._issued
+        slot = seq % self.num_slots
+        host = self.store.layer(self.order[seq % len(self.order)])
+        if self.on_cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.free[slot])  # compute has finished reading this slot
+                self.slots[slot].copy_(host, non_blocking=True)
+                self.filled[slot].record(self.copy_stream)
+        else:
+            self.slots[slot].copy_(host)
+        self.h2d_bytes += self._slot_nbytes
+        self._issued += 1
+
+    def acquire(self, layer_id: int) -> dict[str, torch.Tensor]:
+        """Weight views of `layer_id` in its slot, ordered after its copy on the current stream."""
+        seq = self._consumed
+        expected = self.order[seq % len(self.order)]
+        if layer_id != expected:
+            raise RuntimeError(f"layers must be streamed in order: asked for {layer_id}, next is {expected}")
+        slot = seq % self.num_slots
+        if self.on_cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.filled[slot])
+        return self.slot_views[slot]
+
+    def release(self, layer_id: int) -> None:
+        """The current stream is done with `layer_id`'s slot: refill it with the next layer in the cycle."""
+        slot = self._consumed % self.num_slots
+        if self.on_cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+        self._consumed += 1
+        self._prime()
+
+    def reset(self) -> None:
+        """Recover the cycle after a forward was interrupted part-way (an exception inside a layer)."""
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        self._issued = self._consumed = 0
+        self._prime()
+
+
+class TargetLayers:
+    """The target's layer source: resident full-precision layers, the rest streamed through the ring."""
+
+    def __init__(self, *, resident: dict[int, dict[str, torch.Tensor]], streamer: LayerStreamer | None) -> None:
+        self.resident = {i: DenseLinears(w) for i, w in resident.items()}
+        self.streamer = streamer
+
+    def begin_forward(self) -> None:
+        pass  # the streamer's ring is already primed with this forward's first streamed layers
+
+    def acquire(self, layer: int) -> Linears:
+        linears = self.resident.get(layer)
+        if linears is not None:
+            return linears
+        assert self.streamer is not None, f"layer {layer} is neither resident nor streamed"
+        return DenseLinears(self.streamer.acquire(layer))
+
+    def release(self, layer: int) -> None:
+        if layer not in self.resident and self.streamer is not None:
+            self.streamer.release(layer)
+
+    @property
+    def h2d_bytes(self) -> int:
+        return 0 if self.streamer is None else self.streamer.h2d_bytes
+
+
+def place_layers(
+    *,
+    layer_linears: list[dict[str, torch.Tensor]],
+    layout: LayerLayout,
+    resident_ids: Sequence[int],
+    device: torch.device,
+    num_slots: int,
+    progress: bool = True,
+) -> TargetLayers:
+    """Move resident layers to the device and pack streamed ones into the (pinned) host arena."""
+    resident_set = set(resident_ids)
+    streamed_ids = [i for i in range(len(layer_linears)) if i not in resident_set]
+    dtype = layer_linears[0]["qkv_weight"].dtype
+    store = HostLayerStore(layout=layout, layer_ids=streamed_ids, dtype=dtype, pin=device.type == "cuda") if streamed_ids else None
+    resident: dict[int, dict[str, torch.Tensor]] = {}
+    for i in tqdm(range(len(layer_linears)), desc="placing layers", unit="layer", disable=not progress):
+        if i in resident_set:
+            flat = torch.empty(layout.numel, dtype=dtype, device=device)
+            layout.pack(layer_linears[i], flat)
+            resident[i] = layout.views(flat)
+        else:
+            assert store is not None
+            layout.pack(layer_linears[i], store.layer(i))
+    streamer = LayerStreamer(store=store, device=device, num_slots=num_slots) if store is not None else None
+    return TargetLayers(resident=resident, streamer=streamer)

@@ -1,0 +1,76 @@
+"""Choosing the target's token at each position: greedy, or sampling keyed by (seed, position).
+
+Sampling uses the Gumbel-max trick with noise that depends only on the request seed and the absolute
+position of the token being chosen. Two consequences:
+- exact: argmax(processed logits + Gumbel noise) is a draw from softmax(processed logits);
+- speculation-invariant: a tree node and a plain decoding step that pick the token at the same position
+  from the same distribution use the same noise, so with a seed, speculative output equals plain output.
+The draft never influences the noise, so every emitted token follows the target's distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from subspec_core.types import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for (request seed, token position) (splitmix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def gumbel_noise(*, seed: int, positions: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Gumbel(0, 1) noise (len(positions), vocab), one reproducible row per absolute position."""
+    rows = []
+    generator = torch.Generator(device=device)
+    for position in positions:
+        generator.manual_seed(position_seed(seed, position))
+        rows.append(torch.rand(vocab_size, generator=generator, device=device))
+    uniform = torch.stack(rows)
+    return -torch.log(-torch.log(uniform))  # u = 0 gives -inf: that token is never chosen, no NaN
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on float32 logits (n, V); removed tokens get -inf."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(
+    *, logits: torch.Tensor, params: SamplingParams, seed: int, positions: torch.Tensor, first_position: int, num_positions: int
+) -> torch.Tensor:
+    """The target's token (n,) for each row of logits (n, V); row r picks the token at `positions[r]`.
+
+    Positions lie in [first_position, first_position + num_positions); the noise for those is drawn once.
+    """
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    noise = gumbel_noise(
+        seed=seed, positions=range(first_position, first_position + num_positions), vocab_size=logits.shape[-1], device=logits.device
+    )
+    return torch.argmax(process_logits(logits, params) + noise[positions - first_position], dim=-1)
+
+
+def target_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `choose_tokens` samples from (for tests and diagnostics)."""
+    if params.greedy:
+        return torch.nn.functional.one_hot(torch.argmax(logits, -1), logits.shape[-1]).float()
+    return torch.softmax(process_logits(logits, params), dim=-1)

@@ -1,0 +1,108 @@
+"""The engine's public data types: what a request asks for and what generation emits.
+
+These are plain, picklable dataclasses: the server sends them between processes unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINISH_STOP = "stop"  # EOS token or a stop string
+FINISH_LENGTH = "length"  # max_tokens or the context limit
+FINISH_ABORT = "abort"  # the caller stopped consuming (client gone, deadline)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature == 0 means greedy (argmax of the target's logits)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    seed: int | None = None  # None: the engine's default seed
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: prompt token ids (already templated/tokenized) and how to decode."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class RequestStats:
+    """Per-request counters. mean_accept_length = tokens emitted per target forward (bonus included)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    iterations: int = 0  # target forwards after prefill (one per verify, or per token in vanilla)
+    drafted_tokens: int = 0  # tree nodes proposed by the draft and verified by the target (root excluded)
+    accepted_tokens: int = 0  # drafted tokens the target accepted (bonus tokens excluded)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    h2d_bytes: int = 0  # weight bytes streamed host-to-device for this request
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Tokens emitted per target forward after prefill (accepted + bonus), the paper's tau."""
+        if self.iterations == 0:
+            return 0.0
+        return (self.accepted_tokens + self.iterations) / self.iterations
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "iterations": self.iterations,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "mean_accept_length": round(self.mean_accept_length, 4),
+            "prefill_s": round(self.prefill_s, 6),
+            "draft_s": round(self.draft_s, 6),
+            "verify_s": round(self.verify_s, 6),
+            "h2d_bytes": self.h2d_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one engine step emits: new tokens and their text, and on the last event why it finished.
+
+    `accept_length` is the number of tokens this target forward produced (None for the prefill's token);
+    `text` is the newly final text: held-back pieces (an incomplete UTF-8 sequence, a possible stop-string
+    prefix) arrive in a later event. The last event has `finish_reason` set and carries `stats`.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    accept_length: int | None = None
+    drafted_tokens: int = 0
+    finish_reason: str | None = None
+    stats: RequestStats | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
