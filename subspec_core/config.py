@@ -162,16 +162,23 @@ def engine_env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if f.name == "speculation":
             continue
         key = f"SUBSPEC_{f.name.upper()}"
-        if key in environ:
+        if environ.get(key, "") != "":  # an empty variable (e.g. from compose) means 'not set'
             overrides[f.name] = _coerce_env(environ[key])
     for name in spec_fields:
         key = f"SUBSPEC_SPECULATION_{name.upper()}"
-        if key in environ:
+        if environ.get(key, "") != "":
             overrides.setdefault("speculation", {})[name] = _coerce_env(environ[key])
     for key in ("model", "tokenizer", "gguf_file", "gpu_memory_budget", "served_model_name"):
         if key in overrides and overrides[key] is not None:
             overrides[key] = str(overrides[key])
     return overrides
+
+
+def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """CLI flags left unset arrive as None, at any nesting level: they must not override anything."""
+    return {
+        k: _drop_none(v) if isinstance(v, Mapping) else v for k, v in mapping.items() if v is not None
+    }
 
 
 def resolve_engine_config(
@@ -191,7 +198,7 @@ def resolve_engine_config(
         merged = _deep_merge(merged, {k: v for k, v in yaml_data.items() if k in engine_keys or k not in ("server",)})
     merged = _deep_merge(merged, engine_env_overrides(environ if environ is not None else os.environ))
     if cli_overrides:
-        merged = _deep_merge(merged, {k: v for k, v in cli_overrides.items() if v is not None})
+        merged = _deep_merge(merged, _drop_none(cli_overrides))
     return _build(EngineConfig, merged, "config")
 
 

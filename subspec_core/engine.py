@@ -201,6 +201,23 @@ class Engine:
         assert hidden is not None
         return compute_logits(self.shape, self.shared, hidden[-1:])
 
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Target logits (n, V) float32 at every position of `token_ids`, computed by chunked prefill.
+
+        For scoring, tests and benchmarks; it overwrites the KV cache like any request.
+        """
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        chunk = self.config.prefill_chunk_size
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(token_ids), chunk):
+                end = min(start + chunk, len(token_ids))
+                slots = torch.arange(start, end, device=self.device)
+                mask = causal_chunk_mask(start=start, length=end - start, device=self.device)
+                hidden = self._target_forward(ids[start:end], slots, slots, end, mask)
+                rows.append(compute_logits(self.shape, self.shared, hidden))
+        return torch.cat(rows)
+
     # ----------------------------------------------------------------------------------------- steps
     def _plain_step(self, root: torch.Tensor, committed: int, dec: _Decoding) -> list[int]:
         """One target forward over the last token: the baseline's decoding step (vanilla and resident)."""

@@ -1,0 +1,183 @@
+"""Losslessness: speculative greedy output is the target's greedy output, token for token."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from subspec_core.config import EngineConfig, SpeculationConfig
+from subspec_core.loading import load_tokenizer
+from subspec_core.types import GenerationRequest, SamplingParams
+from tests.core.tiny import TINY_VOCAB, generate_ids, tiny_engine, tiny_hf_model
+
+# Varied prompts for the real default model: chat, code, math, reasoning, non-English, extraction, lists.
+VARIED_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.",
+    "What is 17 multiplied by 23? Explain step by step.",
+    "Explique en français pourquoi le ciel est bleu.",
+    "List five tips for staying productive when working from home.",
+    "If all bloops are razzies and all razzies are lazzies, are all bloops lazzies? Why?",
+    "Extract the names of the cities from this sentence: I flew from Paris to Tokyo and then took a train to Kyoto.",
+    "Write a SQL query that finds the ten customers with the highest total order value.",
+]
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def greedy(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], str, object]:
+    ids, text, stats = [], "", None
+    for event in engine.generate(GenerationRequest("g", tuple(prompt), SamplingParams(max_tokens=max_tokens, temperature=0))):
+        ids += event.token_ids
+        text += event.text
+        stats = event.stats or stats
+    return ids, text, stats
+
+
+@pytest.mark.parametrize("prompt", VARIED_PROMPTS, ids=[f"p{i}" for i in range(len(VARIED_PROMPTS))])
+def test_default_model_subspec_equals_vanilla_greedy(prompt: str, default_engines, default_tokenizer) -> None:
+    """The real default model, every layer streamed, NF4 substitutes, depth 32 x topk 6: 64+ new tokens."""
+    ids = chat_ids(default_tokenizer, prompt)
+    expected, expected_text, _ = greedy(default_engines("vanilla"), ids, 64)
+    got, got_text, stats = greedy(default_engines("subspec"), ids, 64)
+    assert got == expected
+    assert got_text == expected_text
+    assert stats.iterations < len(got)  # speculation did accept drafted tokens
+    print(f"\n[{prompt[:40]}...] tokens={len(got)} mean_accept_length={stats.mean_accept_length:.2f}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(EngineConfig())
+
+
+TREE_SHAPES = [  # (topk, max_depth, max_verify_tokens)
+    (1, 1, None), (1, 8, None), (2, 5, None), (4, 6, None), (6, 4, 7), (3, 10, 12), (8, 3, 2),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2", "tied"])
+@pytest.mark.parametrize("shape", TREE_SHAPES, ids=[f"k{k}d{d}v{v}" for k, d, v in TREE_SHAPES])
+def test_tiny_models_lossless_across_seeds_and_tree_shapes(family, shape, tokenizer) -> None:
+    topk, depth, verify = shape
+    spec = SpeculationConfig(topk=topk, max_depth=depth, max_verify_tokens=verify)
+    subspec = tiny_engine(tiny_hf_model(family, seed=7), tokenizer, speculation=spec)
+    vanilla = tiny_engine(tiny_hf_model(family, seed=7), tokenizer, mode="vanilla")
+    rng = torch.Generator().manual_seed(hash((family, shape)) % 2**31)
+    for seed in range(4):
+        prompt = torch.randint(0, TINY_VOCAB, (int(torch.randint(1, 40, (1,), generator=rng)),), generator=rng).tolist()
+        expected, _ = generate_ids(vanilla, prompt, max_tokens=30, temperature=0)
+        got, stats = generate_ids(subspec, prompt, max_tokens=30, temperature=0)
+        assert got == expected, f"seed {seed}: speculative greedy output differs from the target's"
+        # sampled with a seed: position-keyed noise makes speculation invisible in the output too
+        expected, _ = generate_ids(vanilla, prompt, max_tokens=30, temperature=0.8, top_p=0.95, seed=seed)
+        got, _ = generate_ids(subspec, prompt, max_tokens=30, temperature=0.8, top_p=0.95, seed=seed)
+        assert got == expected
+
+
+@pytest.mark.parametrize("quant_type", ["fp4", "int8"])
+def test_other_substitute_formats_are_lossless(quant_type, tokenizer) -> None:
+    subspec = tiny_engine(tiny_hf_model("llama"), tokenizer, quant_type=quant_type)
+    vanilla = tiny_engine(tiny_hf_model("llama"), tokenizer, mode="vanilla")
+    prompt = [1, 2, 3, 4, 5]
+    assert generate_ids(subspec, prompt, max_tokens=25, temperature=0)[0] == generate_ids(vanilla, prompt, max_tokens=25, temperature=0)[0]
+
+
+def test_mixed_resident_and_streamed_layers_are_lossless(tokenizer) -> None:
+    subspec = tiny_engine(tiny_hf_model("qwen2", num_layers=4), tokenizer, max_resident_layers=2)
+    assert subspec.plan.resident_layers == (0, 1) and subspec.plan.streamed_layers == (2, 3)
+    vanilla = tiny_engine(tiny_hf_model("qwen2", num_layers=4), tokenizer, mode="resident", max_resident_layers=None)
+    prompt = [9, 8, 7, 6]
+    assert generate_ids(subspec, prompt, max_tokens=25, temperature=0)[0] == generate_ids(vanilla, prompt, max_tokens=25, temperature=0)[0]
+
+
+def test_draft_equal_to_target_accepts_whole_trees(tokenizer) -> None:
+    """With every layer resident the draft IS the target: every tree is accepted to full depth (masks, positions
+    and the shared KV cache are consistent between drafting and verification)."""
+    engine = tiny_engine(tiny_hf_model("llama"), tokenizer, max_resident_layers=None, speculation=SpeculationConfig(topk=2, max_depth=5))
+    ids, stats = generate_ids(engine, [3, 1, 4, 1, 5], max_tokens=1 + 6 * 4, temperature=0)
+    assert stats.iterations == 4 and stats.accepted_tokens == 4 * 5
+    assert stats.mean_accept_length == 6.0
+
+
+# ------------------------------------------------------------------------------ stopping
+def test_max_tokens_one_runs_no_speculative_iteration(tokenizer) -> None:
+    engine = tiny_engine(tiny_hf_model("llama"), tokenizer)
+    ids, stats = generate_ids(engine, [1, 2, 3], max_tokens=1, temperature=0)
+    assert len(ids) == 1 and stats.iterations == 0 and stats.completion_tokens == 1
+
+
+@pytest.mark.parametrize("max_tokens", [2, 3, 7, 19])
+def test_max_tokens_is_exact_and_finishes_with_length(max_tokens, tokenizer) -> None:
+    engine = tiny_engine(tiny_hf_model("llama"), tokenizer, speculation=SpeculationConfig(topk=2, max_depth=8))
+    events = list(engine.generate(GenerationRequest("m", (1, 2, 3), SamplingParams(max_tokens=max_tokens, temperature=0))))
+    assert sum(len(e.token_ids) for e in events) == max_tokens
+    assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+
+
+def test_context_limit_finishes_with_length(tokenizer) -> None:
+    engine = tiny_engine(tiny_hf_model("llama"), tokenizer, max_model_len=40)
+    ids, stats = generate_ids(engine, list(range(1, 31)), max_tokens=100, temperature=0)
+    assert len(ids) == 10  # 30 prompt + 10 = max_model_len
+
+
+@pytest.mark.parametrize("eos_at", [0, 1, 5])
+def test_every_eos_id_stops_even_on_the_first_token(eos_at, tokenizer) -> None:
+    vanilla = tiny_engine(tiny_hf_model("llama"), tokenizer, mode="vanilla")
+    reference, _ = generate_ids(vanilla, [5, 6, 7], max_tokens=20, temperature=0)
+    eos = frozenset({reference[eos_at], 511})  # several end ids, one of which occurs
+    engine = tiny_engine(tiny_hf_model("llama"), tokenizer, eos_token_ids=eos)
+    events = list(engine.generate(GenerationRequest("e", (5, 6, 7), SamplingParams(max_tokens=20, temperature=0))))
+    ids = [t for e in events for t in e.token_ids]
+    assert ids == reference[: reference.index(reference[eos_at])]
+    assert events[-1].finish_reason == "stop"
+    ignored = list(engine.generate(GenerationRequest("e", (5, 6, 7), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))))
+    assert [t for e in ignored for t in e.token_ids] == reference
+
+
+def test_stop_string_truncates_text_and_tokens(default_engines, default_tokenizer) -> None:
+    engine = default_engines("subspec")
+    prompt = chat_ids(default_tokenizer, "Count from 1 to 20, separated by commas.")
+    full_ids, full_text, _ = greedy(engine, prompt, 60)
+    stop = full_text[len(full_text) // 3 : len(full_text) // 3 + 3]
+    events = list(engine.generate(GenerationRequest("s", tuple(prompt), SamplingParams(max_tokens=60, temperature=0, stop=(stop,)))))
+    text = "".join(e.text for e in events)
+    assert text == full_text[: full_text.index(stop)]
+    assert events[-1].finish_reason == "stop"
+    ids = [t for e in events for t in e.token_ids]
+    assert ids == full_ids[: len(ids)] and len(ids) < len(full_ids)
+
+
+def test_bad_requests_are_rejected_before_any_work(tokenizer) -> None:
+    engine = tiny_engine(tiny_hf_model("llama"), tokenizer, max_model_len=32)
+    for prompt, message in [((), "empty"), (tuple(range(1, 40)), "context"), ((1, 99999), "token ids")]:
+        with pytest.raises(ValueError, match=message):
+            next(engine.generate(GenerationRequest("bad", prompt, SamplingParams(max_tokens=4))))
+
+
+def test_abort_between_events_leaves_the_engine_usable(tokenizer) -> None:
+    engine = tiny_engine(tiny_hf_model("llama"), tokenizer)
+    expected, _ = generate_ids(engine, [4, 4, 4], max_tokens=20, temperature=0)
+    gen = engine.generate(GenerationRequest("a", (9, 9, 9, 9), SamplingParams(max_tokens=50, temperature=0)))
+    next(gen), next(gen)
+    gen.close()
+    assert generate_ids(engine, [4, 4, 4], max_tokens=20, temperature=0)[0] == expected
+
+
+def test_streamed_text_equals_decoded_tokens(default_engines, default_tokenizer) -> None:
+    engine = default_engines("subspec")
+    prompt = chat_ids(default_tokenizer, "Translate 'good morning, my friend' into Chinese and Japanese.")
+    ids, text, _ = greedy(engine, prompt, 48)
+    assert text == default_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_repeat_requests_are_deterministic(tokenizer) -> None:
+    engine = tiny_engine(tiny_hf_model("qwen2"), tokenizer)
+    runs = [generate_ids(engine, [2, 7, 1, 8], max_tokens=24, temperature=0.9, seed=11)[0] for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert list(itertools.chain(runs[0]))  # non-empty

@@ -1,0 +1,82 @@
+"""GPU checks: the real CUDA path (pinned host arena, copy stream + events, bitsandbytes CUDA kernels).
+
+Skipped without CUDA. On the lent GPU machine: `python -m pytest -q tests/gpu` (the device bundle sets
+SUBSPEC_DEVICE_MODEL to the default model's GGUF file; without it the default model is fetched as usual).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from subspec_core.config import resolve_engine_config
+from subspec_core.engine import Engine
+from subspec_core.types import GenerationRequest, SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+PROMPTS = [
+    "Write a haiku about autumn leaves.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "What is 12 times 13? Explain.",
+    "Décris Paris en deux phrases.",
+]
+
+
+def _engine(mode: str, **overrides) -> Engine:
+    model = os.environ.get("SUBSPEC_DEVICE_MODEL", "default")
+    data = {"model": model, "mode": mode, "device": "cuda", "max_resident_layers": 0, "gpu_memory_budget": "4GiB", **overrides}
+    return Engine.from_config(resolve_engine_config(yaml_data=data, environ={}), progress=False)
+
+
+@pytest.fixture(scope="module")
+def engines() -> dict[str, Engine]:
+    return {"subspec": _engine("subspec"), "vanilla": _engine("vanilla"), "resident": _engine("resident", max_resident_layers=None)}
+
+
+def _greedy(engine: Engine, text: str, max_tokens: int = 96) -> tuple[list[int], object]:
+    tok = engine.tokenizer
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    prompt = tuple(tok.encode(rendered, add_special_tokens=False))
+    ids, stats = [], None
+    for event in engine.generate(GenerationRequest("gpu", prompt, SamplingParams(max_tokens=max_tokens, temperature=0))):
+        ids += event.token_ids
+        stats = event.stats or stats
+    return ids, stats
+
+
+def test_streamed_layers_live_in_registered_pinned_memory(engines) -> None:
+    streamer = engines["vanilla"].target_layers.streamer
+    assert streamer is not None and streamer.on_cuda
+    assert streamer.store.pinned, "cudaHostRegister failed: streaming from pageable memory"
+    assert len(streamer.order) == engines["vanilla"].shape.num_layers
+
+
+def test_streamed_logits_equal_resident_logits(engines) -> None:
+    ids = engines["vanilla"].tokenizer("Streaming must not change a single logit.")["input_ids"]
+    streamed = engines["vanilla"].prompt_logits(ids)
+    resident = engines["resident"].prompt_logits(ids)
+    torch.testing.assert_close(streamed, resident, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_subspec_equals_vanilla_greedy_on_gpu(engines, text) -> None:
+    expected, _ = _greedy(engines["vanilla"], text)
+    got, stats = _greedy(engines["subspec"], text)
+    assert got == expected
+    assert stats.h2d_bytes > 0 and stats.mean_accept_length > 1
+
+
+def test_seeded_sampling_subspec_equals_vanilla_on_gpu(engines) -> None:
+    tok = engines["vanilla"].tokenizer
+    prompt = tuple(tok("Once upon a time")["input_ids"])
+    outs = []
+    for mode in ("vanilla", "subspec"):
+        request = GenerationRequest("s", prompt, SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=3))
+        outs.append([t for e in engines[mode].generate(request) for t in e.token_ids])
+    assert outs[0] == outs[1]
