@@ -1,0 +1,189 @@
+"""The side-by-side benchmark: one process, one run, the same prompts, greedy, every mode.
+
+    python -m benchmarks.run --config configs/qwen2.5-7b-instruct-8gb.yaml --num-prompts 20 --max-tokens 128 \\
+        --modes subspec,vanilla,hf-accelerate,resident --synthetic qwen2.5-7b --out results.json
+
+Modes: `subspec` (streamed target + substitute speculation), `vanilla` (the same streamed target, no
+speculation), `hf-accelerate` (transformers + accelerate CPU offload of the layers the planner streams),
+`resident` (everything on the GPU, skipped where it does not fit). Each mode's engine is built, run and
+freed before the next. Without --config, the default model runs with configs/default.yaml (every decoder
+layer streamed, as the paper runs its models). `--synthetic NAME` adds the paper-scale mechanics on random
+weights (benchmarks/synthetic.py); `--modes none` runs only that. The engine flags (--model, --config,
+--gpu-memory-budget, --max-depth, ...) are the server's; `--mode` is ignored (each mode sets its own).
+Prints a markdown report on stdout and writes the JSON document to --out; benchmarks/results/README.md
+explains every column. Exit status 1 when a mode failed or subspec's tokens differ from vanilla's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import sys
+import traceback
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bandwidth import measure_pinned_h2d
+from benchmarks.engine_modes import ENGINE_MODES, run_engine_mode
+from benchmarks.hf_accelerate import MODE as HF_MODE
+from benchmarks.hf_accelerate import run_hf_accelerate
+from benchmarks.mode_result import ModeResult, compare_modes
+from benchmarks.mt_bench import first_turn_prompts
+from benchmarks.report import markdown, write_json
+from benchmarks.synthetic import run_synthetic
+from benchmarks.synthetic_weights import PRESETS
+from server.engine_args import add_engine_arguments, engine_config_from_args, engine_overrides
+from subspec_core.config import EngineConfig, config_as_dict, load_yaml, resolve_engine_config
+from subspec_core.engine import resolve_device
+from subspec_core.loading import load_tokenizer
+from subspec_core.model_source import default_served_name
+
+MODES = ("subspec", "vanilla", HF_MODE, "resident")
+# Without --config and --model: the default model run the paper's way (every decoder layer streamed).
+DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+SUITES = ("mt_bench",)
+# Engine flags that describe the real model, not the synthetic one (which has its own preset and budget).
+_MODEL_FIELDS = ("model", "gguf_file", "tokenizer", "served_model_name", "gpu_memory_budget", "mode")
+
+
+def parse_modes(text: str) -> list[str]:
+    """'subspec,vanilla' -> ['subspec', 'vanilla']; 'none' or '' -> []."""
+    modes = [m.strip() for m in text.split(",") if m.strip() and m.strip() != "none"]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)} or 'none'")
+    return modes
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--suite", choices=SUITES, default="mt_bench", help="prompt suite (first turns, chat-templated)")
+    bench.add_argument("--num-prompts", type=positive_int, default=20, help="prompts from the suite (the paper: 20)")
+    bench.add_argument("--max-tokens", type=positive_int, default=128, help="new tokens per prompt (EOS may stop earlier)")
+    bench.add_argument("--modes", type=parse_modes, default=list(MODES), help=f"comma-separated from {','.join(MODES)}, or none")
+    bench.add_argument("--warmup-tokens", type=int, default=16, help="untimed warm-up generation per mode (0: none)")
+    bench.add_argument("--synthetic", choices=sorted(PRESETS), default=None,
+                       help="also measure the mechanics on a random-weight model of this shape")
+    bench.add_argument("--synthetic-budget", default=None, help="GPU budget of the synthetic model (default: its preset)")
+    bench.add_argument("--synthetic-repeats", type=positive_int, default=3, help="timed repeats per synthetic measurement")
+    bench.add_argument("--out", default="results.json", help="where to write the JSON document")
+    add_engine_arguments(parser)
+    return parser
+
+
+def run_config(args: argparse.Namespace) -> EngineConfig:
+    """The real model's config: --config < env < flags; the default model without --config gets the default preset."""
+    config = engine_config_from_args(args)
+    if args.config is None and config.model == "default":
+        return engine_config_from_args(args, yaml_data=load_yaml(DEFAULT_PRESET))
+    return config
+
+
+def synthetic_config(name: str, args: argparse.Namespace) -> EngineConfig:
+    """The synthetic model's preset under the engine flags given on the command line (not the real model's)."""
+    overrides = {k: v for k, v in engine_overrides(args).items() if k not in _MODEL_FIELDS}
+    if args.synthetic_budget:
+        overrides["gpu_memory_budget"] = args.synthetic_budget
+    return resolve_engine_config(yaml_data=PRESETS[name], environ={}, cli_overrides=overrides)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for package in ("torch", "transformers", "accelerate", "bitsandbytes"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} torch threads)"
+    return {"device": name, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "platform": platform.platform(), "packages": versions}
+
+
+def run_modes(config: EngineConfig, modes: list[str], prompts: list[list[int]], *, tokenizer: Any,
+              args: argparse.Namespace, pinned_gbps: float | None) -> list[ModeResult]:
+    """Each mode in turn, its engine freed before the next; a mode that raises is recorded as 'failed'."""
+    results = []
+    for mode in modes:
+        print(f"benchmark: {mode} ({len(prompts)} prompts, {args.max_tokens} tokens)", file=sys.stderr, flush=True)
+        kwargs = dict(max_tokens=args.max_tokens, warmup_tokens=args.warmup_tokens)
+        try:
+            if mode == HF_MODE:
+                result = run_hf_accelerate(config, prompts, tokenizer=tokenizer, **kwargs)
+            else:
+                assert mode in ENGINE_MODES
+                result = run_engine_mode(config, mode, prompts, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - keep the other modes' results; the exit status reports it
+            traceback.print_exc()
+            result = ModeResult(mode=mode, status="failed", reason=f"{type(exc).__name__}: {exc}")
+        result.pinned_h2d_gbps = pinned_gbps
+        results.append(result)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    config = run_config(args)
+    device = resolve_device(config)
+    print("benchmark: measuring pinned host-to-device bandwidth", file=sys.stderr, flush=True)
+    bandwidth = measure_pinned_h2d(device)
+    model_name = default_served_name(config.model, config.gguf_file)
+    doc: dict[str, Any] = {
+        "schema": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device),
+        "run": {"model": model_name, "suite": args.suite, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
+                "modes": args.modes, "warmup_tokens": args.warmup_tokens, "greedy": True},
+        "config": config_as_dict(config),
+        "pinned_h2d": asdict(bandwidth),
+        "modes": [],
+        "identical_tokens_subspec_vs_vanilla": None,
+        "synthetic": None,
+    }
+    tokenizer = load_tokenizer(config)
+    results: list[ModeResult] = []
+    if args.modes:
+        prompts = first_turn_prompts(tokenizer, limit=args.num_prompts)
+        results = run_modes(config, args.modes, prompts, tokenizer=tokenizer, args=args, pinned_gbps=bandwidth.gbps)
+        doc["identical_tokens_subspec_vs_vanilla"] = compare_modes(results)
+        doc["modes"] = [r.as_dict() for r in results]
+    if args.synthetic:
+        print(f"benchmark: synthetic {args.synthetic}", file=sys.stderr, flush=True)
+        subspec = next((r for r in results if r.mode == "subspec" and r.status == "ok"), None)
+        spec = config.speculation
+        doc["synthetic"] = run_synthetic(
+            args.synthetic, synthetic_config(args.synthetic, args), tokenizer=tokenizer, pinned_gbps=bandwidth.gbps,
+            repeats=args.synthetic_repeats, measured_tau=subspec.mean_accept_length if subspec else None,
+            measured_tau_source=(f"measured: {model_name}, {args.suite}, {args.num_prompts} prompts, "
+                                 f"depth {spec.max_depth} x topk {spec.topk}") if subspec else "",
+        )
+    write_json(doc, args.out)
+    sys.stdout.write(markdown(doc))
+    print(f"benchmark: wrote {args.out}", file=sys.stderr)
+    failed = [r.mode for r in results if r.status == "failed"]
+    if failed or doc["identical_tokens_subspec_vs_vanilla"] is False:
+        identical = doc["identical_tokens_subspec_vs_vanilla"]
+        print(f"benchmark: FAILED modes {failed}; identical tokens subspec vs vanilla: {identical}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
