@@ -1,0 +1,104 @@
+"""Engine flags for the CLI, derived from `subspec_core.config.EngineConfig` / `SpeculationConfig` fields.
+
+Shared by `subspec serve` and `subspec generate`: `add_engine_arguments(parser)` adds `--config` and one
+flag per config field (`--model`, `--mode`, `--gpu-memory-budget`, `--max-depth`, ...), and
+`engine_config_from_args(args)` resolves defaults < YAML < SUBSPEC_* env < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from subspec_core.config import (
+    DEVICES,
+    DTYPES,
+    MODES,
+    QUANT_TYPES,
+    EngineConfig,
+    SpeculationConfig,
+    load_yaml,
+    resolve_engine_config,
+)
+
+_HELP = {
+    "model": "'default' (SmolLM2-135M-Instruct GGUF), a Hugging Face id or directory, or a .gguf file",
+    "gguf_file": "GGUF file name inside --model when it is a directory or repo holding several",
+    "tokenizer": "tokenizer to use instead of the model's own",
+    "served_model_name": "the name clients pass as `model` (default: a short model name)",
+    "mode": "subspec (offload + speculation), vanilla (offload, no speculation) or resident",
+    "device": "auto picks cuda when available",
+    "dtype": "auto: bfloat16 on cuda, float32 on cpu",
+    "gpu_memory_budget": "GPU memory the engine may use, e.g. 8GiB (default: the free memory)",
+    "max_resident_layers": "cap on full-precision decoder layers kept on the GPU (0 streams all)",
+    "stream_slots": "GPU layer buffers in the weight-streaming ring (>= 2)",
+    "max_model_len": "prompt + completion tokens",
+    "prefill_chunk_size": "prompt tokens per prefill forward",
+    "seed": "seed for requests that give none",
+    "topk": "draft tree width (nodes kept per depth)",
+    "max_depth": "draft steps per iteration (tree depth)",
+    "max_verify_tokens": "tree nodes verified per iteration (default: the whole tree)",
+    "draft_temperature": "temperature shaping the draft tree (never affects the output distribution)",
+    "quant_type": "the draft's low-bit substitute weights",
+    "quant_block_size": "quantization block size",
+}
+_CHOICES = {"mode": MODES, "device": DEVICES, "dtype": DTYPES, "quant_type": QUANT_TYPES}
+_ENGINE_FIELDS = [f for f in dataclasses.fields(EngineConfig) if f.name != "speculation"]
+_SPEC_FIELDS = list(dataclasses.fields(SpeculationConfig))
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = _HELP.get(f.name, "")
+    return text if f.default is None or "default" in text else f"{text} (default: {f.default})"
+
+
+def _arg_type(f: dataclasses.Field) -> type:
+    annotation = str(f.type).split(" |")[0]
+    return {"int": int, "float": float, "str": str}[annotation]
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    choices = _CHOICES.get(f.name)
+    return "{" + ",".join(choices) + "}" if choices else f.name.upper()
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config` plus one flag per engine and speculation config field (all default to 'not given')."""
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="preset file (e.g. configs/default.yaml): engine keys, `speculation:`, `server:`")
+    engine = parser.add_argument_group("engine", "model and engine settings (YAML keys, env SUBSPEC_*)")
+    for f in _ENGINE_FIELDS:
+        engine.add_argument(f"--{f.name.replace('_', '-')}", dest=f"engine_{f.name}", type=_arg_type(f),
+                            choices=_CHOICES.get(f.name), default=None, metavar=_metavar(f), help=_help(f))
+    spec = parser.add_argument_group("speculation",
+                                     "draft tree settings (YAML `speculation:`, env SUBSPEC_SPECULATION_*)")
+    for f in _SPEC_FIELDS:
+        spec.add_argument(f"--{f.name.replace('_', '-')}", dest=f"spec_{f.name}", type=_arg_type(f),
+                          choices=_CHOICES.get(f.name), default=None, metavar=_metavar(f), help=_help(f))
+
+
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags given on the command line, as resolve_engine_config's cli_overrides."""
+    overrides: dict[str, Any] = {f.name: getattr(args, f"engine_{f.name}", None) for f in _ENGINE_FIELDS}
+    speculation = {f.name: getattr(args, f"spec_{f.name}") for f in _SPEC_FIELDS
+                   if getattr(args, f"spec_{f.name}", None) is not None}
+    if speculation:
+        overrides["speculation"] = speculation
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def yaml_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The --config file's contents ({} without one)."""
+    return load_yaml(args.config) if getattr(args, "config", None) else {}
+
+
+def engine_config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+                            yaml_data: Mapping[str, Any] | None = None) -> EngineConfig:
+    """Resolve the engine config: defaults < --config YAML < SUBSPEC_* env < flags."""
+    return resolve_engine_config(
+        yaml_data=yaml_data if yaml_data is not None else yaml_from_args(args),
+        environ=os.environ if environ is None else environ,
+        cli_overrides=engine_overrides(args),
+    )

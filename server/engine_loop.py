@@ -1,0 +1,119 @@
+"""The worker's request loop: serve Submit/Abort messages against one engine, one request at a time.
+
+The same loop runs inside the worker process (production) and inside a thread (the in-process client used
+by tests), so both clients share one definition of ordering, abort and error semantics:
+- requests run in the order they were submitted (batch size 1);
+- an Abort for the running request stops it before the next engine iteration; for a queued one it
+  drops it; the engine frees its state at the next `generate()`;
+- a `ValueError` raised before the first event is the caller's fault (HTTP 400); any other failure is a
+  500 for that request only, and the loop carries on with the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from server import ipc
+from subspec_core.types import GenerationRequest, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+# receive(timeout): the next message, waiting at most `timeout` seconds (None: forever); None if none came.
+Receive = Callable[[float | None], "ipc.ToWorker | None"]
+Send = Callable[["ipc.FromWorker"], None]
+
+
+class EngineLike(Protocol):
+    """What the loop and the clients need from `subspec_core.engine.Engine`."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Any
+
+    def generate(self, request: GenerationRequest) -> Any: ...  # Iterator[TokenEvent] with .close()
+
+
+class EngineLoop:
+    """Runs submitted requests through `engine.generate`, honouring aborts between iterations."""
+
+    def __init__(self, engine: EngineLike, *, receive: Receive, send: Send) -> None:
+        self._engine = engine
+        self._receive = receive
+        self._send = send
+        self._pending: deque[GenerationRequest] = deque()
+        self._current: str | None = None
+        self._stop_current = False
+        self._shutdown = False
+
+    def run(self) -> None:
+        """Serve messages until a Shutdown arrives (or the channel closes)."""
+        while not self._shutdown:
+            if not self._pending:
+                self._handle(self._receive(None))
+                continue
+            self._run_one(self._pending.popleft())
+
+    def _handle(self, message: ipc.ToWorker | None) -> None:
+        if message is None:
+            return
+        if isinstance(message, ipc.Submit):
+            self._pending.append(message.request)
+        elif isinstance(message, ipc.Abort):
+            if message.request_id == self._current:
+                self._stop_current = True
+                return
+            for request in self._pending:
+                if request.request_id == message.request_id:
+                    self._pending.remove(request)
+                    self._send(ipc.Done(message.request_id))
+                    break
+        elif isinstance(message, ipc.Shutdown):
+            self._shutdown = True
+            self._stop_current = True
+        else:
+            raise TypeError(f"unexpected message for the worker: {message!r}")
+
+    def _poll(self) -> None:
+        """Take every message already waiting, without blocking (called between engine iterations)."""
+        while True:
+            message = self._receive(0)
+            if message is None:
+                return
+            self._handle(message)
+
+    def _run_one(self, request: GenerationRequest) -> None:
+        request_id = request.request_id
+        self._current, self._stop_current = request_id, False
+        events = None
+        emitted = False
+        try:
+            events = self._engine.generate(request)
+            for event in events:
+                emitted = True
+                self._send(ipc.Event(_as_token_event(event)))
+                if event.finished:
+                    break
+                self._poll()
+                if self._stop_current:
+                    logger.info("request %s aborted", request_id)
+                    break
+        except ValueError as exc:
+            # Raised before any output, a ValueError is the engine rejecting the request (e.g. too long).
+            status, kind = (500, "server_error") if emitted else (400, "invalid_request_error")
+            self._send(ipc.Error(request_id, status, kind, str(exc)))
+        except Exception as exc:  # one bad request must not take the worker down
+            logger.exception("request %s failed in the engine", request_id)
+            self._send(ipc.Error(request_id, 500, "server_error", f"engine error: {type(exc).__name__}: {exc}"))
+        finally:
+            if events is not None and hasattr(events, "close"):
+                events.close()
+            self._current = None
+            self._send(ipc.Done(request_id))
+
+
+def _as_token_event(event: Any) -> TokenEvent:
+    if not isinstance(event, TokenEvent):
+        raise TypeError(f"engine.generate must yield TokenEvent, got {type(event).__name__}")
+    return event

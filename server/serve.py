@@ -1,0 +1,91 @@
+"""`subspec serve`: resolve the configs, load the tokenizer, start the worker process, run uvicorn.
+
+    subspec serve                                  # the default model, config defaults
+    subspec serve --config configs/X.yaml --port 8000 --api-key KEY --max-queue 16 --request-timeout 300
+
+Engine settings: defaults < YAML < SUBSPEC_* env < flags (subspec_core.config.resolve_engine_config).
+Server settings: defaults < YAML `server:` < SUBSPEC_SERVER_* env < flags (server.settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+
+from server.engine_args import add_engine_arguments, engine_config_from_args, yaml_from_args
+from server.settings import add_settings_arguments, resolve_server_settings, settings_overrides
+from subspec_core.config import config_as_dict
+
+logger = logging.getLogger("server.serve")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """All `subspec serve` flags: --config, the engine's and the server's."""
+    add_engine_arguments(parser)
+    add_settings_arguments(parser)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until interrupted. Returns the process exit code (1 if the engine could not start)."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.process_client import ProcessEngineClient
+    from server.worker import load_engine
+
+    try:
+        yaml_data = yaml_from_args(args)
+        engine_config = engine_config_from_args(args, yaml_data=yaml_data)
+        settings = resolve_server_settings(yaml_section=yaml_data.get("server"), environ=os.environ,
+                                           cli_overrides=settings_overrides(args))
+    except (OSError, ValueError) as exc:
+        print(f"subspec serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.info("engine config: %s", json.dumps(config_as_dict(engine_config)))
+    logger.info("server settings: %s", json.dumps(settings.redacted()))
+
+    # The API process needs the tokenizer (chat template, prompt lengths) but never the weights or CUDA.
+    from subspec_core.loading import load_tokenizer
+    from subspec_core.model_source import resolve_model
+
+    tokenizer = load_tokenizer(engine_config)
+    model_name = (engine_config.served_model_name
+                  or resolve_model(engine_config.model, engine_config.gguf_file).display_name)
+    logger.info("serving model %r", model_name)
+
+    failures: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(reason: str) -> None:
+        failures.append(reason)
+        logger.error("the engine worker cannot be started: %s; shutting down", reason)
+        if server is not None:
+            server.should_exit = True
+
+    client = ProcessEngineClient(functools.partial(load_engine, engine_config), log_level=settings.log_level,
+                                 max_start_failures=settings.max_worker_start_failures,
+                                 abort_timeout_s=settings.abort_timeout_s, on_fatal=on_fatal)
+    app = create_app(settings=settings, engine_client=client, tokenizer=tokenizer, model_name=model_name)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, timeout_graceful_shutdown=10))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`subspec serve` as a standalone entry point (also `python -m server.serve`)."""
+    parser = argparse.ArgumentParser(prog="subspec serve", description="Run the OpenAI-compatible server.")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # the guard matters: spawned workers import the main module as __mp_main__
+    raise SystemExit(main())

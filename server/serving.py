@@ -1,0 +1,224 @@
+"""What chat and text completions share: checks, sampling parameters, admission, and running one request.
+
+`GenerationService.events(job, ticket, record)` is the one path from an admitted request to the engine:
+wait for the GPU slot, wait for a ready worker, submit, yield `TokenEvent`s, all within the request's
+deadline. However it ends (finished, deadline, worker death, client gone), it aborts the engine request if
+unfinished, releases the slot and records the outcome, so no exit path can leak the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, TypeVar
+
+from fastapi import Request
+
+from server.admission import Admission, QueueFull, Ticket
+from server.engine_client import EngineClient, EngineError, ModelInfo
+from server.errors import APIError, bad_request
+from server.schemas import SamplingFields
+from server.settings import ServerSettings
+from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord, ServerMetrics
+from subspec_core.types import GenerationRequest, SamplingParams, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request, ready to queue."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    deadline: float | None  # event-loop time; None: no deadline
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A non-streamed result."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+class ClientGone(Exception):
+    """The client disconnected before its (non-streamed) response was ready."""
+
+
+class GenerationService:
+    """Shared request handling for /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, *, client: EngineClient, admission: Admission, metrics: ServerMetrics,
+                 settings: ServerSettings, model_name: str) -> None:
+        self.client = client
+        self.admission = admission
+        self.metrics = metrics
+        self.settings = settings
+        self.model_name = model_name
+
+    # -- checks, in the order a request meets them ------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    @staticmethod
+    def check_supported(names: list[str]) -> None:
+        if names:
+            raise bad_request(f"Unsupported parameter(s) for this server: {', '.join(names)}. Leave them "
+                              f"unset or at their default values.", param=names[0].split(" ")[0],
+                              code="unsupported_parameter")
+
+    def check_ready(self) -> ModelInfo:
+        info = self.client.model_info
+        if not self.client.is_ready() or info is None:
+            state = self.client.status().get("state", "loading")
+            raise APIError(503, f"the engine worker is not ready ({state}); retry shortly", type="server_error",
+                           code="engine_not_ready", headers={"Retry-After": "5"})
+        return info
+
+    @staticmethod
+    def sampling_params(request: SamplingFields, *, prompt_len: int, max_model_len: int, max_tokens: int | None,
+                        max_tokens_param: str, prompt_param: str) -> SamplingParams:
+        """OpenAI fields -> SamplingParams, checking the context window. max_tokens None: fill it."""
+        remaining = max_model_len - prompt_len
+        if remaining < 1:
+            raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, your "
+                              f"prompt has {prompt_len} tokens, which leaves no room for a completion. Please "
+                              f"shorten the prompt.", param=prompt_param, code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = remaining
+        elif max_tokens < 1:
+            raise bad_request(f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param,
+                              code="invalid_value")
+        elif max_tokens > remaining:
+            raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                              f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                              f"{max_tokens} for the completion). Please reduce the prompt or "
+                              f"{max_tokens_param}.", param=max_tokens_param, code="context_length_exceeded")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                top_k=0 if request.top_k in (None, -1) else request.top_k,
+                seed=request.seed,
+                stop=request.stop_strings(),
+                ignore_eos=request.ignore_eos,
+            )
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+
+    def job(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+            record: RequestRecord) -> Job:
+        timeout = self.settings.request_timeout_s
+        # The deadline runs from arrival: time spent validating and queueing counts.
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout - (
+            time.monotonic() - record.arrival)
+        return Job(request_id, tuple(prompt_ids), sampling, deadline)
+
+    def admit(self, request_id: str) -> Ticket:
+        try:
+            return self.admission.reserve(request_id)
+        except QueueFull as exc:
+            raise APIError(429, f"The server is busy: {exc}. Retry later.", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from exc
+
+    # -- running ----------------------------------------------------------------------------------------
+    async def _by_deadline(self, awaitable: Awaitable[T], job: Job, doing: str) -> T:
+        if job.deadline is None:
+            return await awaitable
+        try:
+            async with asyncio.timeout_at(job.deadline):
+                return await awaitable
+        except TimeoutError:
+            timeout = self.settings.request_timeout_s
+            raise APIError(504, f"the request exceeded the server's request timeout of {timeout:g} s while "
+                                f"{doing}; it was stopped", type="timeout_error", code="request_timeout") from None
+
+    async def events(self, job: Job, ticket: Ticket, record: RequestRecord) -> AsyncIterator[TokenEvent]:
+        """Run one admitted request; yields its TokenEvents. Raises APIError when it fails."""
+        status = STATUS_CLIENT_CLOSED  # unless it finishes or fails below, the consumer went away
+        stream = None
+        try:
+            await self._by_deadline(ticket.wait_turn(), job, "waiting in the queue")
+            await self._by_deadline(self.client.wait_ready(), job, "waiting for the engine worker")
+            record.on_start(len(job.prompt_ids))
+            stream = self.client.submit(GenerationRequest(job.request_id, job.prompt_ids, job.sampling))
+            while True:
+                try:
+                    event = await self._by_deadline(anext(stream), job, "generating")
+                except StopAsyncIteration:  # someone else aborted it through the engine client
+                    raise APIError(500, "the request was aborted before it finished", type="server_error",
+                                   code="aborted") from None
+                record.on_event(event)
+                if event.finished:
+                    status = 200
+                yield event
+                if event.finished:
+                    return
+        except APIError as exc:
+            status = exc.status_code
+            raise
+        except EngineError as exc:
+            status = exc.status_code
+            raise APIError(exc.status_code, exc.message, type=exc.error_type, code=exc.code) from exc
+        finally:
+            if stream is not None:
+                stream.close()  # aborts the engine request if it has not finished
+            ticket.release()
+            record.finish(status)
+            logger.info("%s: status %d, %d prompt + %d generated tokens, first token %s, total %.2f s",
+                        job.request_id, status, len(job.prompt_ids), record.tokens,
+                        "-" if record.first_token is None else f"{record.first_token - record.arrival:.2f} s",
+                        time.monotonic() - record.arrival)
+
+    async def collect(self, job: Job, ticket: Ticket, record: RequestRecord, raw_request: Request) -> Completion:
+        """Run a non-streamed request to the end; abort it if the client disconnects meanwhile."""
+        consume = asyncio.ensure_future(self._collect(job, ticket, record))
+        watch = asyncio.ensure_future(_client_gone(raw_request))
+        try:
+            await asyncio.wait({consume, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not consume.done():
+                consume.cancel()  # the cancellation runs events()' cleanup: abort, release, record 499
+                await asyncio.gather(consume, return_exceptions=True)
+        if consume.cancelled():
+            raise ClientGone()
+        return consume.result()
+
+    async def _collect(self, job: Job, ticket: Ticket, record: RequestRecord) -> Completion:
+        parts: list[str] = []
+        tokens = 0
+        finish_reason = "stop"
+        async with aclosing(self.events(job, ticket, record)) as events:
+            async for event in events:
+                parts.append(event.text)
+                tokens += len(event.token_ids)
+                if event.finished:
+                    finish_reason = event.finish_reason or "stop"
+                    if event.stats is not None and event.stats.completion_tokens:
+                        tokens = event.stats.completion_tokens
+        return Completion("".join(parts), finish_reason, tokens)
+
+
+async def _client_gone(raw_request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so the next message is that)."""
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,143 @@
+"""Server settings (the HTTP side; the engine's are `subspec_core.config.EngineConfig`).
+
+One frozen dataclass, validated once. Precedence, lowest first: defaults < the YAML's `server:` section <
+SUBSPEC_SERVER_<FIELD> environment variables < CLI flags; `resolve_server_settings` is the only merge.
+The CLI flags are derived from the fields (`add_settings_arguments`), so the dataclass is the one place a
+setting is declared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _setting(default: Any, help: str, *flags: str, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "flags": flags, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the HTTP server listens, admits and times out requests."""
+
+    host: str = _setting("127.0.0.1", "interface to listen on (0.0.0.0: all)")
+    port: int = _setting(8000, "TCP port")
+    api_key: str | None = _setting(None, "require 'Authorization: Bearer KEY' on /v1 endpoints", metavar="KEY")
+    max_queue: int = _setting(64, "requests that may wait behind the running one; more get 429", metavar="N")
+    request_timeout_s: float | None = _setting(
+        None, "deadline per request in seconds, queue time included (none: no deadline)", "--request-timeout",
+        metavar="S")
+    abort_timeout_s: float = _setting(
+        300.0, "kill and restart the worker if it has not stopped an aborted request after this many seconds "
+               "(a last resort against a hung engine step)",
+        "--abort-timeout", metavar="S")
+    max_worker_start_failures: int = _setting(
+        3, "consecutive failed worker restarts before the server gives up", metavar="N")
+    log_level: str = _setting("info", f"one of {', '.join(LOG_LEVELS)}")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"server.port must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("server.api_key must not be empty (leave it unset to disable authentication)")
+        if self.max_queue < 0:
+            raise ValueError("server.max_queue must be >= 0")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError("server.request_timeout_s must be > 0 (or unset for no deadline)")
+        if self.abort_timeout_s <= 0:
+            raise ValueError("server.abort_timeout_s must be > 0")
+        if self.max_worker_start_failures < 1:
+            raise ValueError("server.max_worker_start_failures must be >= 1")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"server.log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+
+    def redacted(self) -> dict[str, Any]:
+        """Plain-data view for logging, without the secret."""
+        data = dataclasses.asdict(self)
+        if data["api_key"] is not None:
+            data["api_key"] = "***"
+        return data
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerSettings)}
+_NONE_WORDS = {"", "none", "null"}
+
+
+def _field_type(name: str) -> type:
+    """int, float or str: the non-None type of a field's annotation."""
+    annotation = str(_FIELDS[name].type)
+    for kind in (int, float, str):
+        if annotation.split(" |")[0] == kind.__name__:
+            return kind
+    raise TypeError(f"unsupported setting type {annotation} for {name}")
+
+
+def _optional(name: str) -> bool:
+    return "None" in str(_FIELDS[name].type)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Parse a setting given as text (environment) or plain YAML data into the field's type."""
+    kind = _field_type(name)
+    # Empty means unset (as an empty variable from compose does); 'none'/'null' too, except for strings.
+    unset_words = {""} if kind is str else _NONE_WORDS
+    if value is None or (isinstance(value, str) and value.strip().lower() in unset_words):
+        if not _optional(name):
+            raise ValueError(f"server.{name} cannot be empty")
+        return None
+    if kind is str:
+        return str(value)
+    if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+        raise ValueError(f"server.{name} must be {kind.__name__}, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"server.{name} must be {kind.__name__}, got {value!r}") from None
+
+
+def _known(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
+    return dict(data)
+
+
+def resolve_server_settings(*, yaml_section: Mapping[str, Any] | None = None,
+                            environ: Mapping[str, str] | None = None,
+                            cli_overrides: Mapping[str, Any] | None = None) -> ServerSettings:
+    """Merge defaults < YAML `server:` section < SUBSPEC_SERVER_* env < CLI into one ServerSettings.
+
+    CLI overrides whose value is None mean 'not given'.
+    """
+    merged: dict[str, Any] = {}
+    for name, value in _known("the server: section", yaml_section or {}).items():
+        merged[name] = _coerce(name, value)
+    for name in _FIELDS:
+        key = f"SUBSPEC_SERVER_{name.upper()}"
+        if environ is not None and environ.get(key, "") != "":  # an empty variable means 'not set'
+            merged[name] = _coerce(name, environ[key])
+    for name, value in _known("CLI overrides", cli_overrides or {}).items():
+        if value is not None:
+            merged[name] = _coerce(name, value)
+    return ServerSettings(**merged)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerSettings field: `--max-queue`, `--api-key`, ... (defaults shown are the
+    dataclass's; a flag left out does not override the YAML or the environment)."""
+    group = parser.add_argument_group("server", "HTTP server settings (YAML 'server:' section, env SUBSPEC_SERVER_*)")
+    for name, f in _FIELDS.items():
+        flags = list(f.metadata["flags"]) or [f"--{name.replace('_', '-')}"]
+        default_text = "none" if f.default is None else f.default
+        group.add_argument(*flags, dest=f"server_{name}", type=_field_type(name), default=None,
+                           metavar=f.metadata["metavar"] or name.upper(),
+                           help=f"{f.metadata['help']} (default: {default_text})")
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The server flags given on the command line, as resolve_server_settings' cli_overrides."""
+    return {name: getattr(args, f"server_{name}", None) for name in _FIELDS}

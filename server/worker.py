@@ -1,0 +1,54 @@
+"""The engine worker process: the only process that imports the engine (and so torch and CUDA).
+
+`ProcessEngineClient` spawns `worker_main` with a picklable engine factory (normally
+`functools.partial(load_engine, config)`) and the worker's ends of two one-way pipes. This module's top
+level stays free of torch so the API process can import it to name the spawn target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from multiprocessing.connection import Connection
+from typing import Callable
+
+from server import ipc
+from server.engine_loop import EngineLike, EngineLoop
+from subspec_core.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(config: EngineConfig) -> EngineLike:
+    """Build the real engine (runs in the worker process: imports torch, may initialise CUDA)."""
+    from subspec_core.engine import Engine
+
+    return Engine.from_config(config, progress=False)
+
+
+def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, outbox: Connection,
+                log_level: str = "INFO") -> None:
+    """Entry point of the spawned worker: load the engine, report Ready (or Fatal), serve until Shutdown
+    or until the API process goes away (its end of `inbox` closes)."""
+    # Ctrl-C reaches the whole process group; the API process decides when the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s [worker] %(name)s: %(message)s")
+
+    def receive(timeout: float | None) -> ipc.ToWorker | None:
+        try:
+            if timeout is not None and not inbox.poll(timeout):
+                return None
+            return inbox.recv()
+        except (EOFError, OSError):  # the API process is gone
+            return ipc.Shutdown()
+
+    try:
+        engine = engine_factory()
+    except BaseException as exc:
+        logger.exception("engine failed to load")
+        outbox.send(ipc.Fatal(f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from exc
+    outbox.send(ipc.Ready(model_name=engine.model_name, max_model_len=engine.max_model_len, pid=os.getpid()))
+    EngineLoop(engine, receive=receive, send=outbox.send).run()
+    logger.info("worker shutting down")

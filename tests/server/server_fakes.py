@@ -1,0 +1,135 @@
+"""A small deterministic stand-in for `subspec_core.engine.Engine`, for server unit tests.
+
+One character is one token (the token id is its code point). The engine "generates" a fixed script,
+`chars_per_event` tokens per iteration, sleeping `delay_s` per iteration, and honours max_tokens, stop
+strings and ignore_eos. Prompts containing a trigger word misbehave on purpose:
+  RAISE_VALUE    generate() raises ValueError before any output (-> HTTP 400)
+  RAISE_RUNTIME  raises RuntimeError after the first event (-> 500 for that request only)
+  EXIT_WORKER    kills the process after the first event (worker-crash tests; process client only)
+  HANG           blocks for `hang_s` in the second iteration (abort watchdog tests)
+Everything is module level and picklable, so a spawned worker can build it from a functools.partial.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from subspec_core.types import FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, TokenEvent
+
+SCRIPT = "Hello! 你好，世界。This is a fake reply from a fake engine."
+
+
+class FakeTokenizer:
+    """Code-point tokenizer with a trivial chat template (or none)."""
+
+    def __init__(self, chat_template: str | None = "fake-template") -> None:
+        self.chat_template = chat_template
+
+    def __len__(self) -> int:
+        return 0x110000
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False) -> str:
+        roles = [m["role"] for m in conversation]
+        if roles.count("system") > 1:
+            raise ValueError("only one system message is allowed")
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in conversation)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def render_reply(max_tokens: int, stop: tuple[str, ...] = (), ignore_eos: bool = False,
+                 script: str = SCRIPT) -> tuple[str, str]:
+    """The text and finish reason the fake engine produces for these settings."""
+    source = script * (max_tokens // len(script) + 1) if ignore_eos else script
+    text = source[:max_tokens]
+    cut = [text.find(s) for s in stop if s in text]
+    if cut:
+        return text[:min(cut)], FINISH_STOP
+    return text, FINISH_LENGTH if len(text) == max_tokens else FINISH_STOP
+
+
+@dataclass
+class FakeEngine:
+    """Duck-typed Engine: model_name, max_model_len, tokenizer, generate()."""
+
+    delay_s: float = 0.0
+    chars_per_event: int = 3
+    max_model_len: int = 256
+    model_name: str = "fake-model"
+    script: str = SCRIPT
+    hang_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.tokenizer = FakeTokenizer()
+        self.served: list[str] = []  # request ids in the order generation started
+        self.finished: list[str] = []  # ... that ran to their last event
+        self.closed_early: list[str] = []  # ... whose generator was closed before the end (aborts)
+
+    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+        prompt = self.tokenizer.decode(list(request.prompt_token_ids))
+        sampling = request.sampling
+        if "RAISE_VALUE" in prompt:
+            raise ValueError("the fake engine rejects this prompt")
+        if len(request.prompt_token_ids) + sampling.max_tokens > self.max_model_len:
+            raise ValueError("prompt + max_tokens exceeds max_model_len")
+        return self._events(request, prompt)
+
+    def _events(self, request: GenerationRequest, prompt: str) -> Iterator[TokenEvent]:
+        rid = request.request_id
+        self.served.append(rid)
+        text, reason = render_reply(request.sampling.max_tokens, request.sampling.stop,
+                                    request.sampling.ignore_eos, self.script)
+        pieces = [text[i:i + self.chars_per_event] for i in range(0, len(text), self.chars_per_event)] or [""]
+        stats = RequestStats(prompt_tokens=len(request.prompt_token_ids))
+        done = False
+        try:
+            for i, piece in enumerate(pieces):
+                if i == 1 and "HANG" in prompt:
+                    time.sleep(self.hang_s)
+                time.sleep(self.delay_s)
+                last = i == len(pieces) - 1
+                ids = tuple(ord(c) for c in piece)
+                stats.completion_tokens += len(ids)
+                if i > 0:
+                    stats.iterations += 1
+                    stats.drafted_tokens += 4
+                    stats.accepted_tokens += max(len(ids) - 1, 0)
+                    stats.draft_s += 0.001
+                    stats.verify_s += 0.002
+                    stats.h2d_bytes += 1000
+                else:
+                    stats.prefill_s += 0.003
+                if last:
+                    done = True
+                    self.finished.append(rid)
+                yield TokenEvent(rid, ids, piece, accept_length=len(ids) if i > 0 else None,
+                                 drafted_tokens=4 if i > 0 else 0, finish_reason=reason if last else None,
+                                 stats=stats if last else None)
+                if "RAISE_RUNTIME" in prompt:
+                    raise RuntimeError("the fake engine broke")
+                if "EXIT_WORKER" in prompt:
+                    os._exit(3)
+        finally:
+            if not done:
+                self.closed_early.append(rid)
+
+
+def make_fake_engine(**kwargs: object) -> FakeEngine:
+    """Picklable factory target for the process client (use functools.partial(make_fake_engine, ...))."""
+    return FakeEngine(**kwargs)  # type: ignore[arg-type]
+
+
+class FailingEngineFactory:
+    """An engine factory that always fails (worker start-failure tests)."""
+
+    def __call__(self) -> FakeEngine:
+        raise RuntimeError("no such model")

@@ -1,0 +1,67 @@
+"""The admission queue: FIFO order, bounded waiting, cancellation and release semantics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.admission import Admission, QueueFull
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_first_request_runs_at_once_others_wait_in_order():
+    admission = Admission(max_waiting=3)
+    tickets = [admission.reserve(f"r{i}") for i in range(4)]
+    assert tickets[0].holds_slot and admission.running == 1 and admission.waiting == 3
+    with pytest.raises(QueueFull):
+        admission.reserve("r4")
+    order: list[str] = []
+
+    async def run(ticket):
+        await ticket.wait_turn()
+        order.append(ticket.request_id)
+        await asyncio.sleep(0.01)
+        ticket.release()
+
+    await asyncio.gather(*(run(t) for t in reversed(tickets)))
+    assert order == ["r0", "r1", "r2", "r3"]
+    assert admission.running == 0 and admission.waiting == 0
+
+
+async def test_zero_waiting_allows_only_the_running_request():
+    admission = Admission(max_waiting=0)
+    first = admission.reserve("a")
+    with pytest.raises(QueueFull):
+        admission.reserve("b")
+    first.release()
+    admission.reserve("c").release()
+
+
+async def test_cancelled_waiter_gives_up_its_place():
+    admission = Admission(max_waiting=2)
+    running = admission.reserve("a")
+    waiter = admission.reserve("b")
+    last = admission.reserve("c")
+    task = asyncio.ensure_future(waiter.wait_turn())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert admission.waiting == 1
+    running.release()
+    await asyncio.wait_for(last.wait_turn(), 1)
+    assert last.holds_slot
+
+
+async def test_release_is_idempotent_in_any_state():
+    admission = Admission(max_waiting=2)
+    a, b, c = (admission.reserve(x) for x in "abc")
+    b.release()  # waiting -> gone
+    b.release()
+    a.release()  # running -> next waiter (c)
+    a.release()
+    assert c.holds_slot and admission.waiting == 0
+    c.release()
+    assert admission.running == 0

@@ -1,0 +1,99 @@
+"""The worker's request loop against a fake engine: order, aborts, errors, shutdown."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from server import ipc
+from server.engine_loop import EngineLoop
+from subspec_core.types import GenerationRequest, SamplingParams
+from tests.server.server_fakes import FakeEngine, render_reply
+
+
+def request(rid: str, prompt: str = "hello", **sampling) -> GenerationRequest:
+    return GenerationRequest(rid, tuple(ord(c) for c in prompt), SamplingParams(**{"max_tokens": 12, **sampling}))
+
+
+class Harness:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        loop = EngineLoop(engine, receive=self.receive, send=self.outbox.put)
+        self.thread = threading.Thread(target=loop.run, daemon=True)
+        self.thread.start()
+
+    def receive(self, timeout):
+        try:
+            return self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def until_done(self, rid: str) -> list:
+        messages = []
+        while True:
+            message = self.outbox.get(timeout=10)
+            messages.append(message)
+            if isinstance(message, ipc.Done) and message.request_id == rid:
+                return messages
+
+    def shutdown(self) -> None:
+        self.inbox.put(ipc.Shutdown())
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+def texts(messages, rid):
+    return "".join(m.event.text for m in messages if isinstance(m, ipc.Event) and m.event.request_id == rid)
+
+
+def test_requests_run_in_submission_order():
+    h = Harness(FakeEngine())
+    for rid in ("a", "b", "c"):
+        h.inbox.put(ipc.Submit(request(rid)))
+    messages = h.until_done("c")
+    assert h.engine.served == ["a", "b", "c"]
+    expected, reason = render_reply(12)
+    assert texts(messages, "b") == expected
+    finals = [m.event for m in messages if isinstance(m, ipc.Event) and m.event.finished]
+    assert [e.finish_reason for e in finals] == [reason] * 3 and all(e.stats is not None for e in finals)
+    h.shutdown()
+
+
+def test_abort_stops_the_running_request_within_one_iteration_and_drops_queued_ones():
+    h = Harness(FakeEngine(delay_s=0.05, chars_per_event=1))
+    h.inbox.put(ipc.Submit(request("long", max_tokens=200, ignore_eos=True)))
+    h.inbox.put(ipc.Submit(request("queued")))
+    h.inbox.put(ipc.Submit(request("next")))
+    first = h.outbox.get(timeout=10)
+    assert isinstance(first, ipc.Event) and first.event.request_id == "long"
+    h.inbox.put(ipc.Abort("queued"))
+    h.inbox.put(ipc.Abort("long"))
+    messages = h.until_done("next")
+    long_events = [m for m in messages if isinstance(m, ipc.Event) and m.event.request_id == "long"]
+    assert len(long_events) <= 2  # the abort is seen between iterations
+    assert h.engine.served == ["long", "next"] and h.engine.closed_early == ["long"]
+    assert any(isinstance(m, ipc.Done) and m.request_id == "queued" for m in messages)
+    h.shutdown()
+
+
+def test_value_error_is_a_400_and_the_loop_carries_on():
+    h = Harness(FakeEngine())
+    h.inbox.put(ipc.Submit(request("bad", "RAISE_VALUE")))
+    h.inbox.put(ipc.Submit(request("broken", "RAISE_RUNTIME")))
+    h.inbox.put(ipc.Submit(request("good")))
+    messages = h.until_done("good")
+    errors = {m.request_id: m for m in messages if isinstance(m, ipc.Error)}
+    assert errors["bad"].status_code == 400 and errors["bad"].error_type == "invalid_request_error"
+    assert errors["broken"].status_code == 500 and "fake engine broke" in errors["broken"].message
+    assert texts(messages, "good") == render_reply(12)[0]
+    h.shutdown()
+
+
+def test_shutdown_stops_a_running_request():
+    h = Harness(FakeEngine(delay_s=0.05, chars_per_event=1))
+    h.inbox.put(ipc.Submit(request("long", max_tokens=200, ignore_eos=True)))
+    h.outbox.get(timeout=10)
+    h.shutdown()
+    assert h.engine.closed_early == ["long"]

@@ -1,0 +1,179 @@
+"""Raw HTTP against the real server: SSE framing, streamed == non-streamed text (CJK included), every
+error case followed by a successful request, client disconnects, and /metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def http(real_server):
+    with httpx.Client(base_url=real_server.base_url, headers=AUTH, timeout=120) as client:
+        yield client
+
+
+def sse_payloads(response: httpx.Response) -> list[str]:
+    body = response.read().decode("utf-8")
+    assert body.endswith("\n\n")
+    payloads = []
+    for frame in body.split("\n\n")[:-1]:
+        assert frame.startswith("data: ") and "\n" not in frame, frame
+        payloads.append(frame[len("data: "):])
+    return payloads
+
+
+def stream_chunks(http: httpx.Client, path: str, body: dict) -> list[dict]:
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def ok_after(http: httpx.Client) -> None:
+    response = http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_raw_sse_framing_role_usage_done(http):
+    chunks = stream_chunks(http, "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 16, "temperature": 0,
+                                                          "stream_options": {"include_usage": True}})
+    role, *content, finish, usage = chunks
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["choices"][0]["delta"]["content"] for c in content)  # no empty chunks
+    assert all(c["choices"][0]["finish_reason"] is None for c in [role, *content])
+    assert finish["choices"][0]["finish_reason"] in ("stop", "length") and finish["choices"][0]["delta"] == {}
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content":
+                                            "Translate into Chinese: I like to read books in the library."}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                           {"role": "user", "content": [{"type": "text", "text": "日本の首都は"},
+                                                                        {"type": "text", "text": "どこですか？"}]}]}),
+    ("/v1/completions", {"prompt": "東京は日本の首都です。京都は"}),
+])
+def test_streamed_text_equals_non_streamed_text(http, path, body):
+    body = {**body, "max_tokens": 24, "temperature": 0}
+    whole = http.post(path, json=body).json()
+    chunks = stream_chunks(http, path, body)
+    if path == "/v1/chat/completions":
+        expected = whole["choices"][0]["message"]["content"]
+        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    else:
+        expected = whole["choices"][0]["text"]
+        streamed = "".join(c["choices"][0]["text"] for c in chunks)
+    assert streamed == expected and expected
+    # No character broken by a chunk boundary (only a completion cut by max_tokens may end mid-character).
+    assert "\ufffd" not in streamed.rstrip("\ufffd")
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_non_ascii_output(http):
+    body = {"messages": [{"role": "user", "content": "Translate into Chinese: I like to read books in the library."}],
+            "max_tokens": 24, "temperature": 0}
+    text = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert any(ord(ch) > 0x2E80 for ch in text), text  # the model answers with CJK characters
+
+
+def error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+@pytest.mark.parametrize("kwargs, status, part", [
+    ({"content": b"{bad json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    ({"json": {"messages": QUESTION, "max_tokens": "8"}}, 400, "max_tokens"),
+    ({"json": {"messages": []}}, 400, "messages"),
+    ({"json": {"messages": QUESTION, "max_tokens": -5}}, 400, "at least 1"),
+    ({"json": {"messages": QUESTION, "max_tokens": 100_000}}, 400, "maximum context length is 512"),
+    ({"json": {"messages": [{"role": "user", "content": "word " * 600}]}}, 400, "maximum context length is 512"),
+    ({"json": {"messages": QUESTION, "n": 3}}, 400, "n"),
+    ({"json": {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}}, 400, "tools"),
+    ({"json": {"messages": QUESTION, "presence_penalty": 0.5}}, 400, "presence_penalty"),
+    ({"json": {"messages": QUESTION, "response_format": {"type": "json_object"}}}, 400, "response_format"),
+    ({"json": {"messages": QUESTION, "model": "nope"}}, 404, "nope"),
+    ({"json": {"messages": QUESTION}, "headers": {"Authorization": "Bearer wrong"}}, 401, "API key"),
+])
+def test_errors_then_success(http, kwargs, status, part):
+    err = error(http.post("/v1/chat/completions", **kwargs), status)
+    assert part in err["message"] and err["type"]
+    ok_after(http)
+
+
+def test_missing_key_is_401(http, real_server):
+    response = httpx.post(f"{real_server.base_url}/v1/chat/completions", json={"messages": QUESTION})
+    assert error(response, 401)["code"] == "invalid_api_key"
+    assert httpx.get(f"{real_server.base_url}/health").status_code == 200  # /health needs no key
+    ok_after(http)
+
+
+def test_client_disconnect_frees_the_engine_for_the_next_request(http, real_server):
+    body = {"messages": QUESTION, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = (line for line in response.iter_lines() if line)
+        first = json.loads(next(lines)[len("data: "):])
+        next(lines)  # some generated text: the request is running on the worker
+    # 400 tokens would take tens of seconds on a CPU; the abort lands within one iteration.
+    started = time.monotonic()
+    ok_after(http)
+    assert time.monotonic() - started < 8
+    deadline = time.monotonic() + 10
+    while f"request {first['id']} aborted" not in real_server.log():
+        assert time.monotonic() < deadline, "the worker did not log the abort"
+        time.sleep(0.1)
+    health = http.get("/health").json()
+    assert health["running"] == 0 and health["queue_depth"] == 0
+
+
+def scrape(http: httpx.Client) -> dict[str, float]:
+    values = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_move_after_a_request(http):
+    before = scrape(http)
+    response = http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 16, "temperature": 0})
+    assert response.status_code == 200
+    after = scrape(http)
+    ok = 'subspec_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    assert after[ok] == before.get(ok, 0) + 1
+    moved = ["subspec_prompt_tokens_total", "subspec_generation_tokens_total", "subspec_iterations_total",
+             "subspec_time_to_first_token_seconds_count", "subspec_e2e_request_latency_seconds_count",
+             "subspec_request_queue_seconds_count", "subspec_accept_length_count", "subspec_accept_length_sum",
+             "subspec_drafted_tokens_total", "subspec_draft_seconds_total", "subspec_verify_seconds_total",
+             "subspec_prefill_seconds_total", "subspec_h2d_bytes_total",
+             "subspec_request_generation_throughput_tokens_per_second_count"]
+    for name in moved:
+        assert after[name] > before.get(name, 0), name
+    generated = after["subspec_generation_tokens_total"] - before["subspec_generation_tokens_total"]
+    assert generated == response.json()["usage"]["completion_tokens"]
+    assert after["subspec_generation_throughput_tokens_per_second"] > 0
+    for name in ("subspec_queue_depth", "subspec_requests_running", "subspec_worker_ready",
+                 "subspec_inter_token_latency_seconds_count", "subspec_accepted_tokens_total",
+                 "subspec_worker_restarts_total"):
+        assert name in after, name
+    assert after["subspec_worker_ready"] == 1 and after["subspec_requests_running"] == 0
+    # 4xx answers are counted too, by endpoint and status.
+    http.post("/v1/chat/completions", json={"messages": []})
+    bad = 'subspec_requests_total{endpoint="/v1/chat/completions",status="400"}'
+    assert scrape(http)[bad] >= 1
