@@ -24,7 +24,6 @@ import sys
 import traceback
 from dataclasses import asdict
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,14 +38,13 @@ from benchmarks.report import markdown, write_json
 from benchmarks.synthetic import run_synthetic
 from benchmarks.synthetic_weights import PRESETS
 from server.engine_args import add_engine_arguments, engine_config_from_args, engine_overrides
-from subspec_core.config import EngineConfig, config_as_dict, load_yaml, resolve_engine_config
+from subspec_core.config import EngineConfig, config_as_dict, resolve_engine_config
 from subspec_core.engine import resolve_device
 from subspec_core.loading import load_tokenizer
 from subspec_core.model_source import default_served_name
 
 MODES = ("subspec", "vanilla", HF_MODE, "resident")
 # Without --config and --model: the default model run the paper's way (every decoder layer streamed).
-DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 SUITES = ("mt_bench",)
 # Engine flags that describe the real model, not the synthetic one (which has its own preset and budget).
 _MODEL_FIELDS = ("model", "gguf_file", "tokenizer", "served_model_name", "gpu_memory_budget", "mode")
@@ -90,10 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config(args: argparse.Namespace) -> EngineConfig:
     """The real model's config: --config < env < flags; the default model without --config gets the default preset."""
-    config = engine_config_from_args(args)
-    if args.config is None and config.model == "default":
-        return engine_config_from_args(args, yaml_data=load_yaml(DEFAULT_PRESET))
-    return config
+    return engine_config_from_args(args)
 
 
 def synthetic_config(name: str, args: argparse.Namespace) -> EngineConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from subspec_core.config import (
@@ -89,16 +90,28 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-def yaml_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The --config file's contents ({} without one)."""
-    return load_yaml(args.config) if getattr(args, "config", None) else {}
+# The preset `subspec serve` / `generate` use for the default model when no --config is given: every decoder
+# layer streamed as in the paper. Without it the tiny default model would fit entirely on the GPU, and the
+# draft would be the target itself. Found beside the package in a checkout/editable install and in Docker.
+DEFAULT_PRESET = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def yaml_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The --config file's contents; without one, the default preset when the model is the default model."""
+    if getattr(args, "config", None):
+        return load_yaml(args.config)
+    env = os.environ if environ is None else environ
+    model = getattr(args, "engine_model", None) or env.get("SUBSPEC_MODEL") or "default"
+    if model == "default" and DEFAULT_PRESET.is_file():
+        return load_yaml(DEFAULT_PRESET)
+    return {}
 
 
 def engine_config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
                             yaml_data: Mapping[str, Any] | None = None) -> EngineConfig:
     """Resolve the engine config: defaults < --config YAML < SUBSPEC_* env < flags."""
     return resolve_engine_config(
-        yaml_data=yaml_data if yaml_data is not None else yaml_from_args(args),
+        yaml_data=yaml_data if yaml_data is not None else yaml_from_args(args, environ),
         environ=os.environ if environ is None else environ,
         cli_overrides=engine_overrides(args),
     )
