@@ -56,6 +56,10 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def _format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -121,10 +125,11 @@ def plan_memory(
         while resident > 0 and device_total(resident) > budget_bytes:
             resident -= 1
         if device_total(resident) > budget_bytes or (mode == "resident" and resident < num_layers):
-            need = device_total(num_layers if mode == "resident" else 0)
+            # the cheapest plan is not always all-streamed: the ring is only needed while a layer streams
+            need = device_total(num_layers) if mode == "resident" else min(device_total(r) for r in range(cap + 1))
             raise BudgetTooSmallError(
-                f"gpu_memory_budget {budget_bytes / 2**30:.2f} GiB is too small for mode {mode!r}: it needs at least "
-                f"{need / 2**30:.2f} GiB (shared modules, KV cache for max_model_len={max_model_len}, buffers"
+                f"gpu_memory_budget {_format_bytes(budget_bytes)} is too small for mode {mode!r}: it needs at least "
+                f"{_format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len}, buffers"
                 f"{', 4-bit substitutes' if speculative else ''}); raise the budget or lower max_model_len"
             )
     resident_ids = tuple(range(resident))

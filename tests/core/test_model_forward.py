@@ -63,3 +63,13 @@ def test_unsupported_architecture_fails_clearly() -> None:
 
     with pytest.raises(UnsupportedModelError, match="gpt2.*not supported.*llama, qwen2"):
         shape_from_hf_config(GPT2Config())
+
+
+def test_default_model_streamed_equals_resident(default_engines, default_tokenizer) -> None:
+    """Every layer streamed through the 2-slot ring gives the resident model's logits."""
+    ids = default_tokenizer("Weights stream layer by layer; the logits must not notice.")["input_ids"]
+    streamed = default_engines("vanilla")
+    assert streamed.plan.resident_layers == () and streamed.target_layers.streamer is not None
+    resident = default_engines("resident")
+    assert resident.target_layers.streamer is None
+    torch.testing.assert_close(streamed.prompt_logits(ids), resident.prompt_logits(ids), atol=1e-5, rtol=1e-5)
