@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from benchmarks.copy_wait import CopyWaitProbe
-from benchmarks.gpu_memory import GIB, close_engine, free_device_memory, peak_gib, reset_peak
+from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
 from benchmarks.mode_result import ModeResult, PromptRun, pooled
 from subspec_core.config import EngineConfig
 from subspec_core.engine import Engine, resolve_device
@@ -90,6 +90,6 @@ def run_engine_mode(
     finally:
         if probe:
             probe.close()
-        close_engine(engine)
+        engine.close()
         del engine
         free_device_memory()

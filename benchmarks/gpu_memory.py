@@ -7,7 +7,6 @@ transformers allocate through torch, not the CUDA context or cuBLAS workspaces. 
 from __future__ import annotations
 
 import gc
-from typing import Any
 
 import torch
 
@@ -27,19 +26,6 @@ def peak_gib(device: torch.device) -> float | None:
         return None
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / GIB
-
-
-def close_engine(engine: Any) -> None:
-    """Release what deleting the engine would not: the streamed layers' page-locked host registration.
-
-    Pending prefetch copies are finished first (the ring is primed with the next forward's layers).
-    """
-    streamer = engine.target_layers.streamer
-    if streamer is None:
-        return
-    if streamer.on_cuda:
-        torch.cuda.synchronize(streamer.device)
-    streamer.store.close()
 
 
 def free_device_memory() -> None:

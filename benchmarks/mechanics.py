@@ -4,7 +4,7 @@ What is called (subspec_core's public functions, plus one private engine method)
 - `model.forward_hidden` + `model.compute_logits` with `engine.target_layers` (the streamed target) and
   `engine.kv_cache`: the target forward of `Engine._plain_step` (one token) and of `Engine._speculative_step`
   (a tree with its mask), without the greedy choice, the accepted-path walk and the KV compaction.
-- `drafting.grow_tree` with `engine._draft_logits` (private: the 4-bit substitute draft's forward + logits):
+- `drafting.grow_tree` with `engine.draft_logits` (the 4-bit substitute draft's forward + logits):
   the draft phase of `_speculative_step`, exactly.
 - `tree.select_verify_nodes` / `tree.subtree` / `tree.tree_attention_mask`: the verify-set pruning and mask.
 - `Engine.prompt_logits`: a chunked prefill filling the KV cache for the prefix.
@@ -43,7 +43,7 @@ def draft_tree(engine: Any, *, root: torch.Tensor, prefix_length: int, depth: in
     """A draft tree of 1 + depth * topk nodes: `depth` substitute forwards (root, then depth - 1 levels of topk)."""
     spec = engine.config.speculation
     return grow_tree(
-        draft_logits=engine._draft_logits, root_token=root, prefix_length=prefix_length, topk=spec.topk,
+        draft_logits=engine.draft_logits, root_token=root, prefix_length=prefix_length, topk=spec.topk,
         max_depth=depth, temperature=spec.draft_temperature,
     )
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.copy_wait import CopyWaitProbe
-from benchmarks.gpu_memory import GIB, close_engine, free_device_memory, peak_gib, reset_peak
+from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
 from benchmarks.mechanics import draft_tree, one_token_forward, verify_forward, verify_set
 from benchmarks.stopwatch import time_call
 from benchmarks.synthetic_weights import SHAPES, random_weights
@@ -185,7 +185,7 @@ def run_synthetic(
                 engine, shape=shape, dtype=dtype, pinned_gbps=pinned_gbps, device=device, build_peak=build_peak
             )
         finally:
-            close_engine(engine)
+            engine.close()
             del engine
             free_device_memory()
     del shared, layer_linears

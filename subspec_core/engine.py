@@ -183,7 +183,8 @@ class Engine:
                 self.target_layers.streamer.reset()  # a forward stopped mid-way leaves the ring out of step
             raise
 
-    def _draft_logits(self, tokens, positions, slots, kv_length, mask) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def draft_logits(self, tokens, positions, slots, kv_length, mask) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """The substitute draft's float32 logits for `tokens` (see drafting.DraftLogitsFn)."""
         assert self.draft_layers is not None
         hidden = self._forward(self.draft_layers, tokens, positions, slots, kv_length, mask)
         return compute_logits(self.shape, self.shared, hidden)
@@ -200,6 +201,10 @@ class Engine:
             hidden = self._target_forward(ids[start:end], slots, slots, end, mask)
         assert hidden is not None
         return compute_logits(self.shape, self.shared, hidden[-1:])
+
+    def close(self) -> None:
+        """Release what dropping the engine would not: the page-locked registration of the host arena."""
+        self.target_layers.close()
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Target logits (n, V) float32 at every position of `token_ids`, computed by chunked prefill.
@@ -240,7 +245,7 @@ class Engine:
         n = committed
         draft_start = self._clock.mark()
         tree = grow_tree(
-            draft_logits=self._draft_logits, root_token=root, prefix_length=n, topk=spec.topk, max_depth=depth,
+            draft_logits=self.draft_logits, root_token=root, prefix_length=n, topk=spec.topk, max_depth=depth,
             temperature=spec.draft_temperature,
         )
         verify_start = self._clock.mark()

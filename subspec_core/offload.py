@@ -120,6 +120,12 @@ class LayerStreamer:
         self._consumed += 1
         self._prime()
 
+    def close(self) -> None:
+        """Finish in-flight prefetches, then unregister the pinned host arena (idempotent)."""
+        if self.on_cuda:
+            self.copy_stream.synchronize()
+        self.store.close()
+
     def reset(self) -> None:
         """Recover the cycle after a forward was interrupted part-way (an exception inside a layer)."""
         if self.on_cuda:
@@ -152,6 +158,10 @@ class TargetLayers:
     @property
     def h2d_bytes(self) -> int:
         return 0 if self.streamer is None else self.streamer.h2d_bytes
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
 
 
 def place_layers(
