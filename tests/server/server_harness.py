@@ -20,6 +20,16 @@ import uvicorn
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def scrape_metrics(http: httpx.Client) -> dict[str, float]:
+    """Every sample of /metrics as {'name{labels}': value}."""
+    values = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ from server.app import create_app
 from server.inprocess_client import InProcessEngineClient
 from server.settings import ServerSettings
 from tests.server.server_fakes import FakeEngine, FakeTokenizer, render_reply
-from tests.server.server_harness import REPO_ROOT, UvicornThread
+from tests.server.server_harness import REPO_ROOT, UvicornThread, scrape_metrics
 
 KEY = "sk-fake"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -349,17 +349,9 @@ def test_client_disconnect_aborts_and_the_next_request_starts_at_once():
 def test_metrics_move_after_a_request(fake):
     http, _ = fake
 
-    def scrape() -> dict[str, float]:
-        values = {}
-        for line in http.get("/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
-
-    before = scrape()
+    before = scrape_metrics(http)
     assert http.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 12}).status_code == 200
-    after = scrape()
+    after = scrape_metrics(http)
     ok = 'subspec_requests_total{endpoint="/v1/chat/completions",status="200"}'
     assert after[ok] == before.get(ok, 0) + 1
     for name in ("subspec_generation_tokens_total", "subspec_prompt_tokens_total", "subspec_drafted_tokens_total",
@@ -376,7 +368,7 @@ def test_metrics_move_after_a_request(fake):
     assert after['subspec_requests_total{endpoint="/metrics",status="200"}'] >= 1
     unauthorized = 'subspec_requests_total{endpoint="/v1/models",status="401"}'
     httpx.get(f"{http.base_url}/v1/models")
-    assert scrape()[unauthorized] == after.get(unauthorized, 0) + 1
+    assert scrape_metrics(http)[unauthorized] == after.get(unauthorized, 0) + 1
 
 
 def test_openapi_docs_describe_the_api():

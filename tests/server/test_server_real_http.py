@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import API_KEY
+from tests.server.server_harness import scrape_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -141,20 +142,11 @@ def test_client_disconnect_frees_the_engine_for_the_next_request(http, real_serv
     assert health["running"] == 0 and health["queue_depth"] == 0
 
 
-def scrape(http: httpx.Client) -> dict[str, float]:
-    values = {}
-    for line in http.get("/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
 def test_metrics_move_after_a_request(http):
-    before = scrape(http)
+    before = scrape_metrics(http)
     response = http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 16, "temperature": 0})
     assert response.status_code == 200
-    after = scrape(http)
+    after = scrape_metrics(http)
     ok = 'subspec_requests_total{endpoint="/v1/chat/completions",status="200"}'
     assert after[ok] == before.get(ok, 0) + 1
     moved = ["subspec_prompt_tokens_total", "subspec_generation_tokens_total", "subspec_iterations_total",
@@ -176,4 +168,4 @@ def test_metrics_move_after_a_request(http):
     # 4xx answers are counted too, by endpoint and status.
     http.post("/v1/chat/completions", json={"messages": []})
     bad = 'subspec_requests_total{endpoint="/v1/chat/completions",status="400"}'
-    assert scrape(http)[bad] >= 1
+    assert scrape_metrics(http)[bad] >= 1
