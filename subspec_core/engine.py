@@ -189,16 +189,21 @@ class Engine:
         hidden = self._forward(self.draft_layers, tokens, positions, slots, kv_length, mask)
         return compute_logits(self.shape, self.shared, hidden)
 
-    def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Fill KV slots [0, P) chunk by chunk with the target; logits (1, V) of the last prompt token."""
-        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+    def _prefill_chunks(self, token_ids: list[int]) -> Iterator[torch.Tensor]:
+        """Fill KV slots [0, n) chunk by chunk with the target, yielding each chunk's hidden states."""
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         chunk = self.config.prefill_chunk_size
-        hidden = None
-        for start in range(0, len(prompt), chunk):
-            end = min(start + chunk, len(prompt))
+        for start in range(0, len(token_ids), chunk):
+            end = min(start + chunk, len(token_ids))
             slots = torch.arange(start, end, device=self.device)
             mask = causal_chunk_mask(start=start, length=end - start, device=self.device)
-            hidden = self._target_forward(ids[start:end], slots, slots, end, mask)
+            yield self._target_forward(ids[start:end], slots, slots, end, mask)
+
+    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Prefill the prompt; logits (1, V) of its last token only (the rest are never needed)."""
+        hidden = None
+        for hidden in self._prefill_chunks(prompt):
+            pass
         assert hidden is not None
         return compute_logits(self.shape, self.shared, hidden[-1:])
 
@@ -211,17 +216,8 @@ class Engine:
 
         For scoring, tests and benchmarks; it overwrites the KV cache like any request.
         """
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        chunk = self.config.prefill_chunk_size
-        rows = []
         with torch.inference_mode():
-            for start in range(0, len(token_ids), chunk):
-                end = min(start + chunk, len(token_ids))
-                slots = torch.arange(start, end, device=self.device)
-                mask = causal_chunk_mask(start=start, length=end - start, device=self.device)
-                hidden = self._target_forward(ids[start:end], slots, slots, end, mask)
-                rows.append(compute_logits(self.shape, self.shared, hidden))
-        return torch.cat(rows)
+            return torch.cat([compute_logits(self.shape, self.shared, h) for h in self._prefill_chunks(token_ids)])
 
     # ----------------------------------------------------------------------------------------- steps
     def _plain_step(self, root: torch.Tensor, committed: int, dec: _Decoding) -> list[int]:
