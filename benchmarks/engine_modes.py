@@ -45,6 +45,7 @@ def timed_generation(engine: Engine, prompt: list[int], *, max_tokens: int, prob
         token_ids=ids, ttft_s=first_at - start, decode_s=last_at - first_at, iterations=stats.iterations,
         accepted_tokens=stats.accepted_tokens, draft_s=stats.draft_s if engine.draft_layers is not None else None,
         verify_s=stats.verify_s, decode_h2d_bytes=layers.h2d_bytes - h2d_at_first if streamed else None,
+        verify_h2d_bytes=stats.verify_h2d_bytes if streamed else None,
         copy_wait_s=probe.seconds_since(wait_mark) if probe else None, accept_lengths=accept_lengths,
     )
     if probe:

@@ -44,6 +44,7 @@ class PromptRun:
     draft_s: float | None = None  # engine's own phase clock; None where the mode has no such phase
     verify_s: float | None = None
     decode_h2d_bytes: int | None = None  # weight bytes copied host-to-device after the first token
+    verify_h2d_bytes: int | None = None  # of those, the copies issued while verify forwards ran (no prefetch)
     copy_wait_s: float | None = None  # compute stream stalled on weight copies after the first token
     accept_lengths: list[int] = field(default_factory=list)  # tokens per target forward, from the token events
 
@@ -111,7 +112,7 @@ def pooled(mode: str, runs: list[PromptRun], *, on_cuda: bool) -> ModeResult:
     result.draft_ms_per_iter = _ratio(_total(runs, "draft_s"), iterations, 1e3)
     result.verify_ms_per_iter = _ratio(_total(runs, "verify_s"), iterations, 1e3)
     result.copy_wait_ms_per_iter = _ratio(_total(runs, "copy_wait_s"), iterations, 1e3)
-    h2d = _total(runs, "decode_h2d_bytes")
+    h2d = _total(runs, "verify_h2d_bytes")  # prefetches issued during drafting did not take verify time
     if on_cuda and h2d:  # on the CPU nothing crosses a bus: a memcpy rate is not a host-to-device rate
         result.verify_h2d_gbps = _ratio(h2d / 1e9, _total(runs, "verify_s"))
     result.completion_tokens = sum(len(r.token_ids) for r in runs)
@@ -119,7 +120,7 @@ def pooled(mode: str, runs: list[PromptRun], *, on_cuda: bool) -> ModeResult:
     result.per_prompt = [
         {"prompt": i, "tokens": len(r.token_ids), "ttft_s": r.ttft_s, "decode_s": r.decode_s, "iterations": r.iterations,
          "accepted_tokens": r.accepted_tokens, "draft_s": r.draft_s, "verify_s": r.verify_s,
-         "decode_h2d_bytes": r.decode_h2d_bytes, "copy_wait_s": r.copy_wait_s, "accept_lengths": r.accept_lengths}
+         "decode_h2d_bytes": r.decode_h2d_bytes, "verify_h2d_bytes": r.verify_h2d_bytes, "copy_wait_s": r.copy_wait_s, "accept_lengths": r.accept_lengths}
         for i, r in enumerate(runs)
     ]
     return result

@@ -62,9 +62,24 @@ def modes_markdown(doc: dict[str, Any]) -> list[str]:
     rows = [[fmt(m.get(c), 3 if c in ("ttft_s", "mean_accept_length") else 2) for c in COLUMNS] for m in doc["modes"]]
     lines += _table([HEADERS[c] for c in COLUMNS], rows)
     lines += ["", f"Identical tokens, subspec vs vanilla: {fmt(doc['identical_tokens_subspec_vs_vanilla'])}"]
+    lines += agreement_lines(doc.get("agreement"))
     for m in doc["modes"]:
         for note in ([m["reason"]] if m.get("reason") else []) + m.get("notes", []):
             lines.append(f"- {m['mode']}: {note}")
+    return lines
+
+
+def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
+    """The losslessness verdict: exact in float32, tie-aware in bf16 (divergences and their margins listed)."""
+    if agreement is None:
+        return []
+    kind = "exact (float32)" if agreement["exact"] else "tie-aware (low precision: a divergence passes only at a near-tie)"
+    lines = [f"Lossless, {kind}: {fmt(agreement['lossless'])}; {agreement['identical']}/{agreement['prompts']} "
+             f"prompts identical"]
+    for d in agreement["diverged"]:
+        margin = "n/a" if d["margin"] is None else f"{d['margin']:.4f} (near-tie at <= {d['tolerance']:.4f})"
+        lines.append(f"- prompt {d['prompt']}: first difference at token {d['diverged_at']}, target top-2 margin "
+                     f"{margin}: {'ok' if d['ok'] else 'LOSS'}")
     return lines
 
 

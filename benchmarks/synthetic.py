@@ -10,7 +10,6 @@ tau / (draft tree + verify forward). Projections are labelled as such everywhere
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, replace
 from typing import Any, Callable
@@ -32,7 +31,7 @@ VERIFY_SIZES = (64, 193, 289)  # 289 = 48 x 6 + 1 (the paper's trees), 193 = 32 
 PREFIX_TOKENS = 128  # committed context the decoding forwards attend to
 
 
-def _build(config: EngineConfig, mode: str, shape: ModelShape, shared: SharedWeights,
+def build_engine(config: EngineConfig, mode: str, shape: ModelShape, shared: SharedWeights,
            layer_linears: list[dict[str, torch.Tensor]], tokenizer: Any, device: torch.device, dtype: torch.dtype) -> Engine:
     """Plan under the run's budget and place the random weights, as `Engine.from_config` does for real ones."""
     config = replace(config, mode=mode)
@@ -86,13 +85,12 @@ def _measure_engine(engine: Engine, mode: str, *, prefix: list[int], device: tor
                 repeats=repeats,
             )
             sizes = sorted(set(VERIFY_SIZES) | {spec.verify_size})
-            depth = max(spec.max_depth, math.ceil((sizes[-1] - 1) / spec.topk))
-            if p + 1 + depth * spec.topk > engine.kv_cache.capacity:
-                raise ValueError(f"a {sizes[-1]}-node tree after {p} prefix tokens needs more KV slots than max_model_len gives")
-            tree = draft_tree(engine, root=root, prefix_length=p, depth=depth)
+            if p + max(sizes) > engine.kv_cache.capacity:
+                raise ValueError(f"a {max(sizes)}-node tree after {p} prefix tokens needs more KV slots than max_model_len gives")
+            tree = draft_tree(engine, root=root, prefix_length=p, depth=spec.max_depth)
             measured["verify"] = {}
             for n in sizes:
-                nodes = verify_set(tree, n)
+                nodes = verify_set(tree, n, topk=spec.topk)
                 measured["verify"][str(n)] = _timed(
                     lambda nodes=nodes: verify_forward(engine, tree=nodes, prefix_length=p), probe=probe, device=device,
                     repeats=repeats,
@@ -173,7 +171,7 @@ def run_synthetic(
         free_device_memory()
         reset_peak(device)
         try:
-            engine = _build(config, mode, shape, shared, layer_linears, tokenizer, device, dtype)
+            engine = build_engine(config, mode, shape, shared, layer_linears, tokenizer, device, dtype)
         except (BudgetTooSmallError, torch.cuda.OutOfMemoryError) as exc:
             report["engines"][mode] = {"status": "skipped", "reason": f"does not fit: {exc}"}
             continue

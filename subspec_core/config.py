@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 MODES = ("subspec", "vanilla", "resident")
-QUANT_TYPES = ("nf4", "fp4", "int8")
+QUANT_TYPES = ("int4", "nf4", "fp4", "int8")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -45,8 +45,9 @@ class SpeculationConfig:
     max_depth: int = 32  # draft steps per iteration (the paper's offload configs use 48)
     max_verify_tokens: int | None = None  # None: the whole tree, max_depth * topk + 1 nodes
     draft_temperature: float = 0.2  # shapes the tree only; verification never reads draft probabilities
-    quant_type: str = "nf4"  # bitsandbytes substitute: nf4 | fp4 (4-bit) | int8 (LLM.int8 absmax)
-    quant_block_size: int = 64
+    # int4: group-wise asymmetric int4 on PyTorch's tinygemm kernels; bitsandbytes: nf4 | fp4 (4-bit), int8
+    quant_type: str = "nf4"
+    quant_block_size: int = 64  # the int4 group size / the bitsandbytes block size
 
     def __post_init__(self) -> None:
         if self.topk < 1:

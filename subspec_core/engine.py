@@ -16,10 +16,10 @@ import torch
 
 from subspec_core.config import EngineConfig, config_as_dict
 from subspec_core.detokenize import IncrementalDetokenizer
-from subspec_core.drafting import grow_tree
-from subspec_core.kv_cache import KVCache
+from subspec_core.drafting import TreeDrafter
+from subspec_core.kv_cache import KVCache, kv_capacity
 from subspec_core.loading import load_model
-from subspec_core.model import LayerSource, compute_logits, forward_hidden
+from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
 from subspec_core.model_source import resolve_model
 from subspec_core.offload import TargetLayers, place_layers
 from subspec_core.planner import MemoryPlan, plan_memory
@@ -65,6 +65,18 @@ class _Decoding:
     stats: RequestStats
 
 
+@dataclass
+class _Cursor:
+    """Where decoding stands, on the device: the next step reads it without any host-to-device copy.
+
+    The host keeps its own count of committed rows (it learns each step's length from the step's one read);
+    the device copy lets the next step start before the host has looked at anything.
+    """
+
+    length: torch.Tensor  # (1,) long: committed KV rows N
+    root: torch.Tensor  # (1,) long: the last chosen token, not yet in the KV cache
+
+
 class Engine:
     """A loaded model ready to generate, one request at a time (batch size 1, as in the paper)."""
 
@@ -95,7 +107,13 @@ class Engine:
         self.model_name = model_name
         self.plan = plan
         self.max_model_len = config.max_model_len
+        self._dtype = shared.embed.dtype
         self._clock = PhaseClock(device)
+        spec = config.speculation
+        self.drafter = None if draft_layers is None else TreeDrafter(
+            draft_logits=self.draft_logits, topk=spec.topk, max_depth=spec.max_depth, capacity=kv_cache.capacity,
+            temperature=spec.draft_temperature, dtype=shared.embed.dtype, device=device,
+        )
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -158,7 +176,8 @@ class Engine:
         tree_slots = config.speculation.tree_size if config.mode == "subspec" else 1
         kv_cache = KVCache(
             num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-            capacity=config.max_model_len + tree_slots, dtype=shared.embed.dtype, device=device,
+            capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=tree_slots), dtype=shared.embed.dtype,
+            device=device,
         )
         return cls(
             config=config, shape=shape, shared=shared.to(device), target_layers=target_layers, draft_layers=draft_layers,
@@ -168,25 +187,37 @@ class Engine:
     # ----------------------------------------------------------------------------------------- forwards
     def _forward(
         self, layers: LayerSource, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-        kv_length: int, mask: torch.Tensor | None,
+        kv_length: int, bias: torch.Tensor | None,
     ) -> torch.Tensor:
         return forward_hidden(
             shape=self.shape, shared=self.shared, layers=layers, kv_cache=self.kv_cache, tokens=tokens,
-            positions=positions, slots=slots, kv_length=kv_length, attention_mask=mask,
+            positions=positions, slots=slots, kv_length=kv_length, bias=bias,
         )
 
-    def _target_forward(self, tokens, positions, slots, kv_length, mask) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _target_forward(self, tokens, positions, slots, kv_length, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
         try:
-            return self._forward(self.target_layers, tokens, positions, slots, kv_length, mask)
+            return self._forward(self.target_layers, tokens, positions, slots, kv_length, bias)
         except BaseException:
             if self.target_layers.streamer is not None:
                 self.target_layers.streamer.reset()  # a forward stopped mid-way leaves the ring out of step
             raise
 
-    def draft_logits(self, tokens, positions, slots, kv_length, mask) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        """The substitute draft's float32 logits for `tokens` (see drafting.DraftLogitsFn)."""
+    def _decoding_logits(self, dec: _Decoding, tokens, positions, slots, kv_length, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """A decoding step's target forward (verify, or the plain one-token step) and its float32 logits.
+
+        Counts the weight bytes copied while it ran: the ring's prefetch of its first layers, issued while the
+        draft ran, is not part of it.
+        """
+        h2d_before = self.target_layers.h2d_bytes
+        hidden = self._target_forward(tokens, positions, slots, kv_length, bias)
+        dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d_before
+        return compute_logits(self.shape, self.shared, hidden)
+
+    def draft_logits(self, tokens, positions, slots, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """The substitute draft's float32 logits for `tokens`, attending over the whole cache under the additive
+        mask `bias` (rows, capacity): the static shape every draft step has (drafting.DraftLogitsFn)."""
         assert self.draft_layers is not None
-        hidden = self._forward(self.draft_layers, tokens, positions, slots, kv_length, mask)
+        hidden = self._forward(self.draft_layers, tokens, positions, slots, self.kv_cache.capacity, bias)
         return compute_logits(self.shape, self.shared, hidden)
 
     def _prefill_chunks(self, token_ids: list[int]) -> Iterator[torch.Tensor]:
@@ -196,8 +227,8 @@ class Engine:
         for start in range(0, len(token_ids), chunk):
             end = min(start + chunk, len(token_ids))
             slots = torch.arange(start, end, device=self.device)
-            mask = causal_chunk_mask(start=start, length=end - start, device=self.device)
-            yield self._target_forward(ids[start:end], slots, slots, end, mask)
+            bias = attention_bias(causal_chunk_mask(start=start, length=end - start, device=self.device), self._dtype)
+            yield self._target_forward(ids[start:end], slots, slots, end, bias)
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
         """Prefill the prompt; logits (1, V) of its last token only (the rest are never needed)."""
@@ -220,48 +251,51 @@ class Engine:
             return torch.cat([compute_logits(self.shape, self.shared, h) for h in self._prefill_chunks(token_ids)])
 
     # ----------------------------------------------------------------------------------------- steps
-    def _plain_step(self, root: torch.Tensor, committed: int, dec: _Decoding) -> list[int]:
+    def _plain_step(self, cursor: _Cursor, committed: int, dec: _Decoding) -> list[int]:
         """One target forward over the last token: the baseline's decoding step (vanilla and resident)."""
         start = self._clock.mark()
-        slot = torch.tensor([committed], dtype=torch.long, device=self.device)
-        hidden = self._target_forward(root, slot, slot, committed + 1, None)
-        logits = compute_logits(self.shape, self.shared, hidden)
+        logits = self._decoding_logits(dec, cursor.root, cursor.length, cursor.length, committed + 1, None)
         token = choose_tokens(
-            logits=logits, params=dec.params, seed=dec.seed, positions=slot + 1, first_position=committed + 1, num_positions=1
+            logits=logits, params=dec.params, seed=dec.seed, positions=cursor.length + 1, first_position=committed + 1,
+            num_positions=1,
         )
+        cursor.root.copy_(token)
+        cursor.length.add_(1)
         end = self._clock.mark()
-        values = token.tolist()
+        values = token.tolist()  # the step's one host sync
         dec.stats.verify_s += self._clock.seconds(start, end)
         dec.stats.iterations += 1
         return values
 
-    def _speculative_step(self, root: torch.Tensor, committed: int, depth: int, dec: _Decoding) -> tuple[list[int], int]:
+    def _speculative_step(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> tuple[list[int], int]:
         """Draft a tree, verify it in one target forward, keep the accepted rows; returns (tokens, drafted)."""
+        assert self.drafter is not None
         spec = self.config.speculation
         n = committed
         draft_start = self._clock.mark()
-        tree = grow_tree(
-            draft_logits=self.draft_logits, root_token=root, prefix_length=n, topk=spec.topk, max_depth=depth,
-            temperature=spec.draft_temperature,
-        )
+        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, depth=depth)
         verify_start = self._clock.mark()
-        verified = subtree(tree, select_verify_nodes(scores=tree.scores, budget=spec.verify_size))
-        size = verified.size
+        if spec.verify_size < tree.size:
+            tree = subtree(tree, select_verify_nodes(scores=tree.scores, budget=spec.verify_size))
+        size = tree.size
         slots = n + torch.arange(size, device=self.device)
-        positions = n + verified.depths
-        mask = tree_attention_mask(ancestors=verified.ancestors, prefix_length=n)
-        hidden = self._target_forward(verified.tokens, positions, slots, n + size, mask)
-        logits = compute_logits(self.shape, self.shared, hidden)  # (size, V)
+        positions = n + tree.depths
+        bias = attention_bias(tree_attention_mask(ancestors=tree.ancestors, prefix_length=n), self._dtype)
+        logits = self._decoding_logits(dec, tree.tokens, positions, slots, n + size, bias)  # (size, V)
         target_tokens = choose_tokens(
             logits=logits, params=dec.params, seed=dec.seed, positions=positions + 1, first_position=n + 1, num_positions=depth + 1
         )
         path = accepted_path(
-            parents=verified.parents, tokens=verified.tokens, depths=verified.depths, ancestors=verified.ancestors,
-            target_tokens=target_tokens,
+            tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors,
+            target_tokens=target_tokens, max_length=depth + 1,
         )
-        self.kv_cache.compact(dest_start=n, source_slots=n + path)  # keep the root's and accepted nodes' rows
+        self.kv_cache.compact(dest_start=n, source_slots=n + path.nodes)  # the root's and accepted nodes' rows first
+        emitted = emitted_tokens(path=path, target_tokens=target_tokens)  # (depth + 1,) padded
+        cursor.length.add_(path.length)
+        cursor.root.copy_(emitted.index_select(0, path.length - 1))  # the bonus token is the next root
         verify_end = self._clock.mark()
-        values = emitted_tokens(path=path, target_tokens=target_tokens).tolist()  # the iteration's one host sync
+        read = torch.cat([path.length, emitted]).tolist()  # the iteration's one host sync: length + tokens
+        values = read[1 : 1 + read[0]]
         dec.stats.draft_s += self._clock.seconds(draft_start, verify_start)
         dec.stats.verify_s += self._clock.seconds(verify_start, verify_end)
         dec.stats.iterations += 1
@@ -331,10 +365,11 @@ class Engine:
         with torch.inference_mode():
             started = time.perf_counter()
             logits = self._prefill(prompt)
+            length = torch.full((1,), len(prompt), dtype=torch.long, device=self.device)
             first = choose_tokens(
-                logits=logits, params=params, seed=dec.seed, positions=torch.tensor([len(prompt)], device=self.device),
-                first_position=len(prompt), num_positions=1,
+                logits=logits, params=params, seed=dec.seed, positions=length, first_position=len(prompt), num_positions=1
             )
+            cursor = _Cursor(length=length, root=first)
             values = first.tolist()
             dec.stats.prefill_s = time.perf_counter() - started
             committed = len(prompt)  # KV rows written; the last chosen token is not in the cache yet
@@ -344,13 +379,12 @@ class Engine:
                 yield event
                 if event.finished:
                     return
-                root = torch.tensor(values[-1:], dtype=torch.long, device=self.device)
                 remaining = dec.budget - dec.stats.completion_tokens
                 if speculative and remaining > 1:
                     # a tree deeper than the tokens still allowed would only draft what gets cut
                     depth = min(self.config.speculation.max_depth, remaining - 1)
-                    values, drafted = self._speculative_step(root, committed, depth, dec)
+                    values, drafted = self._speculative_step(cursor, committed, depth, dec)
                 else:
-                    values, drafted = self._plain_step(root, committed, dec), 0
+                    values, drafted = self._plain_step(cursor, committed, dec), 0
                 committed += len(values)
                 event = self._emit(dec, values, accept_length=len(values), drafted=drafted)

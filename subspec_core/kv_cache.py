@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import torch
 
+# The capacity is a multiple of this, so a mask over the whole cache (the draft's static-shape attention)
+# has aligned rows for memory-efficient attention (see model.MASK_ALIGN).
+CAPACITY_ALIGN = 16
+
+
+def kv_capacity(*, max_model_len: int, tree_slots: int) -> int:
+    """Slots the cache needs: the longest sequence plus the scratch rows of one tree, rounded up to CAPACITY_ALIGN."""
+    return -(-(max_model_len + tree_slots) // CAPACITY_ALIGN) * CAPACITY_ALIGN
+
 
 class KVCache:
     """Preallocated keys/values for every layer: one tensor, shape (layers, 2, kv_heads, capacity, head_dim)."""
@@ -19,22 +28,38 @@ class KVCache:
         self.capacity = capacity
         # One allocation for the whole cache makes compaction one gather and one scatter for all layers.
         self.data = torch.zeros(num_layers, 2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        # Views made once: indexing `data[layer]` inside the forward would cost ops on every layer.
+        self._layers = [self.data[layer] for layer in range(num_layers)]  # (2, kvh, capacity, hd)
+        self._keys = [self.data[layer, 0][None] for layer in range(num_layers)]  # (1, kvh, capacity, hd)
+        self._values = [self.data[layer, 1][None] for layer in range(num_layers)]
 
     @staticmethod
     def bytes_needed(*, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype) -> int:
         return num_layers * 2 * num_kv_heads * capacity * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store keys/values (n, kv_heads, head_dim) of n tokens at cache slots (n,)."""
-        self.data[layer, 0].index_copy_(1, slots, keys.transpose(0, 1))
-        self.data[layer, 1].index_copy_(1, slots, values.transpose(0, 1))
+    def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store keys and values of n tokens, kv (n, 2, kv_heads, head_dim), at cache slots (n,): one op."""
+        self._layers[layer].index_copy_(2, slots, kv.permute(1, 2, 0, 3))
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots [0, length): each (kv_heads, length, head_dim), views."""
         return self.data[layer, 0, :, :length], self.data[layer, 1, :, :length]
 
+    def attention_views(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, length) shaped for SDPA, (1, kv_heads, length, head_dim): views.
+
+        The whole cache (length == capacity, the draft's static shape) costs no op at all.
+        """
+        keys, values = self._keys[layer], self._values[layer]
+        if length == self.capacity:
+            return keys, values
+        return keys[:, :, :length], values[:, :, :length]
+
     def compact(self, *, dest_start: int, source_slots: torch.Tensor) -> None:
-        """Move rows `source_slots` (ascending, all >= dest_start) to [dest_start, dest_start + len) in every layer."""
+        """Move rows `source_slots` (ascending, all >= dest_start) to [dest_start, dest_start + len) in every layer.
+
+        Fixed-size callers pass padding entries too: their rows land past the kept ones, in scratch slots.
+        """
         count = source_slots.numel()
         rows = self.data.index_select(3, source_slots)  # gather first: source and destination ranges may overlap
         self.data[:, :, :, dest_start : dest_start + count].copy_(rows)

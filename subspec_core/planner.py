@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from subspec_core.config import SpeculationConfig
-from subspec_core.kv_cache import KVCache
+from subspec_core.kv_cache import KVCache, kv_capacity
 from subspec_core.quant import substitute_bytes_per_layer
 from subspec_core.weights import LayerLayout, ModelShape
 
@@ -69,8 +69,10 @@ def activation_bytes(*, shape: ModelShape, dtype: torch.dtype, rows: int, kv_len
     b = _dtype_bytes(dtype)
     hidden = rows * (shape.hidden_size * 4 + shape.q_size + 2 * shape.kv_size + 3 * shape.intermediate_size) * b
     scores = rows * shape.num_heads * kv_length * 4  # attention scores if the math kernel materialises them
+    # the additive mask, repeated per query head of a kv head (GQA folded into rows): built once per forward
+    mask = rows * (shape.num_heads // shape.num_kv_heads) * kv_length * b
     logits = rows * shape.vocab_size * 4 * 3  # float32 logits, processed logits, sampling noise
-    return hidden + scores + logits
+    return hidden + scores + mask + logits
 
 
 def plan_memory(
@@ -92,7 +94,7 @@ def plan_memory(
     layer_bytes = layout.numel * b
     speculative = mode == "subspec"
     tree_rows = speculation.verify_size if speculative else 1
-    capacity = max_model_len + (speculation.tree_size if speculative else 1)
+    capacity = kv_capacity(max_model_len=max_model_len, tree_slots=speculation.tree_size if speculative else 1)
     kv_bytes = KVCache.bytes_needed(
         num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, capacity=capacity, dtype=dtype
     )
@@ -136,7 +138,7 @@ def plan_memory(
     streamed_ids = tuple(range(resident, num_layers))
     rows = [
         PlanRow("shared: embeddings, norms, lm_head", "gpu", shared_bytes, "shared by target and draft"),
-        PlanRow("KV cache", "gpu", kv_bytes, f"{capacity} slots = max_model_len + tree, shared"),
+        PlanRow("KV cache", "gpu", kv_bytes, f"{capacity} slots = max_model_len + tree (aligned), shared"),
         PlanRow("activations + logits buffers", "gpu", work_bytes, f"verify {tree_rows} rows / prefill chunk {prefill_chunk_size}"),
     ]
     if speculative:

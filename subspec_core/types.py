@@ -63,6 +63,7 @@ class RequestStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     h2d_bytes: int = 0  # weight bytes streamed host-to-device for this request
+    verify_h2d_bytes: int = 0  # of those, the copies issued while a verify forward ran (not prefetched before it)
 
     @property
     def mean_accept_length(self) -> float:
@@ -83,6 +84,7 @@ class RequestStats:
             "draft_s": round(self.draft_s, 6),
             "verify_s": round(self.verify_s, 6),
             "h2d_bytes": self.h2d_bytes,
+            "verify_h2d_bytes": self.verify_h2d_bytes,
         }
 
 

@@ -34,7 +34,7 @@ def test_write_then_read_by_slots():
     slots = torch.tensor([7, 2, 11])
     keys = torch.randn(3, HEADS, HEAD_DIM)
     values = torch.randn(3, HEADS, HEAD_DIM)
-    cache.write(1, slots, keys, values)
+    cache.write(1, slots, torch.stack((keys, values), dim=1))
     k, v = cache.read(1, 12)
     assert k.shape == (HEADS, 12, HEAD_DIM) and v.shape == (HEADS, 12, HEAD_DIM)
     for i, slot in enumerate(slots.tolist()):
@@ -51,7 +51,7 @@ def test_read_returns_views_of_the_prefix():
     k, v = cache.read(2, 5)
     assert k.data_ptr() == cache.data[2, 0].data_ptr() and v.data_ptr() == cache.data[2, 1].data_ptr()
     assert torch.equal(k, cache.data[2, 0, :, :5]) and torch.equal(v, cache.data[2, 1, :, :5])
-    cache.write(2, torch.tensor([3]), torch.full((1, HEADS, HEAD_DIM), -1.0), torch.full((1, HEADS, HEAD_DIM), -2.0))
+    cache.write(2, torch.tensor([3]), torch.stack((torch.full((1, HEADS, HEAD_DIM), -1.0), torch.full((1, HEADS, HEAD_DIM), -2.0)), dim=1))
     assert (k[:, 3] == -1).all() and (v[:, 3] == -2).all()  # a view sees later writes
 
 
@@ -108,7 +108,7 @@ def test_compact_after_tree_writes_keeps_the_accepted_rows_for_the_next_step():
     tree_k = torch.randn(LAYERS, 5, HEADS, HEAD_DIM)
     tree_v = torch.randn(LAYERS, 5, HEADS, HEAD_DIM)
     for layer in range(LAYERS):
-        cache.write(layer, n + torch.arange(5), tree_k[layer], tree_v[layer])
+        cache.write(layer, n + torch.arange(5), torch.stack((tree_k[layer], tree_v[layer]), dim=1))
     prefix = cache.data[..., :n, :].clone()
     path = torch.tensor([0, 2, 4])
     cache.compact(dest_start=n, source_slots=n + path)

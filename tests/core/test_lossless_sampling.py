@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from subspec_core.config import SpeculationConfig
-from subspec_core.drafting import grow_tree
 from subspec_core.sampling import choose_tokens, gumbel_noise
 from subspec_core.tree import TokenTree
 from subspec_core.types import SamplingParams
@@ -163,9 +162,10 @@ def make_correct_verifier(
     def verify(s: int) -> list[int]:
         target_tokens = per_node[:, s]
         path = accepted_path(
-            parents=tree.parents, tokens=tree.tokens, depths=tree.depths, ancestors=tree.ancestors, target_tokens=target_tokens
+            parents=tree.parents, tokens=tree.tokens, depths=tree.depths, ancestors=tree.ancestors,
+            target_tokens=target_tokens, max_length=tree.size,
         )
-        return emitted_tokens(path=path, target_tokens=target_tokens).tolist()
+        return emitted_tokens(path=path, target_tokens=target_tokens).tolist()[: int(path.length)]
 
     return verify
 

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from subspec_core.drafting import grow_tree
+from subspec_core.drafting import TreeDrafter
 from subspec_core.tree import (
     TokenTree,
     causal_chunk_mask,
@@ -291,7 +291,7 @@ def test_causal_chunk_mask():
     )
 
 
-# ----------------------------------------------------------------------------------------------- grow_tree
+# ----------------------------------------------------------------------------------------------- TreeDrafter
 class BigramDraft:
     """A fake draft: the next-token logits depend only on the token (a fixed bigram table); records its calls."""
 
@@ -299,12 +299,19 @@ class BigramDraft:
         self.table = table
         self.calls: list[dict] = []
 
-    def __call__(self, tokens, positions, slots, kv_length, mask):  # noqa: ANN001 - the DraftLogitsFn signature
-        self.calls.append(
-            dict(tokens=tokens.clone(), positions=positions.clone(), slots=slots.clone(), kv_length=kv_length,
-                 mask=None if mask is None else mask.clone())
-        )
+    def __call__(self, tokens, positions, slots, bias):  # noqa: ANN001 - the DraftLogitsFn signature
+        self.calls.append(dict(tokens=tokens.clone(), positions=positions.clone(), slots=slots.clone(), bias=bias.clone()))
         return self.table[tokens]
+
+
+def grow_tree(*, draft_logits, root_token, prefix_length: int, topk: int, max_depth: int, temperature: float,
+              capacity: int | None = None) -> TokenTree:
+    """One tree from a fresh TreeDrafter (cache capacity: just enough, unless given), tensors cloned."""
+    capacity = capacity or prefix_length + 1 + max_depth * topk
+    drafter = TreeDrafter(draft_logits=draft_logits, topk=topk, max_depth=max_depth, capacity=capacity,
+                          temperature=temperature, dtype=torch.float32, device=torch.device("cpu"))
+    tree = drafter.grow(root_token=root_token, prefix_length=torch.tensor([prefix_length]), depth=max_depth)
+    return TokenTree(*(t.clone() for t in (tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestors)))
 
 
 def reference_beam(table: torch.Tensor, root: int, topk: int, depth: int, temperature: float):
@@ -353,12 +360,13 @@ def test_grow_tree_shape_and_beam(topk, depth, prefix):
         assert [float(tree.scores[j]) for j in nodes] == pytest.approx([s for _, _, s in level], abs=1e-4)
 
 
-def test_grow_tree_passes_documented_slots_positions_lengths_and_masks():
+def test_grow_tree_passes_documented_slots_positions_and_masks():
     gen = torch.Generator().manual_seed(7)
     table = torch.randn(10, 10, generator=gen) * 2
     draft = BigramDraft(table)
-    n, k, depth = 5, 3, 4
-    tree = grow_tree(draft_logits=draft, root_token=torch.tensor([7]), prefix_length=n, topk=k, max_depth=depth, temperature=1.0)
+    n, k, depth, capacity = 5, 3, 4, 48
+    tree = grow_tree(draft_logits=draft, root_token=torch.tensor([7]), prefix_length=n, topk=k, max_depth=depth,
+                     temperature=1.0, capacity=capacity)
     parents = tree.parents.tolist()
     assert len(draft.calls) == depth  # the root, then levels 1 .. depth-1
 
@@ -366,8 +374,10 @@ def test_grow_tree_passes_documented_slots_positions_lengths_and_masks():
     assert root_call["tokens"].tolist() == [7]
     assert root_call["positions"].tolist() == [n]  # root at position N ...
     assert root_call["slots"].tolist() == [n]  # ... and slot N
-    assert root_call["kv_length"] == n + 1
-    assert root_call["mask"] is None  # one row attending to everything before it and itself
+    # one row over the whole cache (a static shape), seeing the prefix and itself
+    assert root_call["bias"].shape == (1, capacity)
+    assert (root_call["bias"] == 0).nonzero()[:, 1].tolist() == list(range(n + 1))
+    assert torch.isneginf(root_call["bias"][0, n + 1 :]).all()
 
     for d in range(1, depth):
         call = draft.calls[d]
@@ -375,17 +385,31 @@ def test_grow_tree_passes_documented_slots_positions_lengths_and_masks():
         assert call["tokens"].tolist() == tree.tokens[level].tolist()
         assert call["positions"].tolist() == [n + d] * k
         assert call["slots"].tolist() == [n + 1 + (d - 1) * k + i for i in range(k)]
-        assert call["kv_length"] == n + 1 + d * k
-        mask = call["mask"]
-        assert mask.shape == (k, n + 1 + d * k) and mask.dtype == torch.bool
+        bias = call["bias"]
+        assert bias.shape == (k, capacity), "every level has the same (topk, capacity) shape"
+        assert ((bias == 0) | torch.isneginf(bias)).all()
         for i, node in enumerate(level):
-            visible = {c for c in range(mask.shape[1]) if mask[i, c]}
+            visible = {c for c in range(capacity) if bias[i, c] == 0}
             assert visible == set(range(n)) | {n + a for a in ancestor_set(parents, node)}, f"depth {d} node {node}"
 
     forwarded_slots = torch.cat([c["slots"] for c in draft.calls]).tolist()
     assert forwarded_slots == list(range(n, n + 1 + (depth - 1) * k)), "each node above the last level once, in order"
     deepest = range(n + 1 + (depth - 1) * k, n + 1 + depth * k)
     assert not set(forwarded_slots) & set(deepest), "the deepest level is never run through the draft"
+
+
+def test_drafter_reuse_across_prefix_lengths_and_depths_gives_fresh_trees():
+    """One drafter, grown again at another N and a smaller depth, gives exactly what a fresh one gives."""
+    gen = torch.Generator().manual_seed(9)
+    table = torch.randn(11, 11, generator=gen) * 2
+    drafter = TreeDrafter(draft_logits=BigramDraft(table), topk=3, max_depth=5, capacity=64, temperature=0.5,
+                          dtype=torch.float32, device=torch.device("cpu"))
+    drafter.grow(root_token=torch.tensor([2]), prefix_length=torch.tensor([9]), depth=5)
+    again = drafter.grow(root_token=torch.tensor([4]), prefix_length=torch.tensor([20]), depth=3)
+    fresh = grow_tree(draft_logits=BigramDraft(table), root_token=torch.tensor([4]), prefix_length=20, topk=3,
+                      max_depth=3, temperature=0.5, capacity=64)
+    for name in ("tokens", "parents", "depths", "scores", "ancestors"):
+        assert torch.equal(getattr(again, name), getattr(fresh, name)), name
 
 
 def test_grow_tree_depth_48_tiny_probabilities_keeps_float32_scores_finite_and_ordered():

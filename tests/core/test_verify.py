@@ -31,10 +31,20 @@ def verify(target: dict[int, int], *, parents=PARENTS, tokens=TOKENS, filler: in
     """Run accepted_path/emitted_tokens with the target's choice `target[j]` at node j (others: `filler`)."""
     tree = make_tree(parents, tokens=tokens)
     target_tokens = torch.tensor([target.get(j, filler) for j in range(len(parents))])
+    return run_verifier(tree, target_tokens)
+
+
+def run_verifier(tree, target_tokens: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(path, emitted) as lists, cut to the path's length from the fixed-size (padded) results."""
+    max_length = int(tree.depths.max()) + 1
     path = accepted_path(
-        parents=tree.parents, tokens=tree.tokens, depths=tree.depths, ancestors=tree.ancestors, target_tokens=target_tokens
+        parents=tree.parents, tokens=tree.tokens, depths=tree.depths, ancestors=tree.ancestors,
+        target_tokens=target_tokens, max_length=max_length,
     )
-    return path.tolist(), emitted_tokens(path=path, target_tokens=target_tokens).tolist()
+    emitted = emitted_tokens(path=path, target_tokens=target_tokens)
+    assert path.nodes.shape == emitted.shape == (max_length,), "fixed-size outputs, whatever the path"
+    length = int(path.length)
+    return path.nodes.tolist()[:length], emitted.tolist()[:length]
 
 
 def reference_walk(parents: list[int], tokens: list[int], target_tokens: list[int]) -> list[int]:
@@ -157,11 +167,8 @@ def test_greedy_walk_matches_reference_after_pruning():
         tree.tokens = torch.tensor(tokens)
         small = subtree(tree, select_verify_nodes(scores=tree.scores, budget=rng.randint(1, size)))
         target = random_target_tokens(rng, small.parents.tolist(), small.tokens.tolist())
-        path = accepted_path(
-            parents=small.parents, tokens=small.tokens, depths=small.depths, ancestors=small.ancestors,
-            target_tokens=torch.tensor(target),
-        )
-        assert path.tolist() == reference_walk(small.parents.tolist(), small.tokens.tolist(), target)
+        path, _ = run_verifier(small, torch.tensor(target))
+        assert path == reference_walk(small.parents.tolist(), small.tokens.tolist(), target)
 
 
 @pytest.mark.parametrize("seed", range(5))

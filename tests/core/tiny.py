@@ -58,20 +58,22 @@ def tiny_engine(
     speculation: SpeculationConfig | None = None,
     max_model_len: int = 256,
     prefill_chunk_size: int = 16,
-    quant_type: str = "nf4",
+    quant_type: str = "int4",
     eos_token_ids: frozenset[int] = frozenset(),
+    dtype: torch.dtype = torch.float32,
 ) -> Engine:
     """An engine over a tiny model's weights on the CPU (streamed layers by default, like the paper)."""
     speculation = speculation or SpeculationConfig(topk=3, max_depth=6)
     speculation = replace(speculation, quant_type=quant_type)
     config = EngineConfig(
-        model="tiny", mode=mode, device="cpu", dtype="float32", max_resident_layers=max_resident_layers,
-        max_model_len=max_model_len, prefill_chunk_size=prefill_chunk_size, speculation=speculation,
+        model="tiny", mode=mode, device="cpu", dtype=str(dtype).removeprefix("torch."),
+        max_resident_layers=max_resident_layers, max_model_len=max_model_len, prefill_chunk_size=prefill_chunk_size,
+        speculation=speculation,
     )
     shape = shape_from_hf_config(hf_model.config)
-    shared, layer_linears = extract_weights(hf_model, shape)
+    shared, layer_linears = extract_weights(hf_model.to(dtype), shape)
     plan = plan_memory(
-        shape=shape, dtype=torch.float32, mode=mode, speculation=speculation, max_model_len=max_model_len,
+        shape=shape, dtype=dtype, mode=mode, speculation=speculation, max_model_len=max_model_len,
         prefill_chunk_size=prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=None,
         max_resident_layers=max_resident_layers, shared_bytes=shared.nbytes(),
     )

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from subspec_core.agreement import compare_generations
 from subspec_core.config import resolve_engine_config
 from subspec_core.engine import Engine
 from subspec_core.types import GenerationRequest, SamplingParams
@@ -36,15 +37,25 @@ def _engine(mode: str, **overrides) -> Engine:
 
 @pytest.fixture(scope="module")
 def engines() -> dict[str, Engine]:
-    return {"subspec": _engine("subspec"), "vanilla": _engine("vanilla"), "resident": _engine("resident", max_resident_layers=None)}
+    return {"subspec": _engine("subspec"), "vanilla": _engine("vanilla"), "resident": _engine("resident", max_resident_layers=None),
+            "subspec-nf4": _engine("subspec", speculation={"quant_type": "nf4"})}
+
+
+@pytest.fixture(scope="module")
+def fp32_engines() -> dict[str, Engine]:
+    return {"subspec": _engine("subspec", dtype="float32"), "vanilla": _engine("vanilla", dtype="float32")}
+
+
+def _chat_prompt(engine: Engine, text: str) -> tuple[int, ...]:
+    tok = engine.tokenizer
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tuple(tok.encode(rendered, add_special_tokens=False))
 
 
 def _greedy(engine: Engine, text: str, max_tokens: int = 96) -> tuple[list[int], object]:
-    tok = engine.tokenizer
-    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-    prompt = tuple(tok.encode(rendered, add_special_tokens=False))
     ids, stats = [], None
-    for event in engine.generate(GenerationRequest("gpu", prompt, SamplingParams(max_tokens=max_tokens, temperature=0))):
+    request = GenerationRequest("gpu", _chat_prompt(engine, text), SamplingParams(max_tokens=max_tokens, temperature=0))
+    for event in engine.generate(request):
         ids += event.token_ids
         stats = event.stats or stats
     return ids, stats
@@ -66,12 +77,24 @@ def test_streamed_logits_equal_resident_logits(engines) -> None:
     assert torch.equal(streamed.argmax(-1), resident.argmax(-1))
 
 
+@pytest.mark.parametrize("substitute", ["subspec", "subspec-nf4"])
 @pytest.mark.parametrize("text", PROMPTS)
-def test_subspec_equals_vanilla_greedy_on_gpu(engines, text) -> None:
+def test_subspec_agrees_with_vanilla_greedy_on_gpu_bf16(engines, text, substitute) -> None:
+    """bf16: identical, or a first divergence at a near-tie of the target's own top-2 logits (agreement.py)."""
     expected, _ = _greedy(engines["vanilla"], text)
-    got, stats = _greedy(engines["subspec"], text)
-    assert got == expected
+    got, stats = _greedy(engines[substitute], text)
+    result = compare_generations(engines["vanilla"], _chat_prompt(engines["vanilla"], text), expected, got, exact=False)
+    print(f"\n[{substitute}] {text[:30]!r}: {result.as_dict()} tau={stats.mean_accept_length:.2f}")
+    assert result.ok, result
     assert stats.h2d_bytes > 0 and stats.mean_accept_length > 1
+
+
+@pytest.mark.parametrize("text", PROMPTS[:2])
+def test_subspec_equals_vanilla_greedy_on_gpu_fp32(fp32_engines, text) -> None:
+    """float32 on the GPU: token for token, no tolerance."""
+    expected, _ = _greedy(fp32_engines["vanilla"], text)
+    got, _ = _greedy(fp32_engines["subspec"], text)
+    assert got == expected
 
 
 def test_seeded_sampling_subspec_equals_vanilla_on_gpu(engines) -> None:
@@ -81,4 +104,17 @@ def test_seeded_sampling_subspec_equals_vanilla_on_gpu(engines) -> None:
     for mode in ("vanilla", "subspec"):
         request = GenerationRequest("s", prompt, SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=3))
         outs.append([t for e in engines[mode].generate(request) for t in e.token_ids])
+    # bf16 rounding can flip a sampled token only where two Gumbel-perturbed scores nearly tie: compare a prefix
+    # long enough to matter and report where they part
+    common = next((i for i, (a, b) in enumerate(zip(*outs)) if a != b), min(map(len, outs)))
+    assert common >= 16, f"seeded sampled outputs part at token {common}"
+
+
+def test_seeded_sampling_subspec_equals_vanilla_on_gpu_fp32(fp32_engines) -> None:
+    """float32: seeded sampling through speculation gives plain decoding's tokens exactly."""
+    prompt = tuple(fp32_engines["vanilla"].tokenizer("Once upon a time")["input_ids"])
+    outs = []
+    for mode in ("vanilla", "subspec"):
+        request = GenerationRequest("s", prompt, SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=3))
+        outs.append([t for e in fp32_engines[mode].generate(request) for t in e.token_ids])
     assert outs[0] == outs[1]

@@ -1,0 +1,82 @@
+"""The lean draft step's targets, counted on the CPU with the draft-cost benchmark's own instruments.
+
+- at most 30 aten dispatches per decoder layer per draft step (bfloat16, the GPU's dtype), at most 40 for
+  the tree bookkeeping of a level;
+- exactly one host read of device data per speculative iteration and per vanilla token;
+- level steps dispatch the same ops on the same shapes whatever N and the depth (CUDA-graph ready).
+The instruments themselves are tested first, so a target cannot pass because a counter counts nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.draft_cost import (
+    DispatchRecorder,
+    SyncCounter,
+    count_dispatches,
+    level_step_ops,
+    random_engine,
+    static_shapes,
+    syncs_per_step,
+)
+from benchmarks.synthetic_weights import TINY
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+MAX_DISPATCHES_PER_LAYER = 30
+MAX_BOOKKEEPING_PER_LEVEL = 40
+
+
+def test_sync_counter_sees_every_kind_of_host_read() -> None:
+    x = torch.arange(6)
+    reads = [
+        lambda: x[0].item(), lambda: x.tolist(), lambda: x.cpu(), lambda: x.numpy(), lambda: bool(x[1]),
+        lambda: int(x[2]), lambda: float(x[3]), lambda: [10, 20, 30][x[1]], lambda: x.nonzero(),
+        lambda: x[x > 2], lambda: torch.tensor([1, 2], device="cpu"),
+    ]
+    for read in reads:
+        counter = SyncCounter()
+        with counter.installed():
+            read()
+        assert len(counter.events) == 1, (read, counter.events)
+    counter = SyncCounter()
+    with counter.installed():  # device-side work only: nothing to count
+        y = torch.where(x > 2, x, 0).index_select(0, torch.zeros(1, dtype=torch.long)) + torch.full((1,), 3)
+    assert counter.events == [] and y.shape == (1,)
+    assert torch.Tensor.item(torch.tensor(4)) == 4  # restored after use
+
+
+def test_dispatch_recorder_records_shapes() -> None:
+    with DispatchRecorder() as small:
+        torch.ones(2, 3).sum(0)
+    with DispatchRecorder() as large:
+        torch.ones(4, 3).sum(0)
+    assert [name for name, _ in small.ops] == [name for name, _ in large.ops]
+    assert small.ops != large.ops, "a shape change must show"
+
+
+@pytest.mark.parametrize("quant_type", ["int4", "nf4"])
+def test_draft_step_dispatch_budget(quant_type: str) -> None:
+    counts = count_dispatches(TINY, quant_type=quant_type, dtype="bfloat16")
+    print(f"\n{quant_type}: {counts}")
+    assert counts["bookkeeping_dispatches_per_level"] <= MAX_BOOKKEEPING_PER_LEVEL
+    assert counts["ops_per_layer"].get("aten.scaled_dot_product_attention.default") == 1
+    assert counts["ops_per_layer"].get("aten.rms_norm.default") == 2
+    if quant_type == "int4":  # the headline format: bitsandbytes' wrapper adds a view per linear
+        assert counts["dispatches_per_layer"] <= MAX_DISPATCHES_PER_LAYER
+
+
+@pytest.mark.parametrize("quant_type", ["int4", "nf4"])
+def test_level_steps_have_static_shapes_and_one_sync_per_iteration(quant_type: str) -> None:
+    engine = random_engine(TINY, quant_type=quant_type, dtype="float32", max_depth=6, device="cpu")
+    assert static_shapes(engine)
+    forward, step = level_step_ops(engine, prefix=9, level=3)
+    assert 0 < len(forward) < len(step)
+    assert syncs_per_step(engine) == 1
+
+
+def test_one_sync_per_vanilla_token() -> None:
+    engine = random_engine(TINY, quant_type="int4", dtype="float32", mode="vanilla", device="cpu")
+    assert syncs_per_step(engine) == 1
