@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from subspec_core.cancel import CancelCheck, raise_if_cancelled
 from subspec_core.tree import TokenTree, expand_frontier
 
 # (tokens (n,), positions (n,), slots (n,), kv_length, mask (n, kv_length) or None) -> float32 logits (n, V)
@@ -24,8 +25,13 @@ def grow_tree(
     topk: int,
     max_depth: int,
     temperature: float,
+    cancelled: CancelCheck | None = None,
 ) -> TokenTree:
-    """Draft a tree of 1 + max_depth * topk nodes with max_depth draft forwards (root, then levels 1..D-1)."""
+    """Draft a tree of 1 + max_depth * topk nodes with max_depth draft forwards (root, then levels 1..D-1).
+
+    `cancelled` is asked before each draft forward (so an abort waits at most one level); when it turns true,
+    `GenerationCancelled` is raised.
+    """
     device = root_token.device
     size = 1 + max_depth * topk
     tokens = torch.empty(size, dtype=torch.long, device=device)
@@ -38,6 +44,7 @@ def grow_tree(
 
     n = prefix_length
     root_slot = torch.tensor([n], dtype=torch.long, device=device)
+    raise_if_cancelled(cancelled)
     logits = draft_logits(root_token, root_slot, root_slot, n + 1, None)  # (1, V)
     frontier = torch.zeros(1, dtype=torch.long, device=device)  # node indices of the current level
     frontier_scores = torch.zeros(1, dtype=torch.float32, device=device)
@@ -53,6 +60,7 @@ def grow_tree(
         ancestors[level, level] = True
         if depth == max_depth:
             break  # the deepest level is proposed but never run through the draft
+        raise_if_cancelled(cancelled)
         end = start + topk
         mask = torch.cat([prefix_mask, ancestors[level, :end]], dim=1)  # (k, N + end)
         positions = torch.full((topk,), n + depth, dtype=torch.long, device=device)
