@@ -2,14 +2,21 @@
 
 from fastapi import APIRouter, Request, Response
 
-from server.schemas import CompletionRequest, CompletionResponse, ErrorResponse
+from server.openapi_doc import error_responses
+from server.schemas import CompletionRequest, CompletionResponse
 
 router = APIRouter()
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503, 504)}
+# With stream=true the 200 is a server-sent event stream: `data: {chunk}` frames, then `data: [DONE]`.
+STREAM_RESPONSE = {
+    "description": "The completion, or with stream=true a server-sent event stream of chunks ending with "
+                   "`data: [DONE]`",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS,
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={200: STREAM_RESPONSE, **error_responses(400, 401, 404, 408, 413, 429, 500, 503, 504)},
              summary="Text completion (set stream=true for server-sent events)")
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
     return await raw_request.app.state.completions.create(request, raw_request)
