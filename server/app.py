@@ -97,5 +97,6 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     app.add_middleware(ResponseCounter, metrics=server_metrics, label=_counted_by_middleware)  # outermost
     for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
-    app.openapi = lambda: openapi_document(app, bearer_auth=settings.api_key is not None)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_document(  # type: ignore[method-assign]
+        app, bearer_auth=settings.api_key is not None, vocab_size=len(tokenizer))
     return app

@@ -7,11 +7,17 @@ from server.schemas import CompletionRequest, CompletionResponse
 
 router = APIRouter()
 
-# With stream=true the 200 is a server-sent event stream: `data: {chunk}` frames, then `data: [DONE]`.
+# With stream=true the 200 is a server-sent event stream. Before OpenAPI 3.2 (`itemSchema`), the `schema` of
+# an event-stream media type describes one event: here a `data` field holding a chunk object as JSON, an
+# `{"error": ...}` object as JSON, or the final `[DONE]`.
 STREAM_RESPONSE = {
     "description": "The completion, or with stream=true a server-sent event stream of chunks ending with "
                    "`data: [DONE]`",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "A chunk (JSON), an error object (JSON), "
+                                                                 "or `[DONE]`"}},
+    }}},
 }
 
 
