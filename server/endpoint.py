@@ -18,10 +18,10 @@ from fastapi.responses import JSONResponse, Response
 from server.admission import Ticket
 from server.errors import APIError
 from server.prompting import PromptBuilder
-from server.text_fields import invalid_text_field
 from server.serving import ClientGone, Completion, GenerationService, Job, usage
 from server.streaming import DONE_FRAME, SSEResponse, sse_frame
 from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord
+from server.text_fields import invalid_text_field
 
 
 class OpenAIEndpoint(ABC):

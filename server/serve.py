@@ -16,11 +16,15 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from server.engine_args import add_engine_arguments, engine_config_from_args, yaml_from_args
 from server.settings import (API_KEY_ENV, ServerSettings, add_settings_arguments, default_body_limit,
                              resolve_server_settings, settings_overrides)
 from subspec_core.config import config_as_dict
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("server.serve")
 
@@ -88,7 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def uvicorn_config(app: object, settings: ServerSettings) -> "uvicorn.Config":
+def uvicorn_config(app: object, settings: ServerSettings) -> uvicorn.Config:
     """How uvicorn serves the app: h11 with a deadline for request heads (slow clients), idle keep-alive
     connections closed after 5 s, and a short grace period after the app's own drain."""
     import uvicorn

@@ -194,6 +194,15 @@ def test_the_openapi_document_says_what_the_server_does():
     assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
     assert "503" in paths["/health"]["get"]["responses"]
     assert "securitySchemes" not in schema["components"]  # no key, no security requirement
+    # Constraints checked after parsing are declared too (each is a 400 otherwise).
+    components = schema["components"]["schemas"]
+    assert components["ContentPart"]["properties"]["type"]["enum"] == ["text"]
+    prompt = components["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert prompt[0] == {"type": "string", "minLength": 1}
+    assert prompt[2]["items"] == {"type": "integer", "minimum": 0, "maximum": len(FakeTokenizer()) - 1}
+    assert prompt[1]["maxItems"] == 1 and prompt[3]["maxItems"] == 1  # one prompt per request
+    max_tokens = components["ChatCompletionRequest"]["properties"]["max_completion_tokens"]["anyOf"]
+    assert {"type": "integer", "minimum": 1} in max_tokens
 
 
 # -- graceful shutdown -------------------------------------------------------------------------------------
