@@ -250,12 +250,12 @@ def test_a_maximal_request_does_not_stall_health_and_a_larger_one_is_a_413(http,
 # -- seeds -------------------------------------------------------------------------------------------------
 def test_unseeded_sampled_requests_differ_seeded_ones_repeat(http):
     body = {"messages": [{"role": "user", "content": "Write one surprising sentence about anything."}],
-            "max_tokens": 12, "temperature": 1.5, "ignore_eos": True}
+            "max_tokens": 6, "temperature": 1.5, "ignore_eos": True}
 
     def text(**extra) -> str:
         response = http.post("/v1/chat/completions", json={**body, **extra})
         assert response.status_code == 200, response.text
         return response.json()["choices"][0]["message"]["content"]
 
-    assert text() != text()  # a fresh seed each (same text: probability ~0 at temperature 1.5 over 12 tokens)
+    assert text() != text()  # a fresh seed each (the same 6 tokens twice at temperature 1.5: ~impossible)
     assert text(seed=1234) == text(seed=1234)

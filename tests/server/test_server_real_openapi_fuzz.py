@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_TOKENS = 2
-EXAMPLES_PER_OPERATION = 25
+EXAMPLES_PER_OPERATION = 20
 
 # A schema-valid request may still get a 400 for two reasons the document cannot express; for those 400s,
 # and only those, the "valid data must be accepted" check is skipped:
