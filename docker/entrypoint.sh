@@ -3,7 +3,8 @@
 #
 #   SUBSPEC_CONFIG   YAML preset (default /app/configs/default.yaml; set it empty for no preset)
 #   SUBSPEC_MODEL    overrides the preset's model: a hub id, a directory or a .gguf file under /models
-#   SUBSPEC_API_KEY  require this bearer key on /v1 requests
+#   SUBSPEC_API_KEY  require this bearer key on /v1 requests and the API docs; the server reads it from
+#                    the environment, so it never appears on a command line (ps, /proc/*/cmdline)
 #   SUBSPEC_MAX_QUEUE  requests waiting beyond the one running before the server answers 429
 #   PORT             listening port (default 8000)
 # Other SUBSPEC_<FIELD> / SUBSPEC_SPECULATION_<FIELD> variables reach the engine config directly.
@@ -30,9 +31,6 @@ done
 # POSIX sh has no arrays: prepend our options to "$@" so that the caller's options stay last.
 if [ -n "${SUBSPEC_MAX_QUEUE-}" ]; then
   set -- --max-queue "$SUBSPEC_MAX_QUEUE" "$@"
-fi
-if [ -n "${SUBSPEC_API_KEY-}" ]; then
-  set -- --api-key "$SUBSPEC_API_KEY" "$@"
 fi
 if [ -n "${SUBSPEC_MODEL-}" ]; then
   set -- --model "$SUBSPEC_MODEL" "$@"

@@ -3,7 +3,8 @@
 A request first `reserve()`s a ticket: synchronously, before any response byte is sent, so a full queue
 is an immediate 429. The ticket either holds the GPU slot at once or waits in line; `wait_turn()` returns
 when it holds the slot. `release()` hands the slot to the oldest waiter. Releasing (or cancelling) a
-ticket in any state is safe and idempotent, so every exit path can simply release.
+ticket in any state is safe and idempotent, so every exit path can simply release. `close()` (graceful
+shutdown) turns new requests away and ends every waiting ticket's wait with `AdmissionClosed`.
 """
 
 from __future__ import annotations
@@ -16,26 +17,35 @@ class QueueFull(Exception):
     """No room in the queue: the caller should answer 429."""
 
 
+class AdmissionClosed(Exception):
+    """The server is shutting down: no new requests, and queued ones will not run (503)."""
+
+
 class Ticket:
     """A request's place: waiting, holding the slot, or released."""
 
     def __init__(self, admission: Admission, request_id: str) -> None:
         self.request_id = request_id
         self._admission = admission
-        self._turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Resolves to None when the slot is granted, or to the AdmissionClosed that ended the wait (a result,
+        # not an exception: a ticket whose response never started waiting must not log an unretrieved error).
+        self._turn: asyncio.Future[AdmissionClosed | None] = asyncio.get_running_loop().create_future()
         self.released = False
 
     @property
     def holds_slot(self) -> bool:
-        return self._turn.done() and not self.released
+        return self._turn.done() and self._turn.result() is None and not self.released
 
     async def wait_turn(self) -> None:
-        """Wait until this ticket holds the slot. Cancelling the wait gives the place up."""
+        """Wait until this ticket holds the slot. Cancelling the wait gives the place up; raises
+        AdmissionClosed if the server shuts down first."""
         try:
-            await asyncio.shield(self._turn)
+            closed = await asyncio.shield(self._turn)
         except asyncio.CancelledError:
             self.release()
             raise
+        if closed is not None:
+            raise closed
 
     def release(self) -> None:
         """Leave the line, or free the slot for the next waiter."""
@@ -51,6 +61,9 @@ class Admission:
         self.max_waiting = max_waiting
         self._waiting: deque[Ticket] = deque()
         self._running: Ticket | None = None
+        self.closed = False
+        self._idle = asyncio.Event()  # set while nothing runs or waits
+        self._idle.set()
 
     @property
     def waiting(self) -> int:
@@ -62,8 +75,12 @@ class Admission:
         return 0 if self._running is None else 1
 
     def reserve(self, request_id: str) -> Ticket:
-        """Admit a request or raise `QueueFull`. The slot goes to it at once if nobody is ahead."""
+        """Admit a request or raise `QueueFull` (`AdmissionClosed` once closed). The slot goes to it at once
+        if nobody is ahead."""
+        if self.closed:
+            raise AdmissionClosed("the server is shutting down")
         ticket = Ticket(self, request_id)
+        self._idle.clear()
         if self._running is None and not self._waiting:
             self._grant(ticket)
         elif len(self._waiting) >= self.max_waiting:
@@ -71,6 +88,23 @@ class Admission:
         else:
             self._waiting.append(ticket)
         return ticket
+
+    def close(self) -> int:
+        """Admit nothing more and end every waiting ticket's wait with AdmissionClosed; the running one
+        keeps the slot. Returns how many waiting tickets were ended."""
+        self.closed = True
+        ended = 0
+        while self._waiting:
+            ticket = self._waiting.popleft()
+            ticket.released = True
+            ticket._turn.set_result(AdmissionClosed("the server is shutting down"))
+            ended += 1
+        self._update_idle()
+        return ended
+
+    async def wait_idle(self) -> None:
+        """Return once no request runs or waits."""
+        await self._idle.wait()
 
     def _grant(self, ticket: Ticket) -> None:
         self._running = ticket
@@ -86,3 +120,8 @@ class Admission:
                 self._grant(self._waiting.popleft())
         else:
             self._waiting.remove(ticket)
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if self._running is None and not self._waiting:
+            self._idle.set()

@@ -11,14 +11,17 @@ from fastapi import FastAPI
 
 from server.admission import Admission
 from server.auth import APIKeyMiddleware
+from server.body_limit import BodyLimitMiddleware
 from server.engine_client import EngineClient
 from server.errors import APIError, install_error_handlers
+from server.openapi_doc import openapi_document
 from server.prompting import PromptBuilder
 from server.routes import chat, completions, health, metrics, models
 from server.serving import GenerationService
 from server.serving_chat import ChatEndpoint
 from server.serving_completion import CompletionEndpoint
-from server.settings import ServerSettings
+from server.settings import MIB, ServerSettings
+from server.shutdown import GracefulShutdown
 from server.telemetry import ResponseCounter, ServerMetrics
 
 _COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -43,7 +46,9 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     """An OpenAI-compatible app serving `model_name` through `engine_client`.
 
     `tokenizer` is the model's tokenizer (no weights): chat template and prompt lengths are handled here,
-    before a request is queued. The app starts the engine client on startup and closes it on shutdown.
+    before a request is queued. The app starts the engine client on startup and closes it on shutdown;
+    `app.state.shutdown` drains it gracefully first (see server.shutdown.DrainingServer). Bodies are limited
+    to `settings.max_body_bytes` (1 MiB when unset; `subspec serve` sizes it from max_model_len).
     """
     server_metrics = server_metrics if server_metrics is not None else ServerMetrics()
     admission = Admission(settings.max_queue)
@@ -52,6 +57,7 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     service = GenerationService(client=engine_client, admission=admission, metrics=server_metrics,
                                 settings=settings, model_name=model_name)
     prompts = PromptBuilder(tokenizer)
+    shutdown = GracefulShutdown(admission=admission, service=service, timeout_s=settings.shutdown_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +66,7 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
             yield
         finally:
             await engine_client.close()
+            service.close()
 
     app = FastAPI(title="SubSpec Server", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible inference for models larger than GPU memory "
@@ -72,6 +79,7 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     app.state.started_at = int(time.time())
     app.state.chat = ChatEndpoint(service, prompts)
     app.state.completions = CompletionEndpoint(service, prompts)
+    app.state.shutdown = shutdown
 
     def count_rejected(path: str, error: APIError) -> None:
         """Completion requests rejected before their route ran (validation, key); others are counted by
@@ -80,9 +88,15 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
             server_metrics.count(endpoint_label(path), error.status_code)
 
     install_error_handlers(app, lambda request, error: count_rejected(request.url.path, error))
+    # Middleware added last runs first: count every response, then check the key (before reading any of
+    # the body), then read the body within its size and time limits.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes or MIB,
+                       read_timeout_s=settings.read_timeout_s, on_reject=count_rejected)
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, on_reject=count_rejected)
     app.add_middleware(ResponseCounter, metrics=server_metrics, label=_counted_by_middleware)  # outermost
     for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
+    app.openapi = lambda: openapi_document(  # type: ignore[method-assign]
+        app, bearer_auth=settings.api_key is not None, vocab_size=len(tokenizer))
     return app

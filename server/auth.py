@@ -1,7 +1,9 @@
-"""Bearer-token authentication for the /v1 endpoints (/health and /metrics stay open, as in vLLM).
+"""Bearer-token authentication for the /v1 endpoints and the API documentation (/docs, /redoc,
+/openapi.json); /health and /metrics stay open for probes and scrapers, as in vLLM.
 
 A middleware rather than a route dependency, so a request with a wrong key is rejected before its body is
-even parsed: the client learns about the key first.
+even read: the client learns about the key first, and an unauthenticated client cannot make the server
+read a large body.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError
 
+_DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def needs_key(path: str) -> bool:
+    """Whether `path` is behind the API key (when one is set)."""
+    return path.startswith("/v1/") or path in _DOC_PATHS
+
 
 class APIKeyMiddleware:
-    """Answer 401 to /v1 requests whose `Authorization: Bearer` token is not `api_key`."""
+    """Answer 401 to /v1 and documentation requests whose `Authorization: Bearer` token is not `api_key`."""
 
     def __init__(self, app: ASGIApp, *, api_key: str, on_reject: Callable[[str, APIError], None]) -> None:
         self.app = app
@@ -24,7 +33,7 @@ class APIKeyMiddleware:
         self._on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or not needs_key(scope["path"]) or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")

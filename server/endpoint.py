@@ -21,13 +21,15 @@ from server.prompting import PromptBuilder
 from server.serving import ClientGone, Completion, GenerationService, Job, usage
 from server.streaming import DONE_FRAME, SSEResponse, sse_frame
 from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord
+from server.text_fields import invalid_text_field
 
 
 class OpenAIEndpoint(ABC):
     """One completion endpoint: the shared request flow, with endpoint-specific prompt and body shapes.
 
-    Checks run in this order: model (404), unsupported parameters (400), worker ready (503), prompt and
-    context window (400), queue (429). Nothing is queued until every check has passed.
+    Checks run in this order: valid Unicode (400), model (404), unsupported parameters (400), worker ready
+    or shutting down (503), prompt and context window (400, prepared on the prompt thread), queue (429).
+    Nothing is queued until every check has passed.
     """
 
     endpoint: str  # metrics label, e.g. "/v1/chat/completions"
@@ -64,10 +66,11 @@ class OpenAIEndpoint(ABC):
         service = self.service
         record = service.metrics.start(self.endpoint)
         try:
+            check_text(request)
             service.check_model(request.model)
             service.check_supported(request.unsupported_parameters())
             info = service.check_ready()
-            prompt_ids = self.prompt_ids(request)
+            prompt_ids = await service.prepare(self.prompt_ids, request)
             max_tokens, max_tokens_param = self.max_tokens(request)
             sampling = service.sampling_params(request, prompt_len=len(prompt_ids), max_model_len=info.max_model_len,
                                                max_tokens=max_tokens, max_tokens_param=max_tokens_param,
@@ -131,3 +134,11 @@ class OpenAIEndpoint(ABC):
         except APIError as exc:
             yield sse_frame(exc.body())
         yield DONE_FRAME
+
+
+def check_text(request: Any) -> None:
+    """400 naming the first field whose text is not valid Unicode (a lone UTF-16 surrogate)."""
+    field = invalid_text_field(request)
+    if field is not None:
+        raise APIError(400, f"'{field}' is not valid Unicode: it contains a lone UTF-16 surrogate (an unpaired "
+                            f"\\uD800-\\uDFFF escape)", param=field, code="invalid_unicode")

@@ -225,6 +225,8 @@ class RoutingEngineClient(EngineClient):
                                        error_type=message.error_type))
         elif isinstance(message, ipc.Done):
             self._on_done(message.request_id)
+        elif isinstance(message, ipc.Heartbeat):
+            pass  # progress only: the process client's stall watchdog counts every message
         elif isinstance(message, ipc.Ready):
             self._info = ModelInfo(message.model_name, message.max_model_len)
             self._ready = True

@@ -3,8 +3,12 @@
 The same loop runs inside the worker process (production) and inside a thread (the in-process client used
 by tests), so both clients share one definition of ordering, abort and error semantics:
 - requests run in the order they were submitted (batch size 1);
-- an Abort for the running request stops it before the next engine iteration; for a queued one it
-  drops it; the engine frees its state at the next `generate()`;
+- an Abort for the running request stops it within one draft level or one target layer: whoever reads
+  the channel calls `notice(message)` as soon as a message arrives (the worker does it on a reader thread),
+  which sets the running request's cancel flag that the engine checks inside its step. An Abort for a
+  queued request drops it; the engine frees its state at the next `generate()`;
+- while a request runs, a `Heartbeat` goes out at most every `HEARTBEAT_INTERVAL_S` seconds from inside
+  the engine's step (its cancel checks), so the API process can tell a slow step from a hung one;
 - a `ValueError` raised before the first event is the caller's fault (HTTP 400); any other failure is a
   500 for that request only, and the loop carries on with the next one.
 """
@@ -12,6 +16,8 @@ by tests), so both clients share one definition of ordering, abort and error sem
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
@@ -24,6 +30,8 @@ logger = logging.getLogger(__name__)
 Receive = Callable[[float | None], "ipc.ToWorker | None"]
 Send = Callable[["ipc.FromWorker"], None]
 
+HEARTBEAT_INTERVAL_S = 1.0
+
 
 class EngineLike(Protocol):
     """What the loop and the clients need from `subspec_core.engine.Engine`."""
@@ -32,20 +40,33 @@ class EngineLike(Protocol):
     max_model_len: int
     tokenizer: Any
 
-    def generate(self, request: GenerationRequest) -> Any: ...  # Iterator[TokenEvent] with .close()
+    def generate(self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None) -> Any:
+        """Iterator[TokenEvent] with .close(); returns early once `cancelled()` answers True."""
 
 
 class EngineLoop:
-    """Runs submitted requests through `engine.generate`, honouring aborts between iterations."""
+    """Runs submitted requests through `engine.generate`, honouring aborts inside engine steps."""
 
     def __init__(self, engine: EngineLike, *, receive: Receive, send: Send) -> None:
         self._engine = engine
         self._receive = receive
         self._send = send
         self._pending: deque[GenerationRequest] = deque()
-        self._current: str | None = None
-        self._stop_current = False
         self._shutdown = False
+        # (request id, cancel flag) of the running request, replaced as one value so that `notice` on
+        # another thread can never set the flag of a request other than the one it read the id of.
+        self._running: tuple[str, threading.Event] | None = None
+        self._last_beat = 0.0
+
+    def notice(self, message: ipc.ToWorker) -> None:
+        """Thread-safe early look at an incoming message: an Abort of the running request (or a Shutdown)
+        sets its cancel flag at once, while the engine is still inside a step. The message must still be
+        delivered through `receive` as usual."""
+        running = self._running
+        if running is None:
+            return
+        if isinstance(message, ipc.Shutdown) or (isinstance(message, ipc.Abort) and message.request_id == running[0]):
+            running[1].set()
 
     def run(self) -> None:
         """Serve messages until a Shutdown arrives (or the channel closes)."""
@@ -61,8 +82,9 @@ class EngineLoop:
         if isinstance(message, ipc.Submit):
             self._pending.append(message.request)
         elif isinstance(message, ipc.Abort):
-            if message.request_id == self._current:
-                self._stop_current = True
+            running = self._running
+            if running is not None and running[0] == message.request_id:
+                running[1].set()
                 return
             for request in self._pending:
                 if request.request_id == message.request_id:
@@ -70,8 +92,8 @@ class EngineLoop:
                     self._send(ipc.Done(message.request_id))
                     break
         elif isinstance(message, ipc.Shutdown):
+            self.notice(message)  # stops the running request
             self._shutdown = True
-            self._stop_current = True
         else:
             raise TypeError(f"unexpected message for the worker: {message!r}")
 
@@ -83,22 +105,38 @@ class EngineLoop:
                 return
             self._handle(message)
 
+    def _cancel_check(self, request_id: str, flag: threading.Event) -> Callable[[], bool]:
+        """What the engine asks between draft levels and target layers: stop? (and a throttled heartbeat)."""
+
+        def cancelled() -> bool:
+            now = time.monotonic()
+            if now - self._last_beat >= HEARTBEAT_INTERVAL_S:
+                self._last_beat = now
+                self._send(ipc.Heartbeat(request_id))
+            return flag.is_set()
+
+        return cancelled
+
     def _run_one(self, request: GenerationRequest) -> None:
         request_id = request.request_id
-        self._current, self._stop_current = request_id, False
+        flag = threading.Event()
+        self._running = (request_id, flag)
+        self._last_beat = time.monotonic()
         events = None
-        emitted = False
+        emitted = finished = False
         try:
-            events = self._engine.generate(request)
+            events = self._engine.generate(request, cancelled=self._cancel_check(request_id, flag))
             for event in events:
                 emitted = True
                 self._send(ipc.Event(_as_token_event(event)))
                 if event.finished:
+                    finished = True
                     break
                 self._poll()
-                if self._stop_current:
-                    logger.info("request %s aborted", request_id)
+                if flag.is_set():
                     break
+            if not finished:  # stopped between events, or the engine returned early from inside a step
+                logger.info("request %s aborted", request_id)
         except ValueError as exc:
             # Raised before any output, a ValueError is the engine rejecting the request (e.g. too long).
             status, kind = (500, "server_error") if emitted else (400, "invalid_request_error")
@@ -109,7 +147,7 @@ class EngineLoop:
         finally:
             if events is not None and hasattr(events, "close"):
                 events.close()
-            self._current = None
+            self._running = None
             self._send(ipc.Done(request_id))
 
 

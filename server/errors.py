@@ -7,6 +7,7 @@ FastAPI's default 422 body.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable
 
@@ -36,7 +37,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+        return _ErrorJSON(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+class _ErrorJSON(JSONResponse):
+    """A JSON response that cannot fail to render: text the client sent back to it in a message (a lone
+    surrogate) becomes a `\\uXXXX` escape instead of a UnicodeEncodeError, i.e. a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", errors="backslashreplace")
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:

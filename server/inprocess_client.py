@@ -29,6 +29,7 @@ class InProcessEngineClient(RoutingEngineClient):
         self._inbox: queue.Queue[ipc.ToWorker] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine_loop: EngineLoop | None = None
         self.engine: EngineLike | None = None
 
     async def start(self) -> None:
@@ -44,6 +45,9 @@ class InProcessEngineClient(RoutingEngineClient):
         self._fail_in_flight(EngineNotReady("the server is shutting down"))
 
     def _send(self, message: ipc.ToWorker) -> None:
+        engine_loop = self._engine_loop
+        if engine_loop is not None:
+            engine_loop.notice(message)  # an abort reaches the running request inside its engine step
         self._inbox.put(message)
 
     def _receive(self, timeout: float | None) -> ipc.ToWorker | None:
@@ -67,9 +71,10 @@ class InProcessEngineClient(RoutingEngineClient):
             self._loop.call_soon_threadsafe(self._set_fatal, f"{type(exc).__name__}: {exc}")
             return
         self.engine = engine
+        self._engine_loop = EngineLoop(engine, receive=self._receive, send=self._deliver)
         self._deliver(ipc.Ready(engine.model_name, engine.max_model_len, pid=0))
         try:
-            EngineLoop(engine, receive=self._receive, send=self._deliver).run()
+            self._engine_loop.run()
         except Exception as exc:
             logger.exception("engine loop crashed")
             self._loop.call_soon_threadsafe(self._set_fatal, f"{type(exc).__name__}: {exc}")

@@ -2,7 +2,8 @@
 
 Everything here is a plain, picklable dataclass: a `multiprocessing` pipe carries them unchanged. The API
 sends `Submit`, `Abort` and `Shutdown`; the worker answers with `Ready` once (after loading the engine) or
-`Fatal` (it could not load), then per request any number of `Event`s, at most one `Error`, and one `Done`.
+`Fatal` (it could not load), then per request any number of `Event`s and `Heartbeat`s, at most one `Error`,
+and one `Done`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Submit:
 
 @dataclass(frozen=True)
 class Abort:
-    """Stop a request at the next engine iteration (or drop it if it has not started)."""
+    """Stop a request within one draft level or target layer (or drop it if it has not started)."""
 
     request_id: str
 
@@ -55,6 +56,13 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """The engine is making progress on a request (sent at most about once a second while it works)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
 class Error:
     """A request failed on the worker; status_code and error_type are what the HTTP client sees."""
 
@@ -72,4 +80,4 @@ class Done:
 
 
 ToWorker = Submit | Abort | Shutdown
-FromWorker = Ready | Fatal | Event | Error | Done
+FromWorker = Ready | Fatal | Event | Heartbeat | Error | Done

@@ -4,8 +4,10 @@ The API process never imports torch: it talks to the worker over two one-way pip
 messages of `server.ipc`. A reader thread turns worker messages into calls on the event loop; a sender
 thread keeps pipe writes off the event loop. When the worker dies, requests in flight fail with a 500,
 requests still waiting in the API's queue simply wait for the replacement worker, and a new worker is
-spawned (with back-off if replacements keep failing to start). An abort the worker does not honour
-within `abort_timeout_s` (a hung iteration) kills the worker, so a stuck request cannot hold the GPU.
+spawned (with back-off if replacements keep failing to start). Two watchdogs keep a stuck engine from
+holding the GPU: a worker that sends nothing (no event, no heartbeat) for `heartbeat_timeout_s` while it
+has a request is reported as not ready at once and killed (a hung or stopped process), and an abort it
+does not honour within `abort_timeout_s` kills it too.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class _Worker:
     outbox: queue.Queue[Any] = field(default_factory=queue.Queue)  # None stops the sender thread
     ready: bool = False
     fatal: str | None = None  # what the worker said before exiting, if it could not load
+    killed_because: str | None = None  # set when a watchdog killed it
 
 
 def _stop_process(process: BaseProcess, timeout: float) -> None:
@@ -57,9 +60,10 @@ class ProcessEngineClient(RoutingEngineClient):
 
     def __init__(self, engine_factory: Callable[[], EngineLike], *, log_level: str = "INFO",
                  restart: bool = True, max_start_failures: int = 3, abort_timeout_s: float = 300.0,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 heartbeat_timeout_s: float | None = 60.0, on_fatal: Callable[[str], None] | None = None) -> None:
         """`engine_factory` must be picklable (e.g. `functools.partial(load_engine, config)`): it is
-        called in the worker. `on_fatal` is called once if no worker can be started any more."""
+        called in the worker. `on_fatal` is called once if no worker can be started any more.
+        `heartbeat_timeout_s`: kill a worker that reports nothing for this long while it has work (None: never)."""
         super().__init__()
         self._engine_factory = engine_factory
         self._log_level = log_level
@@ -75,11 +79,17 @@ class ProcessEngineClient(RoutingEngineClient):
         self._restarts = 0
         self._closing = False
         self._watchdogs: dict[str, asyncio.TimerHandle] = {}
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._in_flight: set[str] = set()  # submitted to the current worker, no Done yet (aborted ones too)
+        self._last_progress = 0.0  # loop time of the last message from the current worker
+        self._stall_check: asyncio.TimerHandle | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._spawn()
+        if self._heartbeat_timeout_s is not None:
+            self._schedule_stall_check()
 
     async def close(self) -> None:
         self._closing = True
@@ -87,6 +97,8 @@ class ProcessEngineClient(RoutingEngineClient):
         self._fatal = "the server is shutting down"
         worker, self._worker = self._worker, None
         self._cancel_watchdogs()
+        if self._stall_check is not None:
+            self._stall_check.cancel()
         if worker is not None:
             worker.outbox.put(ipc.Shutdown())
             await asyncio.to_thread(_stop_process, worker.process, 10)
@@ -151,12 +163,22 @@ class ProcessEngineClient(RoutingEngineClient):
 
     # -- on the event loop ----------------------------------------------------------------------------
     def _send(self, message: ipc.ToWorker) -> None:
-        if self._worker is not None:
-            self._worker.outbox.put(message)
+        if self._worker is None:
+            return
+        if isinstance(message, ipc.Submit):
+            assert self._loop is not None
+            if not self._in_flight:  # the worker was idle: its progress clock starts now
+                self._last_progress = self._loop.time()
+            self._in_flight.add(message.request.request_id)
+        self._worker.outbox.put(message)
 
     def _on_worker_message(self, worker: _Worker, message: ipc.FromWorker) -> None:
         if worker is not self._worker:
             return  # a message from a worker we already gave up on
+        assert self._loop is not None
+        self._last_progress = self._loop.time()  # every message, heartbeats included, is a sign of life
+        if isinstance(message, ipc.Done):
+            self._in_flight.discard(message.request_id)
         if isinstance(message, ipc.Ready):
             worker.ready = True
             self._ever_ready = True
@@ -170,9 +192,11 @@ class ProcessEngineClient(RoutingEngineClient):
             return
         self._worker = None
         self._ready = False
+        self._in_flight.clear()
         self._cancel_watchdogs()
         exitcode = worker.process.exitcode
-        reason = worker.fatal or f"the engine worker (pid {worker.process.pid}) exited with code {exitcode}"
+        reason = (worker.fatal or worker.killed_because
+                  or f"the engine worker (pid {worker.process.pid}) exited with code {exitcode}")
         self._last_error = reason
         logger.error("%s", reason)
         self._fail_in_flight(WorkerDied(f"the engine worker exited while running this request ({reason})"))
@@ -208,9 +232,35 @@ class ProcessEngineClient(RoutingEngineClient):
     def _abort_overdue(self, worker: _Worker, request_id: str) -> None:
         self._watchdogs.pop(request_id, None)
         if worker is self._worker and worker.process.is_alive():
-            logger.error("the worker did not stop request %s within %.0f s of its abort; killing it",
-                         request_id, self._abort_timeout_s)
-            worker.process.kill()
+            self._kill(worker, f"the engine worker (pid {worker.process.pid}) did not stop request {request_id} "
+                               f"within {self._abort_timeout_s:g} s of its abort and was killed")
+
+    def _schedule_stall_check(self) -> None:
+        assert self._loop is not None and self._heartbeat_timeout_s is not None
+        period = min(1.0, self._heartbeat_timeout_s / 4)
+        self._stall_check = self._loop.call_later(period, self._check_progress)
+
+    def _check_progress(self) -> None:
+        """Stall watchdog: the worker has work but has said nothing for heartbeat_timeout_s."""
+        assert self._loop is not None and self._heartbeat_timeout_s is not None
+        worker = self._worker
+        silent_for = self._loop.time() - self._last_progress
+        if (worker is not None and worker.killed_because is None and self._in_flight
+                and silent_for > self._heartbeat_timeout_s):
+            self._kill(worker, f"the engine worker (pid {worker.process.pid}) made no progress for "
+                               f"{silent_for:.0f} s (heartbeat timeout {self._heartbeat_timeout_s:g} s) and was killed")
+        if not self._closing:
+            self._schedule_stall_check()
+
+    def _kill(self, worker: _Worker, reason: str) -> None:
+        """Stop serving from `worker` at once (health turns 503) and kill it; its exit is handled as a crash
+        (requests in flight fail, queued ones wait for the replacement)."""
+        logger.error("%s", reason)
+        worker.killed_because = reason
+        self._last_error = reason
+        self._ready = False
+        self._notify_state()
+        worker.process.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
 
     def _cancel_watchdogs(self) -> None:
         for handle in self._watchdogs.values():
@@ -220,6 +270,8 @@ class ProcessEngineClient(RoutingEngineClient):
     def status(self) -> dict[str, Any]:
         if self._ready:
             state = "ready"
+        elif self._worker is not None and self._worker.killed_because is not None:
+            state = "stalled"
         elif self._fatal is not None:
             state = "failed"
         else:

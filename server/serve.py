@@ -10,15 +10,21 @@ Server settings: defaults < YAML `server:` < SUBSPEC_SERVER_* env < flags (serve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from server.engine_args import add_engine_arguments, engine_config_from_args, yaml_from_args
-from server.settings import add_settings_arguments, resolve_server_settings, settings_overrides
+from server.settings import (API_KEY_ENV, ServerSettings, add_settings_arguments, default_body_limit,
+                             resolve_server_settings, settings_overrides)
 from subspec_core.config import config_as_dict
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("server.serve")
 
@@ -35,6 +41,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.process_client import ProcessEngineClient
+    from server.shutdown import DrainingServer
     from server.worker import load_engine
 
     try:
@@ -45,7 +52,12 @@ def run_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"subspec serve: {exc}", file=sys.stderr)
         return 2
+    if settings.max_body_bytes is None:
+        settings = dataclasses.replace(settings, max_body_bytes=default_body_limit(engine_config.max_model_len))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "server_api_key", None) is not None:
+        logger.warning("--api-key is visible to every user of this machine (ps, /proc); set %s instead",
+                       API_KEY_ENV)
     logger.info("engine config: %s", json.dumps(config_as_dict(engine_config)))
     logger.info("server settings: %s", json.dumps(settings.redacted()))
 
@@ -69,15 +81,27 @@ def run_serve(args: argparse.Namespace) -> int:
 
     client = ProcessEngineClient(functools.partial(load_engine, engine_config), log_level=settings.log_level,
                                  max_start_failures=settings.max_worker_start_failures,
-                                 abort_timeout_s=settings.abort_timeout_s, on_fatal=on_fatal)
+                                 abort_timeout_s=settings.abort_timeout_s,
+                                 heartbeat_timeout_s=settings.heartbeat_timeout_s, on_fatal=on_fatal)
     app = create_app(settings=settings, engine_client=client, tokenizer=tokenizer, model_name=model_name)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, timeout_graceful_shutdown=10))
+    server = DrainingServer(uvicorn_config(app, settings), shutdown=app.state.shutdown)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         pass
     return 1 if failures else 0
+
+
+def uvicorn_config(app: object, settings: ServerSettings) -> uvicorn.Config:
+    """How uvicorn serves the app: h11 with a deadline for request heads (slow clients), idle keep-alive
+    connections closed after 5 s, and a short grace period after the app's own drain."""
+    import uvicorn
+
+    from server.http_protocol import timed_h11
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          http=timed_h11(settings.read_timeout_s), timeout_keep_alive=5,
+                          timeout_graceful_shutdown=5)
 
 
 def main(argv: list[str] | None = None) -> int:

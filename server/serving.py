@@ -2,22 +2,26 @@
 
 `GenerationService.events(job, ticket, record)` is the one path from an admitted request to the engine:
 wait for the GPU slot, wait for a ready worker, submit, yield `TokenEvent`s, all within the request's
-deadline. However it ends (finished, deadline, worker death, client gone), it aborts the engine request if
-unfinished, releases the slot and records the outcome, so no exit path can leak the GPU.
+deadline. However it ends (finished, deadline, worker death, client gone, server shutting down), it aborts
+the engine request if unfinished, releases the slot and records the outcome, so no exit path can leak the GPU.
+Prompt preparation (chat template, tokenization) runs on a worker thread, so a large request never stalls
+the event loop that serves /health and the other streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
-from server.admission import Admission, QueueFull, Ticket
+from server.admission import Admission, AdmissionClosed, QueueFull, Ticket
 from server.engine_client import EngineClient, EngineError, ModelInfo
 from server.errors import APIError, bad_request
 from server.schemas import SamplingFields
@@ -53,6 +57,11 @@ class ClientGone(Exception):
     """The client disconnected before its (non-streamed) response was ready."""
 
 
+def shutting_down(message: str = "the server is shutting down; retry shortly (on another instance)") -> APIError:
+    """The 503 of a request turned away or ended by a graceful shutdown."""
+    return APIError(503, message, type="server_error", code="shutting_down", headers={"Retry-After": "5"})
+
+
 class GenerationService:
     """Shared request handling for /v1/chat/completions and /v1/completions."""
 
@@ -63,6 +72,30 @@ class GenerationService:
         self.metrics = metrics
         self.settings = settings
         self.model_name = model_name
+        # One thread: templating and tokenizing are serialised (a tokenizer is not safe to share between
+        # threads), but they no longer block the event loop. HF tokenizers release the GIL while encoding.
+        self._prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="subspec-prompt")
+        self._stopping: asyncio.Future[str] | None = None  # resolves (to a message) when the server stops
+
+    async def prepare(self, build: Callable[..., T], *args: Any) -> T:
+        """Run a prompt builder on the prompt thread (its APIErrors propagate unchanged)."""
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_thread, build, *args)
+
+    def close(self) -> None:
+        """Let the prompt thread go (at app shutdown)."""
+        self._prompt_thread.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self, message: str) -> None:
+        """End every request still being served with a 503 `message` (the last step of a graceful shutdown):
+        a stream gets a final error event and [DONE], a non-streamed request its error response."""
+        stopping = self._stop_signal()
+        if not stopping.done():
+            stopping.set_result(message)
+
+    def _stop_signal(self) -> asyncio.Future[str]:
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_future()
+        return self._stopping
 
     # -- checks, in the order a request meets them ------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -78,6 +111,8 @@ class GenerationService:
                               code="unsupported_parameter")
 
     def check_ready(self) -> ModelInfo:
+        if self.admission.closed:
+            raise shutting_down()
         info = self.client.model_info
         if not self.client.is_ready() or info is None:
             state = self.client.status().get("state", "loading")
@@ -110,7 +145,9 @@ class GenerationService:
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p,
                 top_k=0 if request.top_k in (None, -1) else request.top_k,
-                seed=request.seed,
+                # Without a seed, each sampled request draws a fresh one (as OpenAI, vLLM and llama.cpp do);
+                # the engine's fixed default seed would make every "random" reply to a prompt the same.
+                seed=secrets.randbits(63) if request.seed is None else request.seed,
                 stop=request.stop_strings(),
                 ignore_eos=request.ignore_eos,
             )
@@ -128,34 +165,45 @@ class GenerationService:
     def admit(self, request_id: str) -> Ticket:
         try:
             return self.admission.reserve(request_id)
+        except AdmissionClosed:
+            raise shutting_down() from None
         except QueueFull as exc:
             raise APIError(429, f"The server is busy: {exc}. Retry later.", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from exc
 
     # -- running ----------------------------------------------------------------------------------------
-    async def _by_deadline(self, awaitable: Awaitable[T], job: Job, doing: str) -> T:
-        if job.deadline is None:
-            return await awaitable
+    async def _bounded(self, awaitable: Awaitable[T], job: Job, doing: str) -> T:
+        """`awaitable`'s result, unless the request's deadline passes (504) or the server stops (503) first."""
+        stopping = self._stop_signal()
+        if stopping.done():
+            raise shutting_down(stopping.result())
+        work = asyncio.ensure_future(awaitable)
+        timeout = None if job.deadline is None else max(0.0, job.deadline - asyncio.get_running_loop().time())
         try:
-            async with asyncio.timeout_at(job.deadline):
-                return await awaitable
-        except TimeoutError:
-            timeout = self.settings.request_timeout_s
-            raise APIError(504, f"the request exceeded the server's request timeout of {timeout:g} s while "
-                                f"{doing}; it was stopped", type="timeout_error", code="request_timeout") from None
+            await asyncio.wait({work, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()
+        if not work.cancelled() and work.done():
+            return work.result()
+        if stopping.done():
+            raise shutting_down(stopping.result())
+        timeout_s = self.settings.request_timeout_s
+        raise APIError(504, f"the request exceeded the server's request timeout of {timeout_s:g} s while "
+                            f"{doing}; it was stopped", type="timeout_error", code="request_timeout")
 
     async def events(self, job: Job, ticket: Ticket, record: RequestRecord) -> AsyncIterator[TokenEvent]:
         """Run one admitted request; yields its TokenEvents. Raises APIError when it fails."""
         status = STATUS_CLIENT_CLOSED  # unless it finishes or fails below, the consumer went away
         stream = None
         try:
-            await self._by_deadline(ticket.wait_turn(), job, "waiting in the queue")
-            await self._by_deadline(self.client.wait_ready(), job, "waiting for the engine worker")
+            await self._bounded(ticket.wait_turn(), job, "waiting in the queue")
+            await self._bounded(self.client.wait_ready(), job, "waiting for the engine worker")
             record.on_start(len(job.prompt_ids))
             stream = self.client.submit(GenerationRequest(job.request_id, job.prompt_ids, job.sampling))
             while True:
                 try:
-                    event = await self._by_deadline(anext(stream), job, "generating")
+                    event = await self._bounded(anext(stream), job, "generating")
                 except StopAsyncIteration:  # someone else aborted it through the engine client
                     raise APIError(500, "the request was aborted before it finished", type="server_error",
                                    code="aborted") from None
@@ -165,6 +213,9 @@ class GenerationService:
                 yield event
                 if event.finished:
                     return
+        except AdmissionClosed:
+            status = 503
+            raise shutting_down() from None
         except APIError as exc:
             status = exc.status_code
             raise

@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+MIB = 1 << 20
+# The API key may also come from SUBSPEC_API_KEY (as vLLM reads VLLM_API_KEY): an environment variable
+# does not show in `ps` the way a command-line flag does.
+API_KEY_ENV = "SUBSPEC_API_KEY"
+
+
+def default_body_limit(max_model_len: int) -> int:
+    """Largest request body accepted when `max_body_bytes` is not set: 32 bytes per context token (a
+    token is 3-8 bytes of JSON text or ids, 6 per character in \\u escapes), at least 1 MiB, at most 4 MiB."""
+    return min(max(32 * max_model_len, 1 * MIB), 4 * MIB)
 
 
 def _setting(default: Any, help: str, *flags: str, metavar: str | None = None) -> Any:
@@ -35,8 +45,22 @@ class ServerSettings:
         300.0, "kill and restart the worker if it has not stopped an aborted request after this many seconds "
                "(a last resort against a hung engine step)",
         "--abort-timeout", metavar="S")
+    heartbeat_timeout_s: float = _setting(
+        60.0, "while a request runs, a worker that reports no progress for this many seconds is declared "
+              "hung: /health turns 503, the worker is killed and replaced (queued requests wait for it)",
+        "--heartbeat-timeout", metavar="S")
     max_worker_start_failures: int = _setting(
         3, "consecutive failed worker restarts before the server gives up", metavar="N")
+    max_body_bytes: int | None = _setting(
+        None, "largest request body in bytes; larger ones get 413 before they are read (none: 32 bytes per "
+              "token of max_model_len, between 1 and 4 MiB)", metavar="N")
+    read_timeout_s: float = _setting(
+        30.0, "a client must send a request's headers, and then its body, within this many seconds each, or "
+              "the connection is closed (408 for a body)", "--read-timeout", metavar="S")
+    shutdown_timeout_s: float = _setting(
+        30.0, "on SIGTERM/SIGINT: new requests get 503, queued ones end at once with an error, the running one "
+              "may finish for this many seconds before it is ended with an error event",
+        "--shutdown-timeout", metavar="S")
     log_level: str = _setting("info", f"one of {', '.join(LOG_LEVELS)}")
 
     def __post_init__(self) -> None:
@@ -50,6 +74,14 @@ class ServerSettings:
             raise ValueError("server.request_timeout_s must be > 0 (or unset for no deadline)")
         if self.abort_timeout_s <= 0:
             raise ValueError("server.abort_timeout_s must be > 0")
+        if self.heartbeat_timeout_s <= 0:
+            raise ValueError("server.heartbeat_timeout_s must be > 0")
+        if self.max_body_bytes is not None and self.max_body_bytes < 1024:
+            raise ValueError("server.max_body_bytes must be >= 1024 (or unset for the default)")
+        if self.read_timeout_s <= 0:
+            raise ValueError("server.read_timeout_s must be > 0")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError("server.shutdown_timeout_s must be >= 0")
         if self.max_worker_start_failures < 1:
             raise ValueError("server.max_worker_start_failures must be >= 1")
         if self.log_level.lower() not in LOG_LEVELS:
@@ -111,11 +143,13 @@ def resolve_server_settings(*, yaml_section: Mapping[str, Any] | None = None,
                             cli_overrides: Mapping[str, Any] | None = None) -> ServerSettings:
     """Merge defaults < YAML `server:` section < SUBSPEC_SERVER_* env < CLI into one ServerSettings.
 
-    CLI overrides whose value is None mean 'not given'.
+    CLI overrides whose value is None mean 'not given'. The API key is also read from SUBSPEC_API_KEY.
     """
     merged: dict[str, Any] = {}
     for name, value in _known("the server: section", yaml_section or {}).items():
         merged[name] = _coerce(name, value)
+    if environ is not None and environ.get(API_KEY_ENV, "") != "":
+        merged["api_key"] = environ[API_KEY_ENV]  # SUBSPEC_SERVER_API_KEY, below, wins if both are set
     for name in _FIELDS:
         key = f"SUBSPEC_SERVER_{name.upper()}"
         if environ is not None and environ.get(key, "") != "":  # an empty variable means 'not set'

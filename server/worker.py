@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
+import threading
 from multiprocessing.connection import Connection
 from typing import Callable
 
@@ -30,18 +32,13 @@ def load_engine(config: EngineConfig) -> EngineLike:
 def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, outbox: Connection,
                 log_level: str = "INFO") -> None:
     """Entry point of the spawned worker: load the engine, report Ready (or Fatal), serve until Shutdown
-    or until the API process goes away (its end of `inbox` closes)."""
+    or until the API process goes away (its end of `inbox` closes).
+
+    A reader thread drains `inbox` while the engine runs, so an Abort (or Shutdown) reaches the running
+    request's cancel flag at once, inside an engine step, instead of when the step ends."""
     # Ctrl-C reaches the whole process group; the API process decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s [worker] %(name)s: %(message)s")
-
-    def receive(timeout: float | None) -> ipc.ToWorker | None:
-        try:
-            if timeout is not None and not inbox.poll(timeout):
-                return None
-            return inbox.recv()
-        except (EOFError, OSError):  # the API process is gone
-            return ipc.Shutdown()
 
     try:
         engine = engine_factory()
@@ -49,6 +46,30 @@ def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, out
         logger.exception("engine failed to load")
         outbox.send(ipc.Fatal(f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from exc
+    received: queue.Queue[ipc.ToWorker] = queue.Queue()
+
+    def receive(timeout: float | None) -> ipc.ToWorker | None:
+        try:
+            return received.get(timeout=timeout) if timeout != 0 else received.get_nowait()
+        except queue.Empty:
+            return None
+
+    loop = EngineLoop(engine, receive=receive, send=outbox.send)
+    threading.Thread(target=_read_inbox, args=(inbox, loop, received), name="subspec-worker-inbox",
+                     daemon=True).start()
     outbox.send(ipc.Ready(model_name=engine.model_name, max_model_len=engine.max_model_len, pid=os.getpid()))
-    EngineLoop(engine, receive=receive, send=outbox.send).run()
+    loop.run()
     logger.info("worker shutting down")
+
+
+def _read_inbox(inbox: Connection, loop: EngineLoop, received: queue.Queue[ipc.ToWorker]) -> None:
+    """Reader thread: show each message to the loop at once (`notice`), then queue it for the loop."""
+    while True:
+        try:
+            message = inbox.recv()
+        except (EOFError, OSError):  # the API process is gone
+            message = ipc.Shutdown()
+        loop.notice(message)
+        received.put(message)
+        if isinstance(message, ipc.Shutdown):
+            return

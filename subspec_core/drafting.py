@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from subspec_core.cancel import CancelCheck, raise_if_cancelled
 from subspec_core.tree import TokenTree, expand_frontier
 
 # (tokens (n,), positions (n,), slots (n,), bias (n, capacity) additive mask) -> float32 logits (n, V)
@@ -66,19 +67,23 @@ class TreeDrafter:
         self.root_bias = torch.zeros(1, capacity, dtype=dtype, device=device)  # (1, C) additive mask
         self.bias = torch.zeros(k, capacity, dtype=dtype, device=device)  # (k, C) the frontier's mask rows
 
-    def grow(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, depth: int) -> TokenTree:
+    def grow(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, depth: int,
+             cancelled: CancelCheck | None = None) -> TokenTree:
         """Draft a tree of 1 + depth * topk nodes with `depth` draft forwards (root, then levels 1..depth-1).
 
         root_token (1,): the last committed token, whose KV is not in the cache yet; prefix_length (1,): N.
         Both are device tensors; the returned tree's tensors are views of this drafter's buffers, valid
-        until the next grow.
+        until the next grow. `cancelled` is asked before each draft forward (an abort waits at most one
+        level); when it turns true, `GenerationCancelled` is raised.
         """
         if not 1 <= depth <= self.max_depth:
             raise ValueError(f"depth must be in [1, {self.max_depth}], got {depth}")
         self.root_token.copy_(root_token)
         self.prefix_length.copy_(prefix_length)
+        raise_if_cancelled(cancelled)
         self.root_step()
         for _ in range(depth - 1):
+            raise_if_cancelled(cancelled)
             self.level_step()
         return self.tree(depth)
 

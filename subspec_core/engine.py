@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from subspec_core.cancel import CancelCheck, CancellableLayers, GenerationCancelled
 from subspec_core.config import EngineConfig, config_as_dict
 from subspec_core.detokenize import IncrementalDetokenizer
 from subspec_core.drafting import TreeDrafter
@@ -63,6 +64,7 @@ class _Decoding:
     eos: frozenset[int]
     detokenizer: IncrementalDetokenizer
     stats: RequestStats
+    cancelled: CancelCheck | None = None  # asked between draft levels and before each target layer
 
 
 @dataclass
@@ -194,9 +196,10 @@ class Engine:
             positions=positions, slots=slots, kv_length=kv_length, bias=bias,
         )
 
-    def _target_forward(self, tokens, positions, slots, kv_length, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _target_forward(self, tokens, positions, slots, kv_length, bias, cancelled=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        layers = self.target_layers if cancelled is None else CancellableLayers(self.target_layers, cancelled)
         try:
-            return self._forward(self.target_layers, tokens, positions, slots, kv_length, bias)
+            return self._forward(layers, tokens, positions, slots, kv_length, bias)
         except BaseException:
             if self.target_layers.streamer is not None:
                 self.target_layers.streamer.reset()  # a forward stopped mid-way leaves the ring out of step
@@ -209,7 +212,7 @@ class Engine:
         draft ran, is not part of it.
         """
         h2d_before = self.target_layers.h2d_bytes
-        hidden = self._target_forward(tokens, positions, slots, kv_length, bias)
+        hidden = self._target_forward(tokens, positions, slots, kv_length, bias, dec.cancelled)
         dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d_before
         return compute_logits(self.shape, self.shared, hidden)
 
@@ -220,7 +223,7 @@ class Engine:
         hidden = self._forward(self.draft_layers, tokens, positions, slots, self.kv_cache.capacity, bias)
         return compute_logits(self.shape, self.shared, hidden)
 
-    def _prefill_chunks(self, token_ids: list[int]) -> Iterator[torch.Tensor]:
+    def _prefill_chunks(self, token_ids: list[int], cancelled: CancelCheck | None = None) -> Iterator[torch.Tensor]:
         """Fill KV slots [0, n) chunk by chunk with the target, yielding each chunk's hidden states."""
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         chunk = self.config.prefill_chunk_size
@@ -228,12 +231,12 @@ class Engine:
             end = min(start + chunk, len(token_ids))
             slots = torch.arange(start, end, device=self.device)
             bias = attention_bias(causal_chunk_mask(start=start, length=end - start, device=self.device), self._dtype)
-            yield self._target_forward(ids[start:end], slots, slots, end, bias)
+            yield self._target_forward(ids[start:end], slots, slots, end, bias, cancelled)
 
-    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+    def _prefill(self, prompt: list[int], cancelled: CancelCheck | None = None) -> torch.Tensor:
         """Prefill the prompt; logits (1, V) of its last token only (the rest are never needed)."""
         hidden = None
-        for hidden in self._prefill_chunks(prompt):
+        for hidden in self._prefill_chunks(prompt, cancelled):
             pass
         assert hidden is not None
         return compute_logits(self.shape, self.shared, hidden[-1:])
@@ -273,7 +276,7 @@ class Engine:
         spec = self.config.speculation
         n = committed
         draft_start = self._clock.mark()
-        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, depth=depth)
+        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, depth=depth, cancelled=dec.cancelled)
         verify_start = self._clock.mark()
         if spec.verify_size < tree.size:
             tree = subtree(tree, select_verify_nodes(scores=tree.scores, budget=spec.verify_size))
@@ -342,12 +345,20 @@ class Engine:
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
-    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: GenerationRequest, *, cancelled: CancelCheck | None = None) -> Iterator[TokenEvent]:
         """Generate for one request; yields an event per target forward, the last one with finish_reason and stats.
 
         Closing the generator between events aborts the request; nothing needs cleaning up, since the next
-        request overwrites the KV cache from slot 0.
+        request overwrites the KV cache from slot 0. `cancelled` stops it inside a step: it is asked between
+        draft levels and before each decoder layer of a target forward, and once it returns True the
+        generator returns (without a final event) within one level or one layer.
         """
+        try:
+            yield from self._events(request, cancelled)
+        except GenerationCancelled:
+            log.info("request %s cancelled inside an engine step", request.request_id)
+
+    def _events(self, request: GenerationRequest, cancelled: CancelCheck | None) -> Iterator[TokenEvent]:
         self.validate(request)
         prompt = list(request.prompt_token_ids)
         params = request.sampling
@@ -359,12 +370,13 @@ class Engine:
             eos=frozenset() if params.ignore_eos else self.eos_token_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids=prompt, stop=params.stop),
             stats=RequestStats(prompt_tokens=len(prompt)),
+            cancelled=cancelled,
         )
         speculative = self.draft_layers is not None
         h2d_start = self.target_layers.h2d_bytes
         with torch.inference_mode():
             started = time.perf_counter()
-            logits = self._prefill(prompt)
+            logits = self._prefill(prompt, cancelled)
             length = torch.full((1,), len(prompt), dtype=torch.long, device=self.device)
             first = choose_tokens(
                 logits=logits, params=params, seed=dec.seed, positions=length, first_position=len(prompt), num_positions=1

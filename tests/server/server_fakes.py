@@ -2,7 +2,10 @@
 
 One character is one token (the token id is its code point). The engine "generates" a fixed script,
 `chars_per_event` tokens per iteration, sleeping `delay_s` per iteration, and honours max_tokens, stop
-strings and ignore_eos. Prompts containing a trigger word misbehave on purpose:
+strings and ignore_eos. An iteration is `levels_per_event` equal "levels" (like draft levels); the
+`cancelled` check is asked before each, and each started level is appended to `trace_path` (if set) as
+"request_id event level", so a test in another process can count the work done after an abort.
+Prompts containing a trigger word misbehave on purpose:
   RAISE_VALUE    generate() raises ValueError before any output (-> HTTP 400)
   RAISE_RUNTIME  raises RuntimeError after the first event (-> 500 for that request only)
   EXIT_WORKER    kills the process after the first event (worker-crash tests; process client only)
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from subspec_core.types import FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, TokenEvent
 
@@ -67,6 +70,8 @@ class FakeEngine:
     model_name: str = "fake-model"
     script: str = SCRIPT
     hang_s: float = 30.0
+    levels_per_event: int = 1
+    trace_path: str | None = None
 
     def __post_init__(self) -> None:
         self.tokenizer = FakeTokenizer()
@@ -74,16 +79,24 @@ class FakeEngine:
         self.finished: list[str] = []  # ... that ran to their last event
         self.closed_early: list[str] = []  # ... whose generator was closed before the end (aborts)
 
-    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: GenerationRequest, *,
+                 cancelled: Callable[[], bool] | None = None) -> Iterator[TokenEvent]:
         prompt = self.tokenizer.decode(list(request.prompt_token_ids))
         sampling = request.sampling
         if "RAISE_VALUE" in prompt:
             raise ValueError("the fake engine rejects this prompt")
         if len(request.prompt_token_ids) + sampling.max_tokens > self.max_model_len:
             raise ValueError("prompt + max_tokens exceeds max_model_len")
-        return self._events(request, prompt)
+        return self._events(request, prompt, cancelled)
 
-    def _events(self, request: GenerationRequest, prompt: str) -> Iterator[TokenEvent]:
+    def _level(self, rid: str, event: int, level: int) -> None:
+        if self.trace_path is not None:
+            with open(self.trace_path, "a") as trace:
+                trace.write(f"{rid} {event} {level}\n")
+        time.sleep(self.delay_s / self.levels_per_event)
+
+    def _events(self, request: GenerationRequest, prompt: str,
+                cancelled: Callable[[], bool] | None) -> Iterator[TokenEvent]:
         rid = request.request_id
         self.served.append(rid)
         text, reason = render_reply(request.sampling.max_tokens, request.sampling.stop,
@@ -94,8 +107,11 @@ class FakeEngine:
         try:
             for i, piece in enumerate(pieces):
                 if i == 1 and "HANG" in prompt:
-                    time.sleep(self.hang_s)
-                time.sleep(self.delay_s)
+                    time.sleep(self.hang_s)  # deaf to `cancelled`: a hung step
+                for level in range(self.levels_per_event):
+                    if cancelled is not None and cancelled():
+                        return  # stopped inside the step, like the real engine: no final event
+                    self._level(rid, i, level)
                 last = i == len(pieces) - 1
                 ids = tuple(ord(c) for c in piece)
                 stats.completion_tokens += len(ids)

@@ -3,6 +3,7 @@ subprocess (the real model through the real worker process)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -37,14 +38,26 @@ def free_port() -> int:
 
 
 class UvicornThread:
-    """A FastAPI app served by uvicorn on a loopback port, in a background thread."""
+    """A FastAPI app served by uvicorn on a loopback port, in a background thread.
 
-    def __init__(self, app: Any) -> None:
+    With `settings`, it is served as `subspec serve` serves it (server.serve.uvicorn_config: the timed h11
+    protocol, the draining server); `self.server.handle_exit(signal.SIGTERM, None)` then does what the
+    signal would (signal handlers only exist in the main thread)."""
+
+    def __init__(self, app: Any, *, settings: Any = None) -> None:
         self.app = app
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+        if settings is None:
+            self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                        timeout_graceful_shutdown=2))
+        else:
+            from server.serve import uvicorn_config
+            from server.shutdown import DrainingServer
+
+            config = uvicorn_config(app, dataclasses.replace(settings, host="127.0.0.1", port=self.port,
+                                                             log_level="warning"))
+            self.server = DrainingServer(config, shutdown=app.state.shutdown)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> UvicornThread:

@@ -62,9 +62,19 @@ def test_all_variables(fake_bin, shell):
         "subspec", "serve", "--host", "0.0.0.0", "--port", "9001",
         "--config", "/app/configs/qwen2.5-7b-instruct-8gb.yaml",
         "--model", "/models/my model.gguf",  # spaces survive as one argument
-        "--api-key", "sk-test $HOME; echo pwned",  # no word splitting or expansion
         "--max-queue", "16",
-    ]
+    ]  # no --api-key: the key stays in the environment, out of ps
+
+
+def test_the_api_key_reaches_the_server_through_the_environment_only(fake_bin):
+    """`ps` shows every argument: the key must stay in SUBSPEC_API_KEY, which the server reads."""
+    fake = fake_bin / "subspec"
+    fake.write_text('#!/bin/sh\necho "argv=$*"\necho "key=${SUBSPEC_API_KEY-unset}"\n')
+    key = "sk-test $HOME; echo pwned"
+    argv, env_key = run_entrypoint(fake_bin, "sh", {"SUBSPEC_API_KEY": key})
+    assert key not in argv and "--api-key" not in argv
+    assert env_key == f"key={key}"  # unchanged: no word splitting or expansion
+    assert run_entrypoint(fake_bin, "sh", {"SUBSPEC_API_KEY": ""})[1] == "key=unset"
 
 
 @pytest.mark.parametrize("shell", SHELLS)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.admission import Admission, QueueFull
+from server.admission import Admission, AdmissionClosed, QueueFull
 
 pytestmark = pytest.mark.anyio
 
@@ -65,3 +65,23 @@ async def test_release_is_idempotent_in_any_state():
     assert c.holds_slot and admission.waiting == 0
     c.release()
     assert admission.running == 0
+
+
+async def test_close_ends_the_waiters_keeps_the_running_one_and_refuses_new_requests():
+    admission = Admission(max_waiting=3)
+    running, first, second = (admission.reserve(x) for x in "abc")
+    waits = [asyncio.ensure_future(t.wait_turn()) for t in (first, second)]
+    await asyncio.sleep(0)
+    assert admission.close() == 2
+    for wait in waits:
+        with pytest.raises(AdmissionClosed):
+            await wait
+    assert running.holds_slot and admission.waiting == 0
+    with pytest.raises(AdmissionClosed):
+        admission.reserve("d")
+    idle = asyncio.ensure_future(admission.wait_idle())
+    await asyncio.sleep(0.01)
+    assert not idle.done()
+    first.release()  # already ended: a no-op
+    running.release()
+    await asyncio.wait_for(idle, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from server import ipc
 from server.engine_loop import EngineLoop
@@ -20,8 +21,8 @@ class Harness:
         self.engine = engine
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
-        loop = EngineLoop(engine, receive=self.receive, send=self.outbox.put)
-        self.thread = threading.Thread(target=loop.run, daemon=True)
+        self.loop = EngineLoop(engine, receive=self.receive, send=self.outbox.put)
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
 
     def receive(self, timeout):
@@ -97,3 +98,32 @@ def test_shutdown_stops_a_running_request():
     h.outbox.get(timeout=10)
     h.shutdown()
     assert h.engine.closed_early == ["long"]
+
+
+def test_heartbeats_flow_while_the_engine_is_inside_a_long_step():
+    """One 2.5 s iteration (50 levels): the API process hears from the worker about every second anyway."""
+    h = Harness(FakeEngine(delay_s=2.5, levels_per_event=50, chars_per_event=1))
+    h.inbox.put(ipc.Submit(request("slow", max_tokens=1)))
+    messages = h.until_done("slow")
+    beats = [m for m in messages if isinstance(m, ipc.Heartbeat)]
+    assert len(beats) >= 2 and all(b.request_id == "slow" for b in beats)
+    assert messages.index(beats[0]) < next(i for i, m in enumerate(messages) if isinstance(m, ipc.Event))
+    h.shutdown()
+
+
+def test_noticed_abort_stops_the_running_request_inside_its_step():
+    """`notice` (called by whoever reads the channel, as the worker's reader thread does) sets the running
+    request's cancel flag at once: the engine stops at its next level, not at the end of the iteration."""
+    engine = FakeEngine(delay_s=2.0, levels_per_event=40, chars_per_event=1)  # 50 ms levels, 2 s iterations
+    h = Harness(engine)
+    h.inbox.put(ipc.Submit(request("long", max_tokens=50, ignore_eos=True)))
+    h.inbox.put(ipc.Submit(request("next", max_tokens=1)))
+    time.sleep(0.3)  # ~6 levels into the first iteration, no event yet
+    h.loop.notice(ipc.Abort("long"))
+    h.inbox.put(ipc.Abort("long"))
+    started = time.monotonic()
+    messages = h.until_done("long")
+    assert time.monotonic() - started < 0.5  # one 50 ms level, not the 1.7 s left of the iteration
+    assert not [m for m in messages if isinstance(m, ipc.Event)] and engine.closed_early == ["long"]
+    h.until_done("next")
+    h.shutdown()

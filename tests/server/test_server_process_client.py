@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import signal
 import threading
@@ -135,3 +136,97 @@ def test_killed_worker_over_http_in_flight_500_queued_resubmitted_health_recover
         assert health["worker_pid"] != pid and health["worker_restarts"] == 1
         metrics = httpx.get(f"{server.base_url}/metrics").text
         assert "subspec_worker_restarts_total 1.0" in metrics
+
+
+def test_disconnect_frees_the_engine_within_one_level(tmp_path):
+    """A streaming client leaves mid-iteration: its request stops within a level (counted in the worker's
+    trace), so the next request starts a level later instead of when the whole iteration would have ended.
+    The abort travels the production path: HTTP disconnect -> API abort -> pipe -> the worker's reader thread."""
+    trace = tmp_path / "levels.txt"
+    levels_per_event = 10  # 100 ms levels, 1 s iterations
+    client = ProcessEngineClient(functools.partial(make_fake_engine, delay_s=1.0, levels_per_event=levels_per_event,
+                                                   chars_per_event=1, trace_path=str(trace)), log_level="WARNING")
+    app = create_app(settings=ServerSettings(max_queue=4), engine_client=client, tokenizer=FakeTokenizer(),
+                     model_name="fake-model")
+
+    def levels() -> list[tuple[str, int, int]]:
+        return [(rid, int(event), int(level)) for rid, event, level in
+                (line.split() for line in trace.read_text().splitlines())]
+
+    with UvicornThread(app) as server:
+        server.wait_healthy(60)
+        url = f"{server.base_url}/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": "long"}], "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url, json=body, timeout=30) as response:
+            lines = (line for line in response.iter_lines() if line)
+            first = json.loads(next(lines)[len("data: "):])  # role chunk
+            next(lines)  # the first event's text: iteration 0 is done
+            while not [entry for entry in levels() if entry[1] == 1 and entry[2] == 3]:
+                time.sleep(0.01)  # until the second iteration is 3 levels in
+            at_disconnect = len(levels())
+        next_request = httpx.post(url, json={"messages": [{"role": "user", "content": "next"}], "max_tokens": 1},
+                                  timeout=30)
+        assert next_request.status_code == 200, next_request.text
+    trace_now = levels()
+    aborted = [entry for entry in trace_now if entry[0] == first["id"]]
+    after_disconnect = len(aborted) - at_disconnect
+    assert after_disconnect <= 2, trace_now  # one level, plus the one started while the socket closed
+    assert max(entry[2] for entry in aborted if entry[1] == aborted[-1][1]) < levels_per_event - 1  # cut mid-way
+    assert [entry[0] for entry in trace_now[len(aborted):]] == [next_request.json()["id"]] * levels_per_event
+    print(f"\nlevels run after the disconnect: {after_disconnect} (an iteration is {levels_per_event} levels)")
+
+
+def test_a_hung_worker_turns_health_503_is_killed_and_replaced_queued_requests_survive():
+    """Steps longer than the heartbeat timeout are fine while the engine reports progress from inside them;
+    a worker that goes silent (SIGSTOP) with a request running is declared hung within the timeout, /health
+    answers 503, the worker is killed and replaced, the running request gets a 500, the queued one runs."""
+    timeout = 2.0
+    client = ProcessEngineClient(functools.partial(make_fake_engine, delay_s=3.0, levels_per_event=60,
+                                                   chars_per_event=1), heartbeat_timeout_s=timeout,
+                                 log_level="CRITICAL")
+    app = create_app(settings=ServerSettings(max_queue=4), engine_client=client, tokenizer=FakeTokenizer(),
+                     model_name="fake-model")
+    with UvicornThread(app) as server:
+        server.wait_healthy(60)
+        url = f"{server.base_url}/v1/chat/completions"
+        pid = httpx.get(f"{server.base_url}/health").json()["worker_pid"]
+        slow = httpx.post(url, json={"messages": [{"role": "user", "content": "slow"}], "max_tokens": 1}, timeout=30)
+        assert slow.status_code == 200, slow.text  # one 3 s step > the 2 s timeout: heartbeats kept it alive
+        assert httpx.get(f"{server.base_url}/health").json()["worker_restarts"] == 0
+        results: dict[str, httpx.Response] = {}
+
+        def post(key: str, max_tokens: int) -> threading.Thread:
+            body = {"messages": [{"role": "user", "content": key}], "max_tokens": max_tokens, "ignore_eos": True}
+            thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=60)))
+            thread.start()
+            return thread
+
+        running = post("running", 50)
+        while app.state.admission.running == 0:
+            time.sleep(0.01)
+        queued = post("queued", 1)
+        while app.state.admission.waiting == 0:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            while (health := httpx.get(f"{server.base_url}/health")).status_code == 200:
+                assert time.monotonic() - stopped < timeout + 3, "the hung worker was never noticed"
+                time.sleep(0.05)
+            noticed = time.monotonic() - stopped
+            assert timeout - 0.5 <= noticed <= timeout + 1.5, noticed
+            assert health.json()["status"] in ("stalled", "restarting"), health.text
+            running.join(30)
+            error = results["running"].json()["error"]
+            assert results["running"].status_code == 500 and "no progress" in error["message"], error
+            queued.join(60)
+            assert results["queued"].status_code == 200, results["queued"].text  # not lost
+            health = httpx.get(f"{server.base_url}/health")
+            assert health.status_code == 200 and health.json()["worker_pid"] != pid
+            assert health.json()["worker_restarts"] == 1 and "no progress" in health.json()["last_error"]
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        print(f"\nhung worker noticed after {noticed:.2f} s (timeout {timeout} s)")

@@ -4,6 +4,9 @@ error case followed by a successful request, client disconnects, and /metrics.""
 from __future__ import annotations
 
 import json
+import socket
+import statistics
+import threading
 import time
 
 import httpx
@@ -169,3 +172,90 @@ def test_metrics_move_after_a_request(http):
     http.post("/v1/chat/completions", json={"messages": []})
     bad = 'subspec_requests_total{endpoint="/v1/chat/completions",status="400"}'
     assert scrape_metrics(http)[bad] >= 1
+
+
+# -- hostile inputs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path, raw, field", [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x\\ud800"}], "max_tokens": 2}',
+     "messages[0].content"),
+    ("/v1/chat/completions", b'{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    ("/v1/completions", b'{"prompt": "a\\udfff", "max_tokens": 2}', "prompt"),
+])
+def test_lone_surrogates_are_a_400_with_the_real_tokenizer(http, path, raw, field):
+    before = scrape_metrics(http)
+    err = error(http.post(path, content=raw, headers={"Content-Type": "application/json"}), 400)
+    assert err["param"] == field and err["code"] == "invalid_unicode"
+    after = scrape_metrics(http)
+    counted = {k: after[k] - before.get(k, 0) for k in after if k.startswith("subspec_requests_total{endpoint=\"/v1")}
+    assert {k: v for k, v in counted.items() if v} == {f'subspec_requests_total{{endpoint="{path}",status="400"}}': 1}
+    ok_after(http)
+
+
+class HealthPoller:
+    """Polls /health from a thread and keeps every answer's latency."""
+
+    def __init__(self, base_url: str) -> None:
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(base_url,))
+
+    def _run(self, base_url: str) -> None:
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                assert client.get("/health").status_code == 200
+                self.latencies.append(time.monotonic() - started)
+                time.sleep(0.01)
+
+    def __enter__(self) -> HealthPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def test_a_maximal_request_does_not_stall_health_and_a_larger_one_is_a_413(http, real_server):
+    """The body limit here is 1 MiB (max_model_len 512). A request just under it is parsed, templated and
+    tokenized (~0.4 M tokens, about a second of CPU) while /health keeps answering at once; a 10 MB body
+    is refused with 413 before it is read."""
+    limit = 1 << 20
+    content = "The quick brown fox jumps over the lazy dog. " * ((limit - 1000) // 45)
+    with HealthPoller(real_server.base_url) as poller:
+        time.sleep(0.2)
+        started = time.monotonic()
+        response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+        prepared_in = time.monotonic() - started
+        assert error(response, 400)["code"] == "context_length_exceeded"  # tokenized: it counted the tokens
+        with socket.create_connection(("127.0.0.1", real_server.port)) as sock:
+            sock.settimeout(10)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 10000000\r\n\r\n")
+            sock.sendall(b'{"messages": [{"role": "user", "content": "' + b"x" * 100_000)
+            reply = b""
+            while data := sock.recv(65536):  # the server answers and closes without reading the rest
+                reply += data
+        time.sleep(0.2)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+    worst = max(poller.latencies)
+    print(f"\nmaximal request prepared in {prepared_in:.2f} s; /health: {len(poller.latencies)} answers, "
+          f"median {statistics.median(poller.latencies) * 1000:.0f} ms, worst {worst * 1000:.0f} ms")
+    assert prepared_in > 0.2 and len(poller.latencies) >= 10
+    assert statistics.median(poller.latencies) < 0.1 and worst < 0.3
+    ok_after(http)
+
+
+# -- seeds -------------------------------------------------------------------------------------------------
+def test_unseeded_sampled_requests_differ_seeded_ones_repeat(http):
+    body = {"messages": [{"role": "user", "content": "Write one surprising sentence about anything."}],
+            "max_tokens": 6, "temperature": 1.5, "ignore_eos": True}
+
+    def text(**extra) -> str:
+        response = http.post("/v1/chat/completions", json={**body, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert text() != text()  # a fresh seed each (the same 6 tokens twice at temperature 1.5: ~impossible)
+    assert text(seed=1234) == text(seed=1234)

@@ -8,7 +8,7 @@ import pytest
 
 from server.engine_args import engine_config_from_args
 from server.serve import add_serve_arguments
-from server.settings import ServerSettings, resolve_server_settings, settings_overrides
+from server.settings import MIB, ServerSettings, default_body_limit, resolve_server_settings, settings_overrides
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -48,6 +48,10 @@ def test_env_none_words_unset_optional_settings():
     ({"max_queue": -1}, {}, "max_queue"),
     ({"request_timeout_s": 0}, {}, "request_timeout_s"),
     ({"log_level": "loud"}, {}, "log_level"),
+    ({"heartbeat_timeout_s": 0}, {}, "heartbeat_timeout_s"),
+    ({"max_body_bytes": 10}, {}, "max_body_bytes"),
+    ({"read_timeout_s": -1}, {}, "read_timeout_s"),
+    ({"shutdown_timeout_s": -1}, {}, "shutdown_timeout_s"),
 ])
 def test_invalid_settings(yaml_section, environ, match):
     with pytest.raises(ValueError, match=match):
@@ -77,3 +81,29 @@ def test_empty_values_mean_unset():
 
 def test_redacted_hides_the_key():
     assert ServerSettings(api_key="secret").redacted()["api_key"] == "***"
+
+
+def test_reliability_flags():
+    args = parse("--heartbeat-timeout", "20", "--max-body-bytes", "2000000", "--read-timeout", "10",
+                 "--shutdown-timeout", "5")
+    settings = resolve_server_settings(cli_overrides=settings_overrides(args))
+    got = (settings.heartbeat_timeout_s, settings.max_body_bytes, settings.read_timeout_s, settings.shutdown_timeout_s)
+    assert got == (20.0, 2_000_000, 10.0, 5.0)
+    defaults = ServerSettings()
+    assert defaults.heartbeat_timeout_s <= 60 and defaults.shutdown_timeout_s == 30 and defaults.max_body_bytes is None
+
+
+def test_default_body_limit_follows_the_context_within_a_few_mib():
+    assert default_body_limit(512) == MIB  # the floor
+    assert default_body_limit(65536) == 2 * MIB  # 32 bytes per token
+    assert default_body_limit(1 << 20) == 4 * MIB  # the ceiling
+
+
+def test_api_key_from_subspec_api_key():
+    """The Docker entry point leaves the key in SUBSPEC_API_KEY (never on the command line)."""
+    assert resolve_server_settings(environ={"SUBSPEC_API_KEY": "sk-env"}).api_key == "sk-env"
+    assert resolve_server_settings(environ={"SUBSPEC_API_KEY": ""}).api_key is None
+    both = {"SUBSPEC_API_KEY": "general", "SUBSPEC_SERVER_API_KEY": "specific"}
+    assert resolve_server_settings(environ=both).api_key == "specific"
+    args = parse("--api-key", "flag")
+    assert resolve_server_settings(environ=both, cli_overrides=settings_overrides(args)).api_key == "flag"
