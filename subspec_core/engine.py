@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -24,10 +24,12 @@ from subspec_core.model_source import resolve_model
 from subspec_core.offload import TargetLayers, place_layers
 from subspec_core.planner import MemoryPlan, plan_memory
 from subspec_core.quant import DraftLayers, build_substitutes
-from subspec_core.sampling import choose_tokens
+from subspec_core.sampling import choose_tokens, token_logprobs
 from subspec_core.timing import PhaseClock
 from subspec_core.tree import causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
-from subspec_core.types import FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent
+from subspec_core.types import (
+    FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent, TokenLogprob,
+)
 from subspec_core.verify import accepted_path, emitted_tokens
 from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
 
@@ -63,6 +65,22 @@ class _Decoding:
     eos: frozenset[int]
     detokenizer: IncrementalDetokenizer
     stats: RequestStats
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What one decoding step chose: tokens, draft nodes verified, and (when asked for) their logprobs."""
+
+    tokens: list[int]
+    drafted: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+def _step_logprobs(dec: _Decoding, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[TokenLogprob, ...] | None:
+    """Logprobs of the emitted `tokens` from the target logits rows that chose them; None (free) unless asked."""
+    if dec.params.logprobs is None:
+        return None
+    return token_logprobs(logits=logits, tokens=tokens, num_top=dec.params.logprobs)
 
 
 class Engine:
@@ -199,13 +217,25 @@ class Engine:
             mask = causal_chunk_mask(start=start, length=end - start, device=self.device)
             yield self._target_forward(ids[start:end], slots, slots, end, mask)
 
-    def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Prefill the prompt; logits (1, V) of its last token only (the rest are never needed)."""
+    def _prefill(self, prompt: list[int], prompt_logprobs: int | None = None
+                 ) -> tuple[torch.Tensor, tuple[TokenLogprob, ...] | None]:
+        """Prefill the prompt; logits (1, V) of its last token, and with `prompt_logprobs` set the logprobs of
+        prompt tokens 1..n-1 (scored chunk by chunk, so the (n, V) logits never exist at once)."""
         hidden = None
+        scored: list[TokenLogprob] | None = None if prompt_logprobs is None else []
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        start = 0
         for hidden in self._prefill_chunks(prompt):
-            pass
+            end = start + hidden.shape[0]
+            if scored is not None and start < len(prompt) - 1:
+                # row i (position start + i) predicts prompt token start + i + 1; the last row predicts output
+                rows = min(end, len(prompt) - 1) - start
+                logits = compute_logits(self.shape, self.shared, hidden[:rows])
+                scored.extend(token_logprobs(logits=logits, tokens=ids[start + 1:start + 1 + rows],
+                                             num_top=prompt_logprobs))
+            start = end
         assert hidden is not None
-        return compute_logits(self.shape, self.shared, hidden[-1:])
+        return compute_logits(self.shape, self.shared, hidden[-1:]), None if scored is None else tuple(scored)
 
     def close(self) -> None:
         """Release what dropping the engine would not: the page-locked registration of the host arena."""
@@ -220,7 +250,7 @@ class Engine:
             return torch.cat([compute_logits(self.shape, self.shared, h) for h in self._prefill_chunks(token_ids)])
 
     # ----------------------------------------------------------------------------------------- steps
-    def _plain_step(self, root: torch.Tensor, committed: int, dec: _Decoding) -> list[int]:
+    def _plain_step(self, root: torch.Tensor, committed: int, dec: _Decoding) -> _Step:
         """One target forward over the last token: the baseline's decoding step (vanilla and resident)."""
         start = self._clock.mark()
         slot = torch.tensor([committed], dtype=torch.long, device=self.device)
@@ -233,10 +263,10 @@ class Engine:
         values = token.tolist()
         dec.stats.verify_s += self._clock.seconds(start, end)
         dec.stats.iterations += 1
-        return values
+        return _Step(values, 0, _step_logprobs(dec, logits, token))
 
-    def _speculative_step(self, root: torch.Tensor, committed: int, depth: int, dec: _Decoding) -> tuple[list[int], int]:
-        """Draft a tree, verify it in one target forward, keep the accepted rows; returns (tokens, drafted)."""
+    def _speculative_step(self, root: torch.Tensor, committed: int, depth: int, dec: _Decoding) -> _Step:
+        """Draft a tree, verify it in one target forward, keep the accepted rows."""
         spec = self.config.speculation
         n = committed
         draft_start = self._clock.mark()
@@ -261,16 +291,19 @@ class Engine:
         )
         self.kv_cache.compact(dest_start=n, source_slots=n + path)  # keep the root's and accepted nodes' rows
         verify_end = self._clock.mark()
-        values = emitted_tokens(path=path, target_tokens=target_tokens).tolist()  # the iteration's one host sync
+        emitted = emitted_tokens(path=path, target_tokens=target_tokens)
+        values = emitted.tolist()  # the iteration's one host sync
         dec.stats.draft_s += self._clock.seconds(draft_start, verify_start)
         dec.stats.verify_s += self._clock.seconds(verify_start, verify_end)
         dec.stats.iterations += 1
         dec.stats.drafted_tokens += size - 1
         dec.stats.accepted_tokens += len(values) - 1
-        return values, size - 1
+        # each emitted token was chosen by the verify logits row of its path node (the bonus: the last one's)
+        return _Step(values, size - 1, _step_logprobs(dec, logits[path], emitted))
 
-    def _emit(self, dec: _Decoding, new_tokens: list[int], *, accept_length: int | None, drafted: int) -> TokenEvent:
+    def _emit(self, dec: _Decoding, step: _Step, *, accept_length: int | None) -> TokenEvent:
         """Apply EOS, max_tokens and stop strings to newly chosen tokens, in order, and make their event."""
+        new_tokens = step.tokens
         kept: list[int] = []
         finish = None
         for token in new_tokens:
@@ -290,7 +323,8 @@ class Engine:
         dec.stats.completion_tokens += len(kept)
         return TokenEvent(
             request_id=dec.request_id, token_ids=tuple(kept), text=text, accept_length=accept_length,
-            drafted_tokens=drafted, finish_reason=finish, stats=dec.stats if finish else None,
+            drafted_tokens=step.drafted, finish_reason=finish, stats=dec.stats if finish else None,
+            logprobs=None if step.logprobs is None else step.logprobs[: len(kept)],
         )
 
     # ----------------------------------------------------------------------------------------- the loop
@@ -330,15 +364,21 @@ class Engine:
         h2d_start = self.target_layers.h2d_bytes
         with torch.inference_mode():
             started = time.perf_counter()
-            logits = self._prefill(prompt)
+            logits, prompt_logprobs = self._prefill(prompt, params.prompt_logprobs)
             first = choose_tokens(
                 logits=logits, params=params, seed=dec.seed, positions=torch.tensor([len(prompt)], device=self.device),
                 first_position=len(prompt), num_positions=1,
             )
-            values = first.tolist()
+            step = _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
             dec.stats.prefill_s = time.perf_counter() - started
             committed = len(prompt)  # KV rows written; the last chosen token is not in the cache yet
-            event = self._emit(dec, values, accept_length=None, drafted=0)
+            if dec.budget == 0:  # scoring only: the prompt's logprobs, no output token
+                event = TokenEvent(request_id=dec.request_id, token_ids=(), text="", finish_reason=FINISH_LENGTH,
+                                   stats=dec.stats)
+            else:
+                event = self._emit(dec, step, accept_length=None)
+            event = replace(event, prompt_logprobs=prompt_logprobs)
+            values = step.tokens
             while True:
                 dec.stats.h2d_bytes = self.target_layers.h2d_bytes - h2d_start
                 yield event
@@ -349,8 +389,9 @@ class Engine:
                 if speculative and remaining > 1:
                     # a tree deeper than the tokens still allowed would only draft what gets cut
                     depth = min(self.config.speculation.max_depth, remaining - 1)
-                    values, drafted = self._speculative_step(root, committed, depth, dec)
+                    step = self._speculative_step(root, committed, depth, dec)
                 else:
-                    values, drafted = self._plain_step(root, committed, dec), 0
+                    step = self._plain_step(root, committed, dec)
+                values = step.tokens
                 committed += len(values)
-                event = self._emit(dec, values, accept_length=len(values), drafted=drafted)
+                event = self._emit(dec, step, accept_length=len(values))
