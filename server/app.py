@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
@@ -13,6 +14,7 @@ from server.admission import Admission
 from server.auth import APIKeyMiddleware
 from server.engine_client import EngineClient
 from server.errors import APIError, install_error_handlers
+from server.logprobs import TokenStrings
 from server.prompting import PromptBuilder
 from server.routes import chat, completions, health, metrics, models
 from server.serving import GenerationService
@@ -42,16 +44,18 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
                server_metrics: ServerMetrics | None = None) -> FastAPI:
     """An OpenAI-compatible app serving `model_name` through `engine_client`.
 
-    `tokenizer` is the model's tokenizer (no weights): chat template and prompt lengths are handled here,
-    before a request is queued. The app starts the engine client on startup and closes it on shutdown.
+    `tokenizer` is the model's tokenizer (no weights): chat template (or `settings.chat_template`'s) and
+    prompt lengths are handled here, before a request is queued. The app starts the engine client on startup and closes it on shutdown.
     """
     server_metrics = server_metrics if server_metrics is not None else ServerMetrics()
     admission = Admission(settings.max_queue)
     server_metrics.bind(waiting=lambda: admission.waiting, running=lambda: admission.running,
-                        engine_status=engine_client.status)
+                        engine_status=engine_client.status, model_name=model_name)
     service = GenerationService(client=engine_client, admission=admission, metrics=server_metrics,
                                 settings=settings, model_name=model_name)
-    prompts = PromptBuilder(tokenizer)
+    chat_template = None if settings.chat_template is None else Path(settings.chat_template).read_text()
+    prompts = PromptBuilder(tokenizer, chat_template)
+    strings = TokenStrings(tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -70,8 +74,8 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     app.state.admission = admission
     app.state.model_name = model_name
     app.state.started_at = int(time.time())
-    app.state.chat = ChatEndpoint(service, prompts)
-    app.state.completions = CompletionEndpoint(service, prompts)
+    app.state.chat = ChatEndpoint(service, prompts, strings)
+    app.state.completions = CompletionEndpoint(service, prompts, strings)
 
     def count_rejected(path: str, error: APIError) -> None:
         """Completion requests rejected before their route ran (validation, key); others are counted by
