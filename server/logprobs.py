@@ -41,8 +41,9 @@ class TokenStrings:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        self._byte_level = "ByteLevel" in repr(decoder)
+        decoder = repr(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None))
+        self._byte_level = "ByteLevel" in decoder
+        self._metaspace = "▁" in decoder or "Metaspace" in decoder  # SentencePiece: ▁ is a space, <0xNN> a byte
         self._byte_table = _byte_level_table() if self._byte_level else {}
         self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
         self._special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
@@ -60,15 +61,16 @@ class TokenStrings:
     def _bytes(self, token_id: int) -> bytes:
         convert = getattr(self._tokenizer, "convert_ids_to_tokens", None)
         token = convert(token_id) if convert is not None else None
-        if isinstance(token, str) and token_id not in self._special:
+        if isinstance(token, str):
+            if token_id in self._special:
+                return token.encode()
             if self._byte_level and all(c in self._byte_table for c in token):
                 return bytes(self._byte_table[c] for c in token)
-            if token.startswith("<0x") and token.endswith(">") and len(token) == 6:  # SentencePiece byte fallback
-                return bytes([int(token[3:5], 16)])
-            if "▁" in token:  # SentencePiece marks a leading space with U+2581
+            if self._metaspace:
+                if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # byte fallback
+                    return bytes([int(token[3:5], 16)])
                 return token.replace("▁", " ").encode()
-        if isinstance(token, str) and token_id in self._special:
-            return token.encode()
+        # Unknown schemes: what decoding the token alone gives (right except for split characters).
         return self._tokenizer.decode([token_id]).encode()
 
     def text(self, token_id: int) -> str:

@@ -181,6 +181,14 @@ def test_tool_choice_none_and_named(tools_server):
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tool_choice"
 
 
+def test_without_tool_support_only_tool_choice_none_is_served(http):
+    refused = http.post("/v1/chat/completions", json={"messages": MSGS, "tools": TOOLS, "max_tokens": 3})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "tools_not_supported"
+    served = http.post("/v1/chat/completions", json={"messages": MSGS, "tools": TOOLS, "tool_choice": "none",
+                                                      "max_tokens": 3})
+    assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"] == render_reply(3)[0]
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call():
     two = CALL + "\n" + CALL.replace("Paris", "Rome")
     with serve(FakeEngine(script=two, max_model_len=1024), FakeTokenizer(chat_template=HERMES_FAKE_TEMPLATE)) as server:

@@ -77,3 +77,12 @@ def test_empty_values_mean_unset():
 
 def test_redacted_hides_the_key():
     assert ServerSettings(api_key="secret").redacted()["api_key"] == "***"
+
+
+def test_chat_template_flag_names_an_existing_file(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0].content }}")
+    args = parse("--chat-template", str(template))
+    assert resolve_server_settings(cli_overrides=settings_overrides(args)).chat_template == str(template)
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_server_settings(environ={"SUBSPEC_SERVER_CHAT_TEMPLATE": str(tmp_path / "missing.jinja")})
