@@ -45,7 +45,8 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     """An OpenAI-compatible app serving `model_name` through `engine_client`.
 
     `tokenizer` is the model's tokenizer (no weights): chat template (or `settings.chat_template`'s) and
-    prompt lengths are handled here, before a request is queued. The app starts the engine client on startup and closes it on shutdown.
+    prompt lengths are handled here, before a request is queued. The app starts the engine client on startup
+    and closes it on shutdown.
     """
     server_metrics = server_metrics if server_metrics is not None else ServerMetrics()
     admission = Admission(settings.max_queue)

@@ -48,7 +48,7 @@ class ChoiceBuilder(ABC):
         """The non-streamed choice (after every event and `closing`)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
     """What an endpoint made of a request: prompt ids, decoding options, and the choice builder."""
 

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_HEADER_NAMES = 32  # unknown field names listed in X-SubSpec-Ignored-Fields
+_LOGGED_NAMES = 1024  # distinct unknown field names logged per server
+
 
 @dataclass(frozen=True)
 class Job:
@@ -74,12 +77,22 @@ class GenerationService:
                            param="model", code="model_not_found")
 
     def note_ignored(self, names: list[str]) -> dict[str, str]:
-        """Log each unknown request field the first time it is seen; the response header that lists them."""
+        """Log each unknown request field the first time it is seen; the response header that lists them.
+
+        Names come from the client: the header shows them escaped to printable ASCII (no header injection,
+        nothing Latin-1 cannot encode) and at most `_HEADER_NAMES` of them; at most `_LOGGED_NAMES` distinct
+        names are remembered, so a client inventing names cannot grow memory or the log without bound.
+        """
         for name in names:
-            if name not in self._ignored_logged:
+            if name not in self._ignored_logged and len(self._ignored_logged) < _LOGGED_NAMES:
                 self._ignored_logged.add(name)
                 logger.warning("ignoring unknown request field %r (logged once per field name)", name)
-        return {"X-SubSpec-Ignored-Fields": ", ".join(names)} if names else {}
+        if not names:
+            return {}
+        shown = [name.encode("unicode_escape").decode("ascii") for name in names[:_HEADER_NAMES]]
+        if len(names) > _HEADER_NAMES:
+            shown.append(f"... ({len(names) - _HEADER_NAMES} more)")
+        return {"X-SubSpec-Ignored-Fields": ", ".join(shown)}
 
     @staticmethod
     def check_supported(names: list[str]) -> None:

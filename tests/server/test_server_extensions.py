@@ -69,6 +69,15 @@ def test_unknown_fields_are_ignored_logged_once_and_named_in_a_header(http, capl
     assert bad.json()["error"]["param"] == "n"
 
 
+def test_hostile_field_names_cannot_break_the_header(http):
+    body = {"messages": MSGS, "max_tokens": 2, "字段": 1, "a\r\nSet-Cookie: x=1": 2,
+            **{f"f{i}": i for i in range(40)}}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and "set-cookie" not in response.headers
+    header = response.headers["X-SubSpec-Ignored-Fields"]
+    assert header.startswith("\\u5b57\\u6bb5, a\\r\\nSet-Cookie: x=1, f0, f1") and header.endswith("(10 more)")
+
+
 def test_continuous_usage_stats_put_usage_on_every_chunk(http):
     chunks = stream(http, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 8, "stream_options": {
         "include_usage": True, "continuous_usage_stats": True}})
