@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
@@ -14,6 +15,7 @@ from server.auth import APIKeyMiddleware
 from server.body_limit import BodyLimitMiddleware
 from server.engine_client import EngineClient
 from server.errors import APIError, install_error_handlers
+from server.logprobs import TokenStrings
 from server.openapi_doc import openapi_document
 from server.prompting import PromptBuilder
 from server.routes import chat, completions, health, metrics, models
@@ -45,18 +47,21 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
                server_metrics: ServerMetrics | None = None) -> FastAPI:
     """An OpenAI-compatible app serving `model_name` through `engine_client`.
 
-    `tokenizer` is the model's tokenizer (no weights): chat template and prompt lengths are handled here,
-    before a request is queued. The app starts the engine client on startup and closes it on shutdown;
-    `app.state.shutdown` drains it gracefully first (see server.shutdown.DrainingServer). Bodies are limited
-    to `settings.max_body_bytes` (1 MiB when unset; `subspec serve` sizes it from max_model_len).
+    `tokenizer` is the model's tokenizer (no weights): chat template (or `settings.chat_template`'s) and
+    prompt lengths are handled here, before a request is queued. The app starts the engine client on startup
+    and closes it on shutdown; `app.state.shutdown` drains it gracefully first (see
+    server.shutdown.DrainingServer). Bodies are limited to `settings.max_body_bytes` (1 MiB when unset;
+    `subspec serve` sizes it from max_model_len).
     """
     server_metrics = server_metrics if server_metrics is not None else ServerMetrics()
     admission = Admission(settings.max_queue)
     server_metrics.bind(waiting=lambda: admission.waiting, running=lambda: admission.running,
-                        engine_status=engine_client.status)
+                        engine_status=engine_client.status, model_name=model_name)
     service = GenerationService(client=engine_client, admission=admission, metrics=server_metrics,
                                 settings=settings, model_name=model_name)
-    prompts = PromptBuilder(tokenizer)
+    chat_template = None if settings.chat_template is None else Path(settings.chat_template).read_text()
+    prompts = PromptBuilder(tokenizer, chat_template)
+    strings = TokenStrings(tokenizer)
     shutdown = GracefulShutdown(admission=admission, service=service, timeout_s=settings.shutdown_timeout_s)
 
     @asynccontextmanager
@@ -77,8 +82,8 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     app.state.admission = admission
     app.state.model_name = model_name
     app.state.started_at = int(time.time())
-    app.state.chat = ChatEndpoint(service, prompts)
-    app.state.completions = CompletionEndpoint(service, prompts)
+    app.state.chat = ChatEndpoint(service, prompts, strings)
+    app.state.completions = CompletionEndpoint(service, prompts, strings)
     app.state.shutdown = shutdown
 
     def count_rejected(path: str, error: APIError) -> None:

@@ -1,56 +1,104 @@
 """Turn chat messages or a completion prompt into prompt token ids, with the model's own tokenizer.
 
 Runs in the API process with a weights-free tokenizer (`subspec_core.loading.load_tokenizer`), so a bad
-or too-long prompt is rejected before it is queued. Chat uses the tokenizer's chat template; the templated
-text already holds any BOS token, so it is encoded without adding special tokens again.
+or too-long prompt is rejected before it is queued. Chat uses the tokenizer's chat template (or the one the
+server was given with `--chat-template`), which also renders tools, assistant tool calls and tool results;
+the templated text already holds any BOS token, so it is encoded without adding special tokens again.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 from server.errors import APIError, bad_request
-from server.schemas import ChatMessage
+from server.schemas import ChatMessage, MessageToolCall, Tool
+from server.tool_calls import ToolFormat, tool_format_for_template
+
+# apply_chat_template arguments the server sets itself; chat_template_kwargs may not override them.
+_RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template",
+                                     "add_generation_prompt", "continue_final_message", "tokenize", "return_dict"})
+
+
+def _call_entry(call: MessageToolCall) -> dict[str, Any]:
+    """An assistant tool call as chat templates expect it: the arguments as an object (OpenAI sends JSON
+    text; templates such as Qwen2.5's render `arguments | tojson`), left as text if it is not JSON."""
+    arguments: Any = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    entry: dict[str, Any] = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    if call.id is not None:
+        entry["id"] = call.id
+    return entry
+
+
+def _message_entry(message: ChatMessage) -> dict[str, Any]:
+    entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                             "content": message.text()}
+    if message.name:
+        entry["name"] = message.name
+    if message.tool_calls:
+        entry["tool_calls"] = [_call_entry(call) for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        entry["tool_call_id"] = message.tool_call_id
+    return entry
 
 
 class PromptBuilder:
     """Chat template + tokenization for one tokenizer."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = len(tokenizer)
+        self._override = chat_template  # replaces the tokenizer's template when set
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template text chat requests are rendered with (a named set's default), or None."""
+        template = self._override or getattr(self._tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # a tokenizer with named templates
+            template = template.get("tool_use") or template.get("default")
+        return template or None
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self._tokenizer, "chat_template", None))
+        return self.chat_template is not None
 
-    def chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Prompt ids for a conversation, ending with the assistant's turn."""
+    @property
+    def tool_format(self) -> ToolFormat | None:
+        """The tool-call format the template teaches the model; None: the template has no tool support."""
+        return tool_format_for_template(self.chat_template)
+
+    def chat(self, messages: Sequence[ChatMessage], *, tools: Sequence[Tool] | None = None, reply_prefix: str = "",
+             template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Prompt ids for a conversation, ending with the assistant's turn (begun with `reply_prefix`)."""
         if not self.has_chat_template:
             raise APIError(400, "this model's tokenizer has no chat template, so /v1/chat/completions cannot "
                                 "format a conversation; use /v1/completions with a plain prompt, or serve the "
-                                "model with a tokenizer that has one (--tokenizer)",
+                                "model with a tokenizer that has one (--tokenizer) or with --chat-template FILE",
                            param="messages", code="no_chat_template")
-        conversation = []
-        for message in messages:
-            entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
-                                     "content": message.text()}
-            if message.name:
-                entry["name"] = message.name
-            conversation.append(entry)
+        extra = dict(template_kwargs or {})
+        reserved = sorted(_RESERVED_TEMPLATE_ARGS & set(extra))
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        if tools:
+            extra["tools"] = [tool.model_dump(exclude_none=True) for tool in tools]
+        if self._override is not None:
+            extra["chat_template"] = self._override
+        conversation = [_message_entry(message) for message in messages]
         try:
-            text = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+                                                       **extra)
         except Exception as exc:  # the template rejected the conversation (e.g. roles must alternate)
             raise bad_request(f"the chat template rejected these messages: {exc}", param="messages") from exc
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return list(self._tokenizer.encode(text + reply_prefix, add_special_tokens=False))
 
     def completion(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
         """Prompt ids for one completion prompt: text (special tokens added) or token ids."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise bad_request("batched prompts are not supported: send one prompt per request",
-                                  param="prompt")
-            prompt = prompt[0]
+        prompt = self.single_prompt(prompt)
         if isinstance(prompt, str):
             ids = list(self._tokenizer.encode(prompt, add_special_tokens=True)) if prompt else []
         else:
@@ -61,3 +109,17 @@ class PromptBuilder:
         if not ids:
             raise bad_request("the prompt is empty", param="prompt")
         return ids
+
+    @staticmethod
+    def single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
+        """The one prompt of a request (a one-element batch is unwrapped; larger batches are a 400)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise bad_request("batched prompts are not supported: send one prompt per request",
+                                  param="prompt")
+            return prompt[0]
+        return prompt
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of prompt ids (for `echo` of a token-id prompt), as the engine decodes output."""
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)

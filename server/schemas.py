@@ -1,9 +1,10 @@
 """Request and response schemas of the OpenAI-compatible API (the protocol layer; no logic).
 
-Requests are strict (a string is not an integer) and closed: an unknown field is a 400 that names it, as
-OpenAI does. Known OpenAI parameters this server does not implement are accepted at their default
-values and rejected with a 400 otherwise (`unsupported_parameters`), so a client never silently gets
-different behaviour than it asked for.
+Requests are strict about types (a string is not an integer) and tolerant about fields, like vLLM,
+llama.cpp and TGI: an unknown field is ignored (`ignored_fields()` names it; the server logs it once and
+lists it in the `X-SubSpec-Ignored-Fields` response header). Known parameters this server cannot honour are
+accepted at their default values and otherwise rejected with a 400 that names them
+(`unsupported_parameters()`), so a client never silently gets different output than it asked for.
 """
 
 from __future__ import annotations
@@ -12,22 +13,44 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from subspec_core.types import MAX_LOGPROBS
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = Field(False, description="Send a final chunk with token usage (and `usage: null` before).")
-    continuous_usage_stats: bool = Field(False, description="Not supported (must be false).")
-
-
-class ContentPart(BaseModel):
-    """A part of a message's content; only `{"type": "text", "text": ...}` is supported."""
+class _Tolerant(BaseModel):
+    """Strict types; unknown fields are kept aside (in `model_extra`) and reported, never used."""
 
     model_config = ConfigDict(extra="allow", strict=True)
+
+    def ignored_fields(self) -> list[str]:
+        """Unknown fields set to something (null asks for nothing), nested ones as `messages[].refusal`."""
+        names: list[str] = []
+        _collect_ignored(self, "", names)
+        return list(dict.fromkeys(names))
+
+
+def _collect_ignored(model: BaseModel, prefix: str, names: list[str]) -> None:
+    names.extend(prefix + key for key, value in (model.model_extra or {}).items() if value is not None)
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _collect_ignored(value, f"{prefix}{name}.", names)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    _collect_ignored(item, f"{prefix}{name}[].", names)
+
+
+class StreamOptions(_Tolerant):
+    include_usage: bool = Field(False, description="Send a final chunk with token usage (and `usage: null` before).")
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM extension: every chunk carries the usage so far.")
+
+
+class ContentPart(_Tolerant):
+    """A part of a message's content; only `{"type": "text", "text": ...}` is supported."""
+
     type: str
     text: str | None = None
 
@@ -39,11 +62,26 @@ class ContentPart(BaseModel):
         return value
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="`developer` is treated as `system`; tool and function messages are not supported.")
+class FunctionCall(_Tolerant):
+    name: str
+    arguments: str | dict[str, Any] = Field(description="The arguments as JSON text (an object is accepted too).")
+
+
+class MessageToolCall(_Tolerant):
+    """A tool call in an assistant message of the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Tolerant):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="`developer` is treated as `system`; `tool` carries a tool call's result.")
     content: str | list[ContentPart] | None = Field(None, description="A string or a list of text parts.")
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant message's tool calls.")
+    tool_call_id: str | None = Field(None, description="The call a `tool` message answers.")
 
     def text(self) -> str:
         """The message content as one string (text parts joined)."""
@@ -54,12 +92,37 @@ class ChatMessage(_Strict):
         return "".join(part.text or "" for part in self.content)
 
 
-class ResponseFormat(_Strict):
+class FunctionDefinition(_Tolerant):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="The arguments as a JSON Schema object.")
+    strict: bool | None = None
+
+
+class Tool(_Tolerant):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Tolerant):
+    name: str
+
+
+class NamedToolChoice(_Tolerant):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ResponseFormat(_Tolerant):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
 
-class SamplingFields(_Strict):
+def _empty(value: Any) -> bool:
+    return value is None or value == {} or value == [] or value == ""
+
+
+class SamplingFields(_Tolerant):
     """Fields shared by chat and text completions."""
 
     model: str | None = Field(None, description="The served model name (see /v1/models); defaults to it.")
@@ -73,15 +136,26 @@ class SamplingFields(_Strict):
     n: int = Field(1, description="Only 1 is supported.")
     user: str | None = Field(None, description="Accepted and ignored.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
-    # OpenAI parameters accepted only at their defaults.
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted and ignored.")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    # Parameters accepted only at their defaults (OpenAI's, then vLLM's extensions).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[str, float] | None = None
-    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
-    store: bool | None = Field(None, description="Accepted and ignored.")
-    service_tier: str | None = Field(None, description="Accepted and ignored.")
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = Field(None, description="Not supported; use /v1/completions with echo + logprobs.")
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -99,24 +173,22 @@ class SamplingFields(_Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def include_usage(self) -> bool:
+        """A final usage chunk when streaming."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def continuous_usage(self) -> bool:
+        """Usage on every streamed chunk."""
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
     def _unsupported_common(self) -> list[str]:
-        names = []
-        if self.n != 1:
-            names.append("n")
-        if self.presence_penalty != 0.0:
-            names.append("presence_penalty")
-        if self.frequency_penalty != 0.0:
-            names.append("frequency_penalty")
-        if self.repetition_penalty != 1.0:
-            names.append("repetition_penalty")
-        if self.min_p != 0.0:
-            names.append("min_p")
-        if self.logit_bias:
-            names.append("logit_bias")
-        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
-            names.append("stream_options.continuous_usage_stats")
+        defaults = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
+                    "min_tokens": 0, "include_stop_str_in_output": False, "skip_special_tokens": True,
+                    "use_beam_search": False}
+        names = [] if self.n == 1 else ["n"]
+        names += [name for name, default in defaults.items() if getattr(self, name) != default]
+        names += [name for name in ("logit_bias", "stop_token_ids", "prompt_logprobs", "guided_json", "guided_regex",
+                                    "guided_choice", "guided_grammar", "structured_outputs")
+                  if not _empty(getattr(self, name))]
         if self.stream_options is not None and not self.stream:
             names.append("stream_options (only with stream=true)")
         return names
@@ -129,17 +201,22 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, description="Deprecated alias of max_completion_tokens.")
     max_completion_tokens: int | None = Field(
         None, description="Most tokens to generate; default: the rest of the context window.")
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = Field(None, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="With logprobs: this many most likely tokens per position.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call (needs a chat template "
+                                                       "with tool support).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or a named function.")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extension: extra variables for the chat template (e.g. enable_thinking).")
+    response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"}.")
+    prediction: dict[str, Any] | None = Field(None, description="Accepted and ignored (it never changes output).")
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     web_search_options: dict[str, Any] | None = None
 
@@ -149,24 +226,16 @@ class ChatCompletionRequest(SamplingFields):
     def unsupported_parameters(self) -> list[str]:
         """Names of parameters set to values this server cannot honour."""
         names = self._unsupported_common()
-        if self.logprobs:
-            names.append("logprobs")
-        if self.top_logprobs:
-            names.append("top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
             names.append(f"response_format ({self.response_format.type})")
-        if self.tools:
-            names.append("tools")
-        if self.tool_choice not in (None, "none"):
-            names.append("tool_choice")
         if self.functions:
-            names.append("functions")
-        if self.function_call not in (None, "none"):
-            names.append("function_call")
-        if self.modalities is not None and self.modalities != ["text"]:
+            names.append("functions (use tools)")
+        if self.function_call not in (None, "none", "auto"):
+            names.append("function_call (use tool_choice)")
+        if self.modalities not in (None, [], ["text"]):
             names.append("modalities")
-        for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
-            if getattr(self, name) is not None:
+        for name in ("audio", "reasoning_effort", "web_search_options"):
+            if not _empty(getattr(self, name)):
                 names.append(name)
         return names
 
@@ -176,42 +245,58 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="One prompt: a string, or a list of token ids (a one-element list is also accepted).")
-    max_tokens: int | None = Field(16, description="Most tokens to generate (OpenAI's default: 16); "
-                                                   "null: the rest of the context window.")
-    echo: bool = False
+    max_tokens: int | None = Field(16, description="Most tokens to generate (OpenAI's default: 16); 0 only with "
+                                                   "echo; null: the rest of the context window.")
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: its tokens' "
+                                          "logprobs, the first null).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Each token's log-probability and this "
+                                                                          "many most likely tokens per position.")
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
 
     def unsupported_parameters(self) -> list[str]:
         names = self._unsupported_common()
-        if self.echo:
-            names.append("echo")
         if self.suffix:
             names.append("suffix")
         if self.best_of not in (None, 1):
             names.append("best_of")
-        if self.logprobs is not None:
-            names.append("logprobs")
         return names
 
 
-# -- responses ------------------------------------------------------------------------------------------
+# -- responses (for the OpenAPI document) ------------------------------------------------------------------
+class SpeculativeUsage(BaseModel):
+    """What speculation did for this request: target forwards after the prefill, draft tokens verified, draft
+    tokens accepted, and tokens per target forward (accepted + the bonus token)."""
+
+    iterations: int
+    drafted_tokens: int
+    accepted_tokens: int
+    mean_accept_length: float
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    speculative: SpeculativeUsage | None = None
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str
 
 
@@ -228,7 +313,7 @@ class ChatCompletionResponse(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str
 
 

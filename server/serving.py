@@ -27,11 +27,14 @@ from server.errors import APIError, bad_request
 from server.schemas import SamplingFields
 from server.settings import ServerSettings
 from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord, ServerMetrics
-from subspec_core.types import GenerationRequest, SamplingParams, TokenEvent
+from subspec_core.types import GenerationRequest, RequestStats, SamplingParams, TokenEvent
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_HEADER_NAMES = 32  # unknown field names listed in X-SubSpec-Ignored-Fields
+_LOGGED_NAMES = 1024  # distinct unknown field names logged per server
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,13 @@ class Job:
 
 @dataclass(frozen=True)
 class Completion:
-    """A non-streamed result."""
+    """A non-streamed result: its events in order, and what they add up to."""
 
     text: str
     finish_reason: str
     completion_tokens: int
+    events: tuple[TokenEvent, ...] = ()
+    stats: RequestStats | None = None
 
 
 class ClientGone(Exception):
@@ -96,12 +101,31 @@ class GenerationService:
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_future()
         return self._stopping
+        self._ignored_logged: set[str] = set()  # unknown request fields already logged (once per name)
 
     # -- checks, in the order a request meets them ------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
+
+    def note_ignored(self, names: list[str]) -> dict[str, str]:
+        """Log each unknown request field the first time it is seen; the response header that lists them.
+
+        Names come from the client: the header shows them escaped to printable ASCII (no header injection,
+        nothing Latin-1 cannot encode) and at most `_HEADER_NAMES` of them; at most `_LOGGED_NAMES` distinct
+        names are remembered, so a client inventing names cannot grow memory or the log without bound.
+        """
+        for name in names:
+            if name not in self._ignored_logged and len(self._ignored_logged) < _LOGGED_NAMES:
+                self._ignored_logged.add(name)
+                logger.warning("ignoring unknown request field %r (logged once per field name)", name)
+        if not names:
+            return {}
+        shown = [name.encode("unicode_escape").decode("ascii") for name in names[:_HEADER_NAMES]]
+        if len(names) > _HEADER_NAMES:
+            shown.append(f"... ({len(names) - _HEADER_NAMES} more)")
+        return {"X-SubSpec-Ignored-Fields": ", ".join(shown)}
 
     @staticmethod
     def check_supported(names: list[str]) -> None:
@@ -122,8 +146,10 @@ class GenerationService:
 
     @staticmethod
     def sampling_params(request: SamplingFields, *, prompt_len: int, max_model_len: int, max_tokens: int | None,
-                        max_tokens_param: str, prompt_param: str) -> SamplingParams:
-        """OpenAI fields -> SamplingParams, checking the context window. max_tokens None: fill it."""
+                        max_tokens_param: str, prompt_param: str, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None, min_tokens: int = 1) -> SamplingParams:
+        """OpenAI fields -> SamplingParams, checking the context window. max_tokens None: fill it; it may be 0
+        only where `min_tokens` is 0 (an echo that just scores the prompt)."""
         remaining = max_model_len - prompt_len
         if remaining < 1:
             raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, your "
@@ -131,8 +157,9 @@ class GenerationService:
                               f"shorten the prompt.", param=prompt_param, code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = remaining
-        elif max_tokens < 1:
-            raise bad_request(f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param,
+        elif max_tokens < min_tokens:
+            raise bad_request(f"{max_tokens_param} must be at least {min_tokens}, got {max_tokens}"
+                              + (" (0 is allowed with echo)" if max_tokens == 0 else ""), param=max_tokens_param,
                               code="invalid_value")
         elif max_tokens > remaining:
             raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you "
@@ -150,6 +177,8 @@ class GenerationService:
                 seed=secrets.randbits(63) if request.seed is None else request.seed,
                 stop=request.stop_strings(),
                 ignore_eos=request.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
@@ -248,18 +277,20 @@ class GenerationService:
         return consume.result()
 
     async def _collect(self, job: Job, ticket: Ticket, record: RequestRecord) -> Completion:
-        parts: list[str] = []
+        collected: list[TokenEvent] = []
         tokens = 0
         finish_reason = "stop"
+        stats = None
         async with aclosing(self.events(job, ticket, record)) as events:
             async for event in events:
-                parts.append(event.text)
+                collected.append(event)
                 tokens += len(event.token_ids)
                 if event.finished:
                     finish_reason = event.finish_reason or "stop"
+                    stats = event.stats
                     if event.stats is not None and event.stats.completion_tokens:
                         tokens = event.stats.completion_tokens
-        return Completion("".join(parts), finish_reason, tokens)
+        return Completion("".join(e.text for e in collected), finish_reason, tokens, tuple(collected), stats)
 
 
 async def _client_gone(raw_request: Request) -> None:
@@ -270,6 +301,12 @@ async def _client_gone(raw_request: Request) -> None:
             return
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, stats: RequestStats | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; with the request's final stats, also `speculative` (what speculation did)."""
+    body: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+    if stats is not None:
+        body["speculative"] = {"iterations": stats.iterations, "drafted_tokens": stats.drafted_tokens,
+                               "accepted_tokens": stats.accepted_tokens,
+                               "mean_accept_length": round(stats.mean_accept_length, 4)}
+    return body

@@ -1,44 +1,151 @@
-"""POST /v1/chat/completions: messages through the chat template; `chat.completion(.chunk)` bodies."""
+"""POST /v1/chat/completions: messages (and tools) through the chat template; `chat.completion(.chunk)` bodies.
+
+Tools: the template renders them; `tool_choice` "required" or a named function begins the assistant's reply
+with the format's call opening (no constrained decoding yet), and the reply is parsed into `tool_calls` with
+the parser of the template's format (server/tool_calls.py); `none` leaves the tools out entirely.
+"""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from server.endpoint import OpenAIEndpoint
-from server.schemas import ChatCompletionRequest
-from server.serving import Completion, Job, usage
+from server.endpoint import ChoiceBuilder, OpenAIEndpoint, Prepared
+from server.errors import APIError, bad_request
+from server.logprobs import TokenStrings, chat_logprobs
+from server.schemas import ChatCompletionRequest, NamedToolChoice, Tool
+from server.tool_calls import Parsed, ToolCallParser, ToolFormat
+from subspec_core.types import TokenEvent, TokenLogprob
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How one request uses tools: what the template renders, how the reply begins and is parsed."""
+
+    tools: list[Tool] | None = None
+    format: ToolFormat | None = None
+    reply_prefix: str = ""
+    max_calls: int | None = None  # None: as many as the model makes
+
+
+class ChatChoiceBuilder(ChoiceBuilder):
+    """Content (or tool calls) and logprobs of one chat reply, streamed as deltas and folded into a message."""
+
+    def __init__(self, *, strings: TokenStrings, logprobs: bool, parser: ToolCallParser | None = None,
+                 reply_prefix: str = "", max_calls: int | None = None) -> None:
+        self._strings = strings
+        self._want_logprobs = logprobs
+        self._parser = parser
+        self._max_calls = max_calls
+        self._content: list[str] = []
+        self._calls: list[dict[str, Any]] = []
+        self._entries: list[TokenLogprob] = []
+        self._finish = "stop"
+        if parser is not None and reply_prefix:
+            # the reply's forced opening is part of what the parser reads (it is the start of a call)
+            self._held = parser.feed(reply_prefix)
+        else:
+            self._held = Parsed()
+
+    def opening(self) -> dict[str, Any]:
+        # OpenAI's first chunk carries the role and an empty content.
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def _delta(self, parsed: Parsed) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if parsed.content:
+            self._content.append(parsed.content)
+            delta["content"] = parsed.content
+        calls = []
+        for call in parsed.calls:
+            if self._max_calls is not None and len(self._calls) >= self._max_calls:
+                break  # parallel_tool_calls false, or a named tool_choice: one call
+            entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                     "function": {"name": call.name, "arguments": call.arguments}}
+            calls.append({"index": len(self._calls), **entry})
+            self._calls.append(entry)
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def on_event(self, event: TokenEvent) -> dict[str, Any] | None:
+        if self._parser is None:
+            parsed = Parsed(event.text)
+        else:
+            fed = self._parser.feed(event.text)
+            parsed = Parsed(self._held.content + fed.content, self._held.calls + fed.calls)
+            self._held = Parsed()
+        delta = self._delta(parsed)
+        logprobs = None
+        if self._want_logprobs and event.logprobs:
+            self._entries.extend(event.logprobs)
+            logprobs = chat_logprobs(event.logprobs, self._strings)
+        if not delta and logprobs is None:
+            return None
+        return {"index": 0, "delta": delta or {"content": ""}, "logprobs": logprobs, "finish_reason": None}
+
+    def closing(self, finish_reason: str) -> list[dict[str, Any]]:
+        choices = []
+        if self._parser is not None:
+            delta = self._delta(self._parser.finish())
+            if delta:
+                choices.append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
+        self._finish = "tool_calls" if self._calls else finish_reason
+        choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": self._finish})
+        return choices
+
+    def whole(self) -> dict[str, Any]:
+        content = "".join(self._content)
+        message: dict[str, Any] = {"role": "assistant", "content": content if content or not self._calls else None}
+        if self._calls:
+            message["tool_calls"] = self._calls
+        logprobs = chat_logprobs(self._entries, self._strings) if self._want_logprobs else None
+        return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": self._finish}
 
 
 class ChatEndpoint(OpenAIEndpoint):
     endpoint = "/v1/chat/completions"
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
+    body_object = "chat.completion"
     prompt_param = "messages"
 
-    def prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
-        return self.prompts.chat(request.messages)
+    def tool_plan(self, request: ChatCompletionRequest) -> ToolPlan:
+        """Check tools and tool_choice against each other and the chat template (400s), and plan the reply."""
+        choice = request.tool_choice
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if not request.tools:
+            if named is not None or choice == "required":
+                raise bad_request("tool_choice requires tools: give the functions the model may call in `tools`",
+                                  param="tool_choice")
+            return ToolPlan()
+        if choice == "none":  # the model may not call tools: it is not told about them, its reply is not parsed
+            return ToolPlan()
+        fmt = self.prompts.tool_format
+        if fmt is None:
+            raise APIError(400, "this model's chat template has no tool support (it shows no tool-call format this "
+                                "server can parse: Hermes <tool_call> or Llama 3.1 JSON); serve it with "
+                                "--chat-template FILE pointing to a template that renders tools",
+                           param="tools", code="tools_not_supported")
+        if named is not None and named not in {tool.function.name for tool in request.tools}:
+            raise bad_request(f"tool_choice names the function {named!r}, which is not in tools", param="tool_choice")
+        forced = named is not None or choice == "required"
+        return ToolPlan(tools=request.tools, format=fmt, reply_prefix=fmt.forced_prefix(named) if forced else "",
+                        max_calls=1 if named is not None or request.parallel_tool_calls is False else None)
 
-    def max_tokens(self, request: ChatCompletionRequest) -> tuple[int | None, str]:
+    def prepare(self, request: ChatCompletionRequest) -> Prepared:
+        if request.top_logprobs and not request.logprobs:
+            raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
+        plan = self.tool_plan(request)
+        prompt_ids = self.prompts.chat(request.messages, tools=plan.tools, reply_prefix=plan.reply_prefix,
+                                       template_kwargs=request.chat_template_kwargs)
         if request.max_completion_tokens is not None:
-            return request.max_completion_tokens, "max_completion_tokens"
-        return request.max_tokens, "max_tokens"
-
-    def opening_choice(self) -> dict[str, Any]:
-        # OpenAI's first chunk carries the role and an empty content.
-        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-
-    def text_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        delta = {"content": text} if finish_reason is None else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-    def response_body(self, job: Job, created: int, result: Completion) -> dict[str, Any]:
-        return {
-            "id": job.request_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": self.service.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": usage(len(job.prompt_ids), result.completion_tokens),
-            "system_fingerprint": None,
-        }
+            max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, param = request.max_tokens, "max_tokens"
+        builder = ChatChoiceBuilder(strings=self.strings, logprobs=bool(request.logprobs),
+                                    parser=None if plan.format is None else plan.format.parser(),
+                                    reply_prefix=plan.reply_prefix, max_calls=plan.max_calls)
+        return Prepared(prompt_ids, builder, max_tokens, param,
+                        logprobs=(request.top_logprobs or 0) if request.logprobs else None)

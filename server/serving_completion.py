@@ -1,39 +1,71 @@
-"""POST /v1/completions: a plain prompt (text or token ids); `text_completion` bodies."""
+"""POST /v1/completions: a plain prompt (text or token ids); `text_completion` bodies, with `echo` and the
+legacy `logprobs` object (with echo: the prompt's tokens too, scored by the prefill)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-from server.endpoint import OpenAIEndpoint
+from server.endpoint import ChoiceBuilder, OpenAIEndpoint, Prepared
+from server.logprobs import CompletionLogprobs, TokenStrings, merge_completion_logprobs
 from server.schemas import CompletionRequest
-from server.serving import Completion, Job, usage
+from subspec_core.types import TokenEvent
+
+
+class CompletionChoiceBuilder(ChoiceBuilder):
+    """Text and logprobs of one completion (the echoed prompt first), streamed and whole."""
+
+    def __init__(self, *, strings: TokenStrings, logprobs: bool, echo_text: str | None = None,
+                 prompt_ids: Sequence[int] = ()) -> None:
+        self._logprobs = CompletionLogprobs(strings) if logprobs else None
+        self._echo = echo_text
+        self._prompt_ids = tuple(prompt_ids)
+        self._text: list[str] = []
+        self._parts: list[dict[str, Any]] = []
+        self._finish = "stop"
+
+    def on_event(self, event: TokenEvent) -> dict[str, Any] | None:
+        text = event.text
+        ids: tuple[int, ...] = event.token_ids
+        entries: tuple = event.logprobs or ()
+        if self._echo is not None:  # the first event: the prompt goes first
+            text = self._echo + text
+            ids = self._prompt_ids + ids
+            scored = event.prompt_logprobs or (None,) * (len(self._prompt_ids) - 1)
+            entries = (None, *scored, *entries)  # nothing predicts the first prompt token
+            self._echo = None
+        logprobs = None
+        if self._logprobs is not None and ids:
+            logprobs = self._logprobs.add(entries, ids)
+            self._parts.append(logprobs)
+        if not text and logprobs is None:
+            return None
+        self._text.append(text)
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}
+
+    def closing(self, finish_reason: str) -> list[dict[str, Any]]:
+        self._finish = finish_reason
+        return [{"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}]
+
+    def whole(self) -> dict[str, Any]:
+        logprobs = None if self._logprobs is None else merge_completion_logprobs(self._parts)
+        return {"index": 0, "text": "".join(self._text), "logprobs": logprobs, "finish_reason": self._finish}
 
 
 class CompletionEndpoint(OpenAIEndpoint):
     endpoint = "/v1/completions"
     id_prefix = "cmpl"
     chunk_object = "text_completion"
+    body_object = "text_completion"
     prompt_param = "prompt"
 
-    def prompt_ids(self, request: CompletionRequest) -> list[int]:
-        return self.prompts.completion(request.prompt)
-
-    def max_tokens(self, request: CompletionRequest) -> tuple[int | None, str]:
-        return request.max_tokens, "max_tokens"
-
-    def opening_choice(self) -> None:
-        return None
-
-    def text_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-    def response_body(self, job: Job, created: int, result: Completion) -> dict[str, Any]:
-        return {
-            "id": job.request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": self.service.model_name,
-            "choices": [self.text_choice(result.text, result.finish_reason)],
-            "usage": usage(len(job.prompt_ids), result.completion_tokens),
-            "system_fingerprint": None,
-        }
+    def prepare(self, request: CompletionRequest) -> Prepared:
+        prompt = self.prompts.single_prompt(request.prompt)
+        prompt_ids = self.prompts.completion(prompt)
+        echo_text = None
+        if request.echo:
+            echo_text = prompt if isinstance(prompt, str) else self.prompts.decode(prompt_ids)
+        builder = CompletionChoiceBuilder(strings=self.strings, logprobs=request.logprobs is not None,
+                                          echo_text=echo_text, prompt_ids=prompt_ids)
+        return Prepared(prompt_ids, builder, request.max_tokens, "max_tokens", logprobs=request.logprobs,
+                        prompt_logprobs=request.logprobs if request.echo else None,
+                        min_tokens=0 if request.echo else 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -62,6 +63,9 @@ class ServerSettings:
               "may finish for this many seconds before it is ended with an error event",
         "--shutdown-timeout", metavar="S")
     log_level: str = _setting("info", f"one of {', '.join(LOG_LEVELS)}")
+    chat_template: str | None = _setting(
+        None, "a Jinja chat template file used instead of the tokenizer's (e.g. one that renders tools)",
+        metavar="FILE")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -86,6 +90,8 @@ class ServerSettings:
             raise ValueError("server.max_worker_start_failures must be >= 1")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"server.log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ValueError(f"server.chat_template: no such file: {self.chat_template}")
 
     def redacted(self) -> dict[str, Any]:
         """Plain-data view for logging, without the secret."""

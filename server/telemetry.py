@@ -1,5 +1,12 @@
 """Prometheus metrics (prefix `subspec_`), in a registry owned by one app (never the global one).
 
+Speculation is also counted under vLLM's spec-decode names and semantics (`vllm:spec_decode_num_drafts`,
+`..._num_draft_tokens`, `..._num_accepted_tokens`, `..._num_accepted_tokens_per_pos`, labelled by
+`model_name` and `engine`), so dashboards and benchmark tools built for vLLM read them unchanged (e.g. mean
+acceptance length = 1 + accepted / drafts). A draft is one verified tree; its draft tokens are the tree's
+verified nodes; accepted tokens exclude the bonus token; position p counts drafts whose path accepted at
+least p + 1 tokens.
+
 `ServerMetrics` holds the metric objects; `RequestRecord` measures one request (queue time, time to first
 token, inter-token gaps, speculation counters, end-to-end latency) and records its outcome exactly once.
 """
@@ -78,10 +85,23 @@ class ServerMetrics:
         self.throughput_hist = Histogram("subspec_request_generation_throughput_tokens_per_second",
                                          "Generated tokens per second per finished request",
                                          buckets=_THROUGHPUT_BUCKETS, registry=r)
+        labels = ["model_name", "engine"]
+        self.vllm_drafts = Counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts (verified trees)",
+                                   labels, registry=r)
+        self.vllm_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens (verified "
+                                         "tree nodes)", labels, registry=r)
+        self.vllm_accepted_tokens = Counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens",
+                                            labels, registry=r)
+        self.vllm_accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                             "Accepted tokens per draft position", [*labels, "position"], registry=r)
+        self.model_name = ""
 
     def bind(self, *, waiting: Callable[[], int], running: Callable[[], int],
-             engine_status: Callable[[], dict[str, Any]]) -> None:
-        """Read the live gauges from their owners at scrape time."""
+             engine_status: Callable[[], dict[str, Any]], model_name: str = "") -> None:
+        """Read the live gauges from their owners at scrape time; label the vLLM-named counters."""
+        self.model_name = model_name
+        for counter in (self.vllm_drafts, self.vllm_draft_tokens, self.vllm_accepted_tokens):
+            counter.labels(model_name=model_name, engine="0")  # exported (at 0) before the first request
         self.queue_depth.set_function(lambda: float(waiting()))
         self.running.set_function(lambda: float(running()))
         self.registry.register(_EngineStateCollector(engine_status))
@@ -129,8 +149,18 @@ class RequestRecord:
             self._m.iterations.inc()
         if event.drafted_tokens:
             self._m.drafted.inc(event.drafted_tokens)
+            self._on_draft(event.drafted_tokens, max((event.accept_length or 1) - 1, 0))
         if event.stats is not None:
             self._on_stats(event.stats)
+
+    def _on_draft(self, draft_tokens: int, accepted: int) -> None:
+        """One verified tree, in vLLM's terms."""
+        labels = {"model_name": self._m.model_name, "engine": "0"}
+        self._m.vllm_drafts.labels(**labels).inc()
+        self._m.vllm_draft_tokens.labels(**labels).inc(draft_tokens)
+        self._m.vllm_accepted_tokens.labels(**labels).inc(accepted)
+        for position in range(accepted):
+            self._m.vllm_accepted_per_pos.labels(**labels, position=str(position)).inc()
 
     def _on_stats(self, stats: RequestStats) -> None:
         self._m.prefill_seconds.inc(stats.prefill_s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -25,10 +25,12 @@ from subspec_core.model_source import resolve_model
 from subspec_core.offload import TargetLayers, place_layers
 from subspec_core.planner import MemoryPlan, plan_memory
 from subspec_core.quant import DraftLayers, build_substitutes
-from subspec_core.sampling import choose_tokens
+from subspec_core.sampling import choose_tokens, token_logprobs
 from subspec_core.timing import PhaseClock
 from subspec_core.tree import causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
-from subspec_core.types import FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent
+from subspec_core.types import (
+    FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent, TokenLogprob,
+)
 from subspec_core.verify import accepted_path, emitted_tokens
 from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
 
@@ -65,6 +67,22 @@ class _Decoding:
     detokenizer: IncrementalDetokenizer
     stats: RequestStats
     cancelled: CancelCheck | None = None  # asked between draft levels and before each target layer
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What one decoding step chose: tokens, draft nodes verified, and (when asked for) their logprobs."""
+
+    tokens: list[int]
+    drafted: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+def _step_logprobs(dec: _Decoding, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[TokenLogprob, ...] | None:
+    """Logprobs of the emitted `tokens` from the target logits rows that chose them; None (free) unless asked."""
+    if dec.params.logprobs is None:
+        return None
+    return token_logprobs(logits=logits, tokens=tokens, num_top=dec.params.logprobs)
 
 
 @dataclass
@@ -233,13 +251,25 @@ class Engine:
             bias = attention_bias(causal_chunk_mask(start=start, length=end - start, device=self.device), self._dtype)
             yield self._target_forward(ids[start:end], slots, slots, end, bias, cancelled)
 
-    def _prefill(self, prompt: list[int], cancelled: CancelCheck | None = None) -> torch.Tensor:
-        """Prefill the prompt; logits (1, V) of its last token only (the rest are never needed)."""
+    def _prefill(self, prompt: list[int], prompt_logprobs: int | None = None, cancelled: CancelCheck | None = None
+                 ) -> tuple[torch.Tensor, tuple[TokenLogprob, ...] | None]:
+        """Prefill the prompt; logits (1, V) of its last token, and with `prompt_logprobs` set the logprobs of
+        prompt tokens 1..n-1 (scored chunk by chunk, so the (n, V) logits never exist at once)."""
         hidden = None
+        scored: list[TokenLogprob] | None = None if prompt_logprobs is None else []
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device) if scored is not None else None
+        start = 0
         for hidden in self._prefill_chunks(prompt, cancelled):
-            pass
+            end = start + hidden.shape[0]
+            if scored is not None and start < len(prompt) - 1:
+                # row i (position start + i) predicts prompt token start + i + 1; the last row predicts output
+                rows = min(end, len(prompt) - 1) - start
+                logits = compute_logits(self.shape, self.shared, hidden[:rows])
+                scored.extend(token_logprobs(logits=logits, tokens=ids[start + 1 : start + 1 + rows],
+                                             num_top=prompt_logprobs))
+            start = end
         assert hidden is not None
-        return compute_logits(self.shape, self.shared, hidden[-1:])
+        return compute_logits(self.shape, self.shared, hidden[-1:]), None if scored is None else tuple(scored)
 
     def close(self) -> None:
         """Release what dropping the engine would not: the page-locked registration of the host arena."""
@@ -254,7 +284,7 @@ class Engine:
             return torch.cat([compute_logits(self.shape, self.shared, h) for h in self._prefill_chunks(token_ids)])
 
     # ----------------------------------------------------------------------------------------- steps
-    def _plain_step(self, cursor: _Cursor, committed: int, dec: _Decoding) -> list[int]:
+    def _plain_step(self, cursor: _Cursor, committed: int, dec: _Decoding) -> _Step:
         """One target forward over the last token: the baseline's decoding step (vanilla and resident)."""
         start = self._clock.mark()
         logits = self._decoding_logits(dec, cursor.root, cursor.length, cursor.length, committed + 1, None)
@@ -268,10 +298,10 @@ class Engine:
         values = token.tolist()  # the step's one host sync
         dec.stats.verify_s += self._clock.seconds(start, end)
         dec.stats.iterations += 1
-        return values
+        return _Step(values, 0, _step_logprobs(dec, logits, token))
 
-    def _speculative_step(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> tuple[list[int], int]:
-        """Draft a tree, verify it in one target forward, keep the accepted rows; returns (tokens, drafted)."""
+    def _speculative_step(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> _Step:
+        """Draft a tree, verify it in one target forward, keep the accepted rows."""
         assert self.drafter is not None
         spec = self.config.speculation
         n = committed
@@ -304,10 +334,14 @@ class Engine:
         dec.stats.iterations += 1
         dec.stats.drafted_tokens += size - 1
         dec.stats.accepted_tokens += len(values) - 1
-        return values, size - 1
+        # each emitted token was chosen by the verify logits row of its path node (the bonus: the last one's);
+        # asked-for logprobs cost a second read, requests without them keep the one
+        nodes = path.nodes[: len(values)]
+        return _Step(values, size - 1, _step_logprobs(dec, logits.index_select(0, nodes), emitted[: len(values)]))
 
-    def _emit(self, dec: _Decoding, new_tokens: list[int], *, accept_length: int | None, drafted: int) -> TokenEvent:
+    def _emit(self, dec: _Decoding, step: _Step, *, accept_length: int | None) -> TokenEvent:
         """Apply EOS, max_tokens and stop strings to newly chosen tokens, in order, and make their event."""
+        new_tokens = step.tokens
         kept: list[int] = []
         finish = None
         for token in new_tokens:
@@ -327,7 +361,8 @@ class Engine:
         dec.stats.completion_tokens += len(kept)
         return TokenEvent(
             request_id=dec.request_id, token_ids=tuple(kept), text=text, accept_length=accept_length,
-            drafted_tokens=drafted, finish_reason=finish, stats=dec.stats if finish else None,
+            drafted_tokens=step.drafted, finish_reason=finish, stats=dec.stats if finish else None,
+            logprobs=None if step.logprobs is None else step.logprobs[: len(kept)],
         )
 
     # ----------------------------------------------------------------------------------------- the loop
@@ -376,16 +411,21 @@ class Engine:
         h2d_start = self.target_layers.h2d_bytes
         with torch.inference_mode():
             started = time.perf_counter()
-            logits = self._prefill(prompt, cancelled)
+            logits, prompt_logprobs = self._prefill(prompt, params.prompt_logprobs, cancelled)
             length = torch.full((1,), len(prompt), dtype=torch.long, device=self.device)
             first = choose_tokens(
                 logits=logits, params=params, seed=dec.seed, positions=length, first_position=len(prompt), num_positions=1
             )
             cursor = _Cursor(length=length, root=first)
-            values = first.tolist()
+            step = _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
             dec.stats.prefill_s = time.perf_counter() - started
             committed = len(prompt)  # KV rows written; the last chosen token is not in the cache yet
-            event = self._emit(dec, values, accept_length=None, drafted=0)
+            if dec.budget == 0:  # scoring only: the prompt's logprobs, no output token
+                event = TokenEvent(request_id=dec.request_id, token_ids=(), text="", finish_reason=FINISH_LENGTH,
+                                   stats=dec.stats)
+            else:
+                event = self._emit(dec, step, accept_length=None)
+            event = replace(event, prompt_logprobs=prompt_logprobs)
             while True:
                 dec.stats.h2d_bytes = self.target_layers.h2d_bytes - h2d_start
                 yield event
@@ -395,8 +435,8 @@ class Engine:
                 if speculative and remaining > 1:
                     # a tree deeper than the tokens still allowed would only draft what gets cut
                     depth = min(self.config.speculation.max_depth, remaining - 1)
-                    values, drafted = self._speculative_step(cursor, committed, depth, dec)
+                    step = self._speculative_step(cursor, committed, depth, dec)
                 else:
-                    values, drafted = self._plain_step(cursor, committed, dec), 0
-                committed += len(values)
-                event = self._emit(dec, values, accept_length=len(values), drafted=drafted)
+                    step = self._plain_step(cursor, committed, dec)
+                committed += len(step.tokens)
+                event = self._emit(dec, step, accept_length=len(step.tokens))

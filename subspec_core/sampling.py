@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from subspec_core.types import SamplingParams
+from subspec_core.types import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 
@@ -74,3 +74,24 @@ def target_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.
     if params.greedy:
         return torch.nn.functional.one_hot(torch.argmax(logits, -1), logits.shape[-1]).float()
     return torch.softmax(process_logits(logits, params), dim=-1)
+
+
+def token_logprobs(*, logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> tuple[TokenLogprob, ...]:
+    """Each row's chosen token's log-probability and its `num_top` most likely tokens.
+
+    logits (n, V) are the target's raw logits at the positions that chose `tokens` (n,): the values are
+    log_softmax of those logits in float32 (before temperature, top-k, top-p), which is what OpenAI and vLLM
+    report whatever the sampling settings. One host transfer for all rows.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    chosen = logprobs.gather(-1, tokens[:, None].long()).squeeze(-1)  # (n,)
+    k = min(num_top, logprobs.shape[-1])
+    if k:
+        top_values, top_ids = torch.topk(logprobs, k, dim=-1)  # (n, k), most likely first
+        top_rows = zip(top_ids.tolist(), top_values.tolist())
+    else:
+        top_rows = (((), ()) for _ in range(tokens.shape[0]))
+    return tuple(
+        TokenLogprob(token_id=token, logprob=value, top=tuple(zip(ids, values)))
+        for token, value, (ids, values) in zip(tokens.tolist(), chosen.tolist(), top_rows)
+    )

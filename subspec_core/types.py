@@ -11,6 +11,8 @@ FINISH_STOP = "stop"  # EOS token or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context limit
 FINISH_ABORT = "abort"  # the caller stopped consuming (client gone, deadline)
 
+MAX_LOGPROBS = 20  # most alternatives per position a request may ask for (OpenAI's chat limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,10 +25,15 @@ class SamplingParams:
     seed: int | None = None  # None: the engine's default seed
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities under the target: None is off (and costs nothing); n reports each token's logprob
+    # and its n most likely alternatives. `prompt_logprobs` does the same for prompt tokens 1.. (from the
+    # prefill), which with max_tokens == 0 scores a prompt without generating.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0 (0 only scores the prompt)")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -35,6 +42,10 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
@@ -89,12 +100,26 @@ class RequestStats:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability at its position under the target, and the most likely tokens there.
+
+    Values are log_softmax of the target's raw logits (before temperature, top-k and top-p), as OpenAI
+    and vLLM report them; `top` holds (token id, logprob) pairs, most likely first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """What one engine step emits: new tokens and their text, and on the last event why it finished.
 
     `accept_length` is the number of tokens this target forward produced (None for the prefill's token);
     `text` is the newly final text: held-back pieces (an incomplete UTF-8 sequence, a possible stop-string
-    prefix) arrive in a later event. The last event has `finish_reason` set and carries `stats`.
+    prefix) arrive in a later event. The last event has `finish_reason` set and carries `stats`. With
+    `SamplingParams.logprobs` set, `logprobs` has one entry per token in `token_ids`.
     """
 
     request_id: str
@@ -104,6 +129,8 @@ class TokenEvent:
     drafted_tokens: int = 0
     finish_reason: str | None = None
     stats: RequestStats | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token_ids entry, when requested
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # first event only: prompt tokens 1..n-1
 
     @property
     def finished(self) -> bool:

@@ -12,9 +12,11 @@ from typing import Iterator
 
 import pytest
 
-from tests.server.server_harness import ServeProcess
+from tests.server.server_harness import REPO_ROOT, ServeProcess
 
 API_KEY = "sk-subspec-test"
+# A Hermes-style template that gives the default model tool support (its own template has none).
+HERMES_TEMPLATE = REPO_ROOT / "tests" / "server" / "data" / "hermes_tools.jinja"
 # The default model as the paper runs big ones (every layer streamed, 4-bit substitute draft), with a
 # small tree and context so each iteration is cheap on a CPU.
 REAL_ENGINE = {
@@ -56,3 +58,9 @@ def real_server_queue1(tmp_path_factory: pytest.TempPathFactory, default_model_p
 def real_server_deadline(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Iterator[ServeProcess]:
     """Requests get 3 s from arrival to their last token."""
     yield from _serve(tmp_path_factory, "deadline", {"request_timeout_s": 3})
+
+
+@pytest.fixture(scope="session")
+def real_server_tools(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Iterator[ServeProcess]:
+    """No API key, and the Hermes-style test template (`--chat-template`): tool calls and the README examples."""
+    yield from _serve(tmp_path_factory, "tools", {}, "--chat-template", str(HERMES_TEMPLATE))

@@ -2,10 +2,10 @@
 
 One character is one token (the token id is its code point). The engine "generates" a fixed script,
 `chars_per_event` tokens per iteration, sleeping `delay_s` per iteration, and honours max_tokens, stop
-strings and ignore_eos. An iteration is `levels_per_event` equal "levels" (like draft levels); the
-`cancelled` check is asked before each, and each started level is appended to `trace_path` (if set) as
-"request_id event level", so a test in another process can count the work done after an abort.
-Prompts containing a trigger word misbehave on purpose:
+strings, ignore_eos and logprobs (`fake_logprob`: made-up but deterministic values, the chosen token first).
+An iteration is `levels_per_event` equal "levels" (like draft levels); the `cancelled` check is asked before
+each, and each started level is appended to `trace_path` (if set) as "request_id event level", so a test in
+another process can count the work done after an abort. Prompts containing a trigger word misbehave on purpose:
   RAISE_VALUE    generate() raises ValueError before any output (-> HTTP 400)
   RAISE_RUNTIME  raises RuntimeError after the first event (-> 500 for that request only)
   EXIT_WORKER    kills the process after the first event (worker-crash tests; process client only)
@@ -15,21 +15,27 @@ Everything is module level and picklable, so a spawned worker can build it from 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from subspec_core.types import FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, TokenEvent
+from subspec_core.types import FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, TokenEvent, TokenLogprob
 
 SCRIPT = "Hello! 你好，世界。This is a fake reply from a fake engine."
 
 
+HERMES_FAKE_TEMPLATE = "fake-template with tools as <tool_call>...</tool_call>"
+
+
 class FakeTokenizer:
-    """Code-point tokenizer with a trivial chat template (or none)."""
+    """Code-point tokenizer with a trivial chat template (or none). With `HERMES_FAKE_TEMPLATE` as its
+    template it "supports tools" in the Hermes format: tools and calls are rendered as JSON lines."""
 
     def __init__(self, chat_template: str | None = "fake-template") -> None:
         self.chat_template = chat_template
+        self.template_calls: list[dict] = []  # keyword arguments of each apply_chat_template call
 
     def __len__(self) -> int:
         return 0x110000
@@ -37,16 +43,26 @@ class FakeTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in text]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], **kwargs: object) -> str:
         return "".join(chr(i) for i in ids)
 
     def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False) -> str:
+                            tokenize: bool = False, tools: list[dict] | None = None, **kwargs: object) -> str:
+        self.template_calls.append({"tools": tools, **kwargs})
         roles = [m["role"] for m in conversation]
         if roles.count("system") > 1:
             raise ValueError("only one system message is allowed")
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in conversation)
+        text = "".join(f"<tools>{json.dumps(tool)}\n" for tool in tools or ())
+        for m in conversation:
+            calls = "".join(f"<tool_call>{json.dumps(c['function'])}</tool_call>" for c in m.get("tool_calls", ()))
+            text += f"<{m['role']}>{m['content']}{calls}\n"
         return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def fake_logprob(token_id: int, position: int, top: int) -> TokenLogprob:
+    """The fake engine's logprob for `token_id` at `position`, with `top` alternatives (it is the first)."""
+    value = -0.25 * (position % 4) - 0.125
+    return TokenLogprob(token_id, value, tuple((token_id + k, value - k) for k in range(top)))
 
 
 def render_reply(max_tokens: int, stop: tuple[str, ...] = (), ignore_eos: bool = False,
@@ -103,6 +119,11 @@ class FakeEngine:
                                     request.sampling.ignore_eos, self.script)
         pieces = [text[i:i + self.chars_per_event] for i in range(0, len(text), self.chars_per_event)] or [""]
         stats = RequestStats(prompt_tokens=len(request.prompt_token_ids))
+        prompt_ids = request.prompt_token_ids
+        sampling = request.sampling
+        prompt_logprobs = None if sampling.prompt_logprobs is None else tuple(
+            fake_logprob(token, at, sampling.prompt_logprobs) for at, token in enumerate(prompt_ids) if at)
+        position = len(prompt_ids)
         done = False
         try:
             for i, piece in enumerate(pieces):
@@ -127,9 +148,13 @@ class FakeEngine:
                 if last:
                     done = True
                     self.finished.append(rid)
+                logprobs = None if sampling.logprobs is None else tuple(
+                    fake_logprob(token, position + k, sampling.logprobs) for k, token in enumerate(ids))
+                position += len(ids)
                 yield TokenEvent(rid, ids, piece, accept_length=len(ids) if i > 0 else None,
                                  drafted_tokens=4 if i > 0 else 0, finish_reason=reason if last else None,
-                                 stats=stats if last else None)
+                                 stats=stats if last else None, logprobs=logprobs,
+                                 prompt_logprobs=prompt_logprobs if i == 0 else None)
                 if "RAISE_RUNTIME" in prompt:
                     raise RuntimeError("the fake engine broke")
                 if "EXIT_WORKER" in prompt:

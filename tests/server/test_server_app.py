@@ -78,7 +78,11 @@ def test_chat_completion(fake):
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": text},
                                 "logprobs": None, "finish_reason": reason}]
     prompt_len = len("<user>Say hello\n<assistant>")
-    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 20, "total_tokens": prompt_len + 20}
+    # the fake engine: 7 events (3 tokens each, 2 in the last) = a prefill and 6 iterations of 4 drafted tokens
+    speculative = {"iterations": 6, "drafted_tokens": 24, "accepted_tokens": 11, "mean_accept_length": 2.8333}
+    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 20, "total_tokens": prompt_len + 20,
+                             "speculative": speculative}
+    assert "X-SubSpec-Ignored-Fields" not in response.headers
 
 
 def test_default_max_tokens_fills_the_context(fake):
@@ -117,7 +121,8 @@ def test_completions(fake):
     body = http.post("/v1/completions", json={"prompt": "Once", "max_tokens": 12, "stop": "世"}).json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"] == [{"index": 0, "text": "Hello! 你好，", "logprobs": None, "finish_reason": "stop"}]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 10, "total_tokens": 14}
+    assert {k: body["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")} == {
+        "prompt_tokens": 4, "completion_tokens": 10, "total_tokens": 14}
     ids = http.post("/v1/completions", json={"prompt": [79, 110], "max_tokens": 3}).json()
     assert ids["choices"][0]["text"] == "Hel" and ids["usage"]["prompt_tokens"] == 2
     assert http.post("/v1/completions", json={"prompt": "x"}).json()["usage"]["completion_tokens"] == 16
@@ -183,13 +188,17 @@ def test_400_for_bodies_that_are_not_objects(fake, content, param_part, message_
     ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages", "maximum context length"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content", "only 'text' parts"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "Input should be"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role", "Input should be"),
     ({"messages": MSGS, "n": 2}, "n", "Unsupported parameter"),
-    ({"messages": MSGS, "logprobs": True, "presence_penalty": 1}, "presence_penalty", "presence_penalty, logprobs"),
+    ({"messages": MSGS, "min_p": 0.1, "presence_penalty": 1}, "presence_penalty", "presence_penalty, min_p"),
     ({"messages": MSGS, "response_format": {"type": "json_object"}}, "response_format", "response_format"),
     ({"messages": MSGS, "logit_bias": {"1": 2}}, "logit_bias", "logit_bias"),
-    ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools", "tools"),
-    ({"messages": MSGS, "frobnicate": 1}, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
+    ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools[0].function", "Missing required parameter"),
+    ({"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "no tool support"),
+    ({"messages": MSGS, "tool_choice": "required"}, "tool_choice", "requires tools"),
+    ({"messages": MSGS, "top_logprobs": 2}, "top_logprobs", "requires logprobs"),
+    ({"messages": MSGS, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    ({"messages": MSGS, "guided_json": {"type": "object"}}, "guided_json", "guided_json"),
     ({"messages": MSGS, "stop": ["a", ""]}, "stop", "non-empty"),
     ({"messages": [{"role": "user", "content": "RAISE_VALUE"}]}, None, "rejects this prompt"),
 ])
@@ -206,8 +215,9 @@ def test_400s_name_the_problem(fake, body, param, message_part):
 @pytest.mark.parametrize("body, message_part", [
     ({"prompt": ["a", "b"]}, "batched prompts"),
     ({"prompt": ""}, "empty"),
-    ({"prompt": "x", "echo": True, "best_of": 2}, "echo, best_of"),
-    ({"prompt": "x", "max_tokens": 0}, "at least 1"),
+    ({"prompt": "x", "suffix": "y", "best_of": 2}, "suffix, best_of"),
+    ({"prompt": "x", "max_tokens": 0}, "0 is allowed with echo"),
+    ({"prompt": "x", "logprobs": 21}, "less than or equal to 20"),
     ({"prompt": 5}, "Invalid value"),
 ])
 def test_completion_400s(fake, body, message_part):

@@ -33,11 +33,22 @@ def test_max_completion_tokens_wins_over_max_tokens():
 
 @pytest.mark.parametrize("fields, names", [
     ({"n": 2}, ["n"]),
-    ({"logprobs": True, "top_logprobs": 2}, ["logprobs", "top_logprobs"]),
     ({"presence_penalty": 0.5, "frequency_penalty": -1.0}, ["presence_penalty", "frequency_penalty"]),
-    ({"logit_bias": {"42": 1.0}}, ["logit_bias"]),
+    ({"repetition_penalty": 1.1, "min_p": 0.05, "min_tokens": 3}, ["repetition_penalty", "min_p", "min_tokens"]),
+    ({"include_stop_str_in_output": True, "skip_special_tokens": False, "use_beam_search": True},
+     ["include_stop_str_in_output", "skip_special_tokens", "use_beam_search"]),
+    ({"logit_bias": {"42": 1.0}, "stop_token_ids": [7], "prompt_logprobs": 1},
+     ["logit_bias", "stop_token_ids", "prompt_logprobs"]),
+    ({"guided_json": {}, "guided_regex": "a+", "guided_choice": ["a"], "guided_grammar": "g", "structured_outputs":
+      {"json": {}}}, ["guided_regex", "guided_choice", "guided_grammar", "structured_outputs"]),
     ({"response_format": {"type": "json_object"}}, ["response_format (json_object)"]),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, ["tools", "tool_choice"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     ["response_format (json_schema)"]),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "f"}},
+     ["functions (use tools)", "function_call (use tool_choice)"]),
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy"}}, ["modalities", "audio"]),
+    ({"reasoning_effort": "high", "web_search_options": {"search_context_size": "low"}},
+     ["reasoning_effort", "web_search_options"]),
     ({"stream_options": {"include_usage": True}}, ["stream_options (only with stream=true)"]),
 ])
 def test_unsupported_chat_parameters_are_named(fields, names):
@@ -45,22 +56,52 @@ def test_unsupported_chat_parameters_are_named(fields, names):
 
 
 def test_default_valued_unsupported_parameters_are_fine():
-    request = chat(n=1, logprobs=False, presence_penalty=0.0, logit_bias={}, response_format={"type": "text"},
-                   tool_choice="none", user="u", metadata={"k": "v"}, store=False)
-    assert request.unsupported_parameters() == []
+    request = chat(n=1, logprobs=False, top_logprobs=0, presence_penalty=0.0, logit_bias={}, stop_token_ids=[],
+                   response_format={"type": "text"}, tool_choice="none", user="u", metadata={"k": "v"}, store=False,
+                   modalities=[], web_search_options={}, audio=None, function_call="auto", min_tokens=0,
+                   skip_special_tokens=True, guided_json=None, prediction={"type": "content", "content": "x"})
+    assert request.unsupported_parameters() == [] and request.ignored_fields() == []
+    assert chat(modalities=["text"], stream=True, stream_options={"continuous_usage_stats": True}
+                ).unsupported_parameters() == []
 
 
 def test_unsupported_completion_parameters():
     request = CompletionRequest.model_validate({"prompt": "x", "echo": True, "best_of": 3, "logprobs": 2,
                                                 "suffix": "s"})
-    assert request.unsupported_parameters() == ["echo", "suffix", "best_of", "logprobs"]
+    assert request.unsupported_parameters() == ["suffix", "best_of"]  # echo and logprobs are supported
+    assert CompletionRequest.model_validate({"prompt": "x", "best_of": 1, "suffix": ""}).unsupported_parameters() == []
     assert CompletionRequest.model_validate({"prompt": "x"}).max_tokens == 16  # OpenAI's default
+
+
+def test_unknown_fields_are_ignored_and_named_nested_ones_too():
+    request = chat(frobnicate=1, verbosity="low", prompt_cache_key="k", stream=True, nothing=None,
+                   stream_options={"include_usage": True, "include_obfuscation": False},
+                   messages=[{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]},
+                             {"role": "assistant", "content": "x", "refusal": None, "annotations": []}])
+    assert request.unsupported_parameters() == []
+    assert request.ignored_fields() == ["frobnicate", "verbosity", "prompt_cache_key", "stream_options.include_obfuscation",
+                                        "messages[].content[].cache_control", "messages[].annotations"]
+    assert CompletionRequest.model_validate({"prompt": "x", "foo": [1]}).ignored_fields() == ["foo"]
+
+
+def test_tool_messages_and_tool_definitions_validate():
+    request = chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                   tool_choice={"type": "function", "function": {"name": "f"}}, parallel_tool_calls=False,
+                   messages=[{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": None, "tool_calls": [
+                                 {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "42"}])
+    assert request.tool_choice.function.name == "f" and request.messages[2].text() == "42"
+    for bad in ({"tool_choice": "sometimes"}, {"tools": [{"type": "custom", "custom": {}}]},
+                {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]}):
+        with pytest.raises(ValidationError):
+            chat(**bad)
 
 
 @pytest.mark.parametrize("fields", [
     {"max_tokens": "5"}, {"max_tokens": 5.5}, {"temperature": "hot"}, {"temperature": 3.0}, {"top_p": 0},
-    {"stream": "yes"}, {"stop": ""}, {"stop": ["a", ""]}, {"stop": [1]}, {"unknown_field": 1}, {"n": True},
-    {"messages": []}, {"messages": [{"role": "tool", "content": "x"}]},
+    {"stream": "yes"}, {"stop": ""}, {"stop": ["a", ""]}, {"stop": [1]}, {"n": True}, {"logprobs": 1},
+    {"top_logprobs": -1}, {"messages": []}, {"messages": [{"role": "function", "content": "x"}]},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
 ])
 def test_invalid_requests_fail_validation(fields):

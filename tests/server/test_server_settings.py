@@ -107,3 +107,12 @@ def test_api_key_from_subspec_api_key():
     assert resolve_server_settings(environ=both).api_key == "specific"
     args = parse("--api-key", "flag")
     assert resolve_server_settings(environ=both, cli_overrides=settings_overrides(args)).api_key == "flag"
+
+
+def test_chat_template_flag_names_an_existing_file(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0].content }}")
+    args = parse("--chat-template", str(template))
+    assert resolve_server_settings(cli_overrides=settings_overrides(args)).chat_template == str(template)
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_server_settings(environ={"SUBSPEC_SERVER_CHAT_TEMPLATE": str(tmp_path / "missing.jinja")})
