@@ -81,6 +81,7 @@ class GenerationService:
         # threads), but they no longer block the event loop. HF tokenizers release the GIL while encoding.
         self._prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="subspec-prompt")
         self._stopping: asyncio.Future[str] | None = None  # resolves (to a message) when the server stops
+        self._ignored_logged: set[str] = set()  # unknown request fields already logged (once per name)
 
     async def prepare(self, build: Callable[..., T], *args: Any) -> T:
         """Run a prompt builder on the prompt thread (its APIErrors propagate unchanged)."""
@@ -101,7 +102,6 @@ class GenerationService:
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_future()
         return self._stopping
-        self._ignored_logged: set[str] = set()  # unknown request fields already logged (once per name)
 
     # -- checks, in the order a request meets them ------------------------------------------------------
     def check_model(self, model: str | None) -> None:

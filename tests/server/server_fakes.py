@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -88,6 +89,8 @@ class FakeEngine:
     hang_s: float = 30.0
     levels_per_event: int = 1
     trace_path: str | None = None
+    gate: threading.Event | None = None  # when given, generation starts only once it is set
+
 
     def __post_init__(self) -> None:
         self.tokenizer = FakeTokenizer()
@@ -115,6 +118,8 @@ class FakeEngine:
                 cancelled: Callable[[], bool] | None) -> Iterator[TokenEvent]:
         rid = request.request_id
         self.served.append(rid)
+        if self.gate is not None:
+            self.gate.wait(30)
         text, reason = render_reply(request.sampling.max_tokens, request.sampling.stop,
                                     request.sampling.ignore_eos, self.script)
         pieces = [text[i:i + self.chars_per_event] for i in range(0, len(text), self.chars_per_event)] or [""]

@@ -288,7 +288,8 @@ def wait_for(predicate, timeout: float = 10) -> None:
 
 
 def test_queue_full_is_a_429_and_admitted_requests_complete_in_order():
-    engine = FakeEngine(delay_s=0.02, chars_per_event=1)
+    gate = threading.Event()  # r0 holds the engine until the 429 has been seen, however slow the machine
+    engine = FakeEngine(delay_s=0.02, chars_per_event=1, gate=gate)
     app = make_app(engine, max_queue=2)
     with UvicornThread(app) as server:
         server.wait_healthy()
@@ -304,6 +305,7 @@ def test_queue_full_is_a_429_and_admitted_requests_complete_in_order():
         assert error_of(rejected, 429)["code"] == "queue_full"
         assert rejected.headers["Retry-After"] == "1"
         assert httpx.get(f"{server.base_url}/health").json()["queue_depth"] == 2
+        gate.set()
         for thread in threads:
             thread.join(30)
         assert [results[k].status_code for k in ("r0", "r1", "r2")] == [200, 200, 200]
