@@ -19,6 +19,7 @@ API_KEY = "sk-subspec-test"
 # small tree and context so each iteration is cheap on a CPU.
 REAL_ENGINE = {
     "model": "default",
+    "mode": "subspec",
     "max_model_len": 512,
     "max_resident_layers": 0,
     "gpu_memory_budget": "2GiB",
