@@ -14,6 +14,7 @@ from server.auth import APIKeyMiddleware
 from server.engine_client import EngineClient
 from server.errors import APIError, install_error_handlers
 from server.prompting import PromptBuilder
+from server.request_id import RequestIdMiddleware
 from server.routes import chat, completions, health, metrics, models
 from server.serving import GenerationService
 from server.serving_chat import ChatEndpoint
@@ -82,7 +83,8 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     install_error_handlers(app, lambda request, error: count_rejected(request.url.path, error))
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, on_reject=count_rejected)
-    app.add_middleware(ResponseCounter, metrics=server_metrics, label=_counted_by_middleware)  # outermost
+    app.add_middleware(ResponseCounter, metrics=server_metrics, label=_counted_by_middleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response, rejections included, gets the id
     for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
     return app

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from server.admission import Ticket
 from server.errors import APIError
 from server.prompting import PromptBuilder
+from server.request_id import request_id_of
 from server.serving import ClientGone, Completion, GenerationService, Job, usage
 from server.streaming import DONE_FRAME, SSEResponse, sse_frame
 from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord
@@ -72,11 +73,12 @@ class OpenAIEndpoint(ABC):
             sampling = service.sampling_params(request, prompt_len=len(prompt_ids), max_model_len=info.max_model_len,
                                                max_tokens=max_tokens, max_tokens_param=max_tokens_param,
                                                prompt_param=self.prompt_param)
-            job = service.job(f"{self.id_prefix}-{uuid.uuid4().hex}", prompt_ids, sampling, record)
+            job = service.job(f"{self.id_prefix}-{uuid.uuid4().hex}", prompt_ids, sampling, record,
+                              correlation_id=request_id_of(raw_request))
             ticket = service.admit(job.request_id)
         except APIError as exc:
             record.finish(exc.status_code)
-            return exc.response()
+            return exc.response(request_id_of(raw_request))
         created = int(time.time())
         if request.stream:
             def on_close() -> None:  # also covers a stream that never started (client gone first)
@@ -88,7 +90,7 @@ class OpenAIEndpoint(ABC):
         try:
             result = await service.collect(job, ticket, record, raw_request)
         except APIError as exc:  # already counted by events()
-            return exc.response()
+            return exc.response(job.correlation_id)
         except ClientGone:
             return Response(status_code=STATUS_CLIENT_CLOSED)
         finally:
@@ -129,5 +131,5 @@ class OpenAIEndpoint(ABC):
                         if include_usage:
                             yield self._chunk(job, created, None, True, usage(len(job.prompt_ids), tokens))
         except APIError as exc:
-            yield sse_frame(exc.body())
+            yield sse_frame(exc.body(job.correlation_id))
         yield DONE_FRAME

@@ -12,6 +12,7 @@ by tests), so both clients share one definition of ordering, abort and error sem
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
@@ -85,32 +86,53 @@ class EngineLoop:
 
     def _run_one(self, request: GenerationRequest) -> None:
         request_id = request.request_id
+        name = log_name(request)
         self._current, self._stop_current = request_id, False
         events = None
         emitted = False
+        started = time.perf_counter()
         try:
             events = self._engine.generate(request)
             for event in events:
                 emitted = True
                 self._send(ipc.Event(_as_token_event(event)))
                 if event.finished:
+                    _log_finished(name, event, time.perf_counter() - started)
                     break
                 self._poll()
                 if self._stop_current:
-                    logger.info("request %s aborted", request_id)
+                    logger.info("request %s aborted", name)
                     break
         except ValueError as exc:
             # Raised before any output, a ValueError is the engine rejecting the request (e.g. too long).
             status, kind = (500, "server_error") if emitted else (400, "invalid_request_error")
+            logger.info("request %s rejected by the engine (%d): %s", name, status, exc)
             self._send(ipc.Error(request_id, status, kind, str(exc)))
         except Exception as exc:  # one bad request must not take the worker down
-            logger.exception("request %s failed in the engine", request_id)
+            logger.exception("request %s failed in the engine", name)
             self._send(ipc.Error(request_id, 500, "server_error", f"engine error: {type(exc).__name__}: {exc}"))
         finally:
             if events is not None and hasattr(events, "close"):
                 events.close()
             self._current = None
             self._send(ipc.Done(request_id))
+
+
+def log_name(request: GenerationRequest) -> str:
+    """How the worker's log lines name a request: its id, and the client's X-Request-Id when it has one."""
+    if request.correlation_id is None:
+        return request.request_id
+    return f"{request.request_id} [X-Request-Id {request.correlation_id}]"
+
+
+def _log_finished(name: str, event: TokenEvent, seconds: float) -> None:
+    stats = event.stats
+    if stats is None:
+        logger.info("request %s finished (%s) in %.2f s", name, event.finish_reason, seconds)
+        return
+    logger.info("request %s finished (%s): %d prompt + %d generated tokens in %.2f s, %d target forwards, "
+                "%.2f tokens per forward", name, event.finish_reason, stats.prompt_tokens, stats.completion_tokens,
+                seconds, stats.iterations, stats.mean_accept_length)
 
 
 def _as_token_event(event: Any) -> TokenEvent:

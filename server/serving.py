@@ -38,6 +38,12 @@ class Job:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
     deadline: float | None  # event-loop time; None: no deadline
+    correlation_id: str | None = None  # the HTTP request's X-Request-Id, quoted in log lines
+
+    @property
+    def log_name(self) -> str:
+        """How log lines name this request: its id and the client-visible X-Request-Id."""
+        return self.request_id if self.correlation_id is None else f"{self.request_id} [X-Request-Id {self.correlation_id}]"
 
 
 @dataclass(frozen=True)
@@ -118,12 +124,12 @@ class GenerationService:
             raise bad_request(str(exc)) from exc
 
     def job(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-            record: RequestRecord) -> Job:
+            record: RequestRecord, correlation_id: str | None = None) -> Job:
         timeout = self.settings.request_timeout_s
         # The deadline runs from arrival: time spent validating and queueing counts.
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout - (
             time.monotonic() - record.arrival)
-        return Job(request_id, tuple(prompt_ids), sampling, deadline)
+        return Job(request_id, tuple(prompt_ids), sampling, deadline, correlation_id)
 
     def admit(self, request_id: str) -> Ticket:
         try:
@@ -152,7 +158,8 @@ class GenerationService:
             await self._by_deadline(ticket.wait_turn(), job, "waiting in the queue")
             await self._by_deadline(self.client.wait_ready(), job, "waiting for the engine worker")
             record.on_start(len(job.prompt_ids))
-            stream = self.client.submit(GenerationRequest(job.request_id, job.prompt_ids, job.sampling))
+            stream = self.client.submit(GenerationRequest(job.request_id, job.prompt_ids, job.sampling,
+                                                          correlation_id=job.correlation_id))
             while True:
                 try:
                     event = await self._by_deadline(anext(stream), job, "generating")
@@ -177,7 +184,7 @@ class GenerationService:
             ticket.release()
             record.finish(status)
             logger.info("%s: status %d, %d prompt + %d generated tokens, first token %s, total %.2f s",
-                        job.request_id, status, len(job.prompt_ids), record.tokens,
+                        job.log_name, status, len(job.prompt_ids), record.tokens,
                         "-" if record.first_token is None else f"{record.first_token - record.arrival:.2f} s",
                         time.monotonic() - record.arrival)
 
