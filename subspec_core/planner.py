@@ -208,7 +208,8 @@ def plan_memory(
         PlanRow("KV cache", DEVICE, kv_bytes, f"{capacity} slots = max_model_len + tree, shared" if speculative
                 else f"{capacity} slots = max_model_len + 1"),
         PlanRow("activations + logits buffers", DEVICE, work_bytes,
-                f"{'verify' if speculative else 'decode'} {tree_rows} rows / prefill chunk {prefill_chunk_size}"),
+                f"{'verify' if speculative else 'decode'} {tree_rows} row{'s' * (tree_rows != 1)} / prefill chunk "
+                f"{prefill_chunk_size}"),
     ]
     if speculative:
         rows.append(PlanRow("tree masks", DEVICE, tree_bytes, f"depth {speculation.max_depth} x topk {speculation.topk}"))
