@@ -15,14 +15,15 @@ from server.engine_client import EngineClient
 from server.errors import APIError, install_error_handlers
 from server.prompting import PromptBuilder
 from server.request_id import RequestIdMiddleware
-from server.routes import chat, completions, health, metrics, models
+from server.routes import chat, completions, health, metrics, models, responses
 from server.serving import GenerationService
 from server.serving_chat import ChatEndpoint
 from server.serving_completion import CompletionEndpoint
+from server.serving_responses import ResponsesEndpoint
 from server.settings import ServerSettings
 from server.telemetry import ResponseCounter, ServerMetrics
 
-_COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+_COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 _ENDPOINTS = (*_COMPLETION_ENDPOINTS, "/v1/models", "/health", "/metrics")
 
 
@@ -73,6 +74,7 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     app.state.started_at = int(time.time())
     app.state.chat = ChatEndpoint(service, prompts)
     app.state.completions = CompletionEndpoint(service, prompts)
+    app.state.responses = ResponsesEndpoint(service, prompts)
 
     def count_rejected(path: str, error: APIError) -> None:
         """Completion requests rejected before their route ran (validation, key); others are counted by
@@ -85,6 +87,6 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, on_reject=count_rejected)
     app.add_middleware(ResponseCounter, metrics=server_metrics, label=_counted_by_middleware)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, rejections included, gets the id
-    for module in (chat, completions, models, health, metrics):
+    for module in (chat, completions, responses, models, health, metrics):
         app.include_router(module.router)
     return app

@@ -24,13 +24,14 @@ class PromptBuilder:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tokenizer, "chat_template", None))
 
-    def chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Prompt ids for a conversation, ending with the assistant's turn."""
+    def chat(self, messages: Sequence[ChatMessage], *, param: str = "messages") -> list[int]:
+        """Prompt ids for a conversation, ending with the assistant's turn. `param` names the request field
+        the messages came from, in errors."""
         if not self.has_chat_template:
-            raise APIError(400, "this model's tokenizer has no chat template, so /v1/chat/completions cannot "
-                                "format a conversation; use /v1/completions with a plain prompt, or serve the "
+            raise APIError(400, "this model's tokenizer has no chat template, so it cannot format a "
+                                "conversation; use /v1/completions with a plain prompt, or serve the "
                                 "model with a tokenizer that has one (--tokenizer)",
-                           param="messages", code="no_chat_template")
+                           param=param, code="no_chat_template")
         conversation = []
         for message in messages:
             entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
@@ -41,7 +42,7 @@ class PromptBuilder:
         try:
             text = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # the template rejected the conversation (e.g. roles must alternate)
-            raise bad_request(f"the chat template rejected these messages: {exc}", param="messages") from exc
+            raise bad_request(f"the chat template rejected these messages: {exc}", param=param) from exc
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     def completion(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
