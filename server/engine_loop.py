@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 from server import ipc
+from server.request_id import log_suffix
 from subspec_core.types import GenerationRequest, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class EngineLoop:
 
     def _run_one(self, request: GenerationRequest) -> None:
         request_id = request.request_id
-        name = log_name(request)
+        tag = log_suffix(request.correlation_id)
         self._current, self._stop_current = request_id, False
         events = None
         emitted = False
@@ -97,19 +98,19 @@ class EngineLoop:
                 emitted = True
                 self._send(ipc.Event(_as_token_event(event)))
                 if event.finished:
-                    _log_finished(name, event, time.perf_counter() - started)
+                    _log_finished(request_id, tag, event, time.perf_counter() - started)
                     break
                 self._poll()
                 if self._stop_current:
-                    logger.info("request %s aborted", name)
+                    logger.info("request %s aborted%s", request_id, tag)
                     break
         except ValueError as exc:
             # Raised before any output, a ValueError is the engine rejecting the request (e.g. too long).
             status, kind = (500, "server_error") if emitted else (400, "invalid_request_error")
-            logger.info("request %s rejected by the engine (%d): %s", name, status, exc)
+            logger.info("request %s rejected by the engine (%d): %s%s", request_id, status, exc, tag)
             self._send(ipc.Error(request_id, status, kind, str(exc)))
         except Exception as exc:  # one bad request must not take the worker down
-            logger.exception("request %s failed in the engine", name)
+            logger.exception("request %s failed in the engine%s", request_id, tag)
             self._send(ipc.Error(request_id, 500, "server_error", f"engine error: {type(exc).__name__}: {exc}"))
         finally:
             if events is not None and hasattr(events, "close"):
@@ -118,21 +119,14 @@ class EngineLoop:
             self._send(ipc.Done(request_id))
 
 
-def log_name(request: GenerationRequest) -> str:
-    """How the worker's log lines name a request: its id, and the client's X-Request-Id when it has one."""
-    if request.correlation_id is None:
-        return request.request_id
-    return f"{request.request_id} [X-Request-Id {request.correlation_id}]"
-
-
-def _log_finished(name: str, event: TokenEvent, seconds: float) -> None:
+def _log_finished(request_id: str, tag: str, event: TokenEvent, seconds: float) -> None:
     stats = event.stats
     if stats is None:
-        logger.info("request %s finished (%s) in %.2f s", name, event.finish_reason, seconds)
+        logger.info("request %s finished (%s) in %.2f s%s", request_id, event.finish_reason, seconds, tag)
         return
     logger.info("request %s finished (%s): %d prompt + %d generated tokens in %.2f s, %d target forwards, "
-                "%.2f tokens per forward", name, event.finish_reason, stats.prompt_tokens, stats.completion_tokens,
-                seconds, stats.iterations, stats.mean_accept_length)
+                "%.2f tokens per forward%s", request_id, event.finish_reason, stats.prompt_tokens,
+                stats.completion_tokens, seconds, stats.iterations, stats.mean_accept_length, tag)
 
 
 def _as_token_event(event: Any) -> TokenEvent:

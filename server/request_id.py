@@ -27,6 +27,12 @@ def accepted_request_id(value: str | None) -> str | None:
     return value
 
 
+def log_suffix(request_id: str | None) -> str:
+    """What log lines about a request end with, so they can be found by its X-Request-Id (after the fixed
+    part of the line, which keeps its format)."""
+    return "" if request_id is None else f" [{HEADER} {request_id}]"
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 

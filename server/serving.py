@@ -20,6 +20,7 @@ from fastapi import Request
 from server.admission import Admission, QueueFull, Ticket
 from server.engine_client import EngineClient, EngineError, ModelInfo
 from server.errors import APIError, bad_request
+from server.request_id import log_suffix
 from server.schemas import SamplingFields
 from server.settings import ServerSettings
 from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord, ServerMetrics
@@ -39,11 +40,6 @@ class Job:
     sampling: SamplingParams
     deadline: float | None  # event-loop time; None: no deadline
     correlation_id: str | None = None  # the HTTP request's X-Request-Id, quoted in log lines
-
-    @property
-    def log_name(self) -> str:
-        """How log lines name this request: its id and the client-visible X-Request-Id."""
-        return self.request_id if self.correlation_id is None else f"{self.request_id} [X-Request-Id {self.correlation_id}]"
 
 
 @dataclass(frozen=True)
@@ -183,10 +179,10 @@ class GenerationService:
                 stream.close()  # aborts the engine request if it has not finished
             ticket.release()
             record.finish(status)
-            logger.info("%s: status %d, %d prompt + %d generated tokens, first token %s, total %.2f s",
-                        job.log_name, status, len(job.prompt_ids), record.tokens,
+            logger.info("%s: status %d, %d prompt + %d generated tokens, first token %s, total %.2f s%s",
+                        job.request_id, status, len(job.prompt_ids), record.tokens,
                         "-" if record.first_token is None else f"{record.first_token - record.arrival:.2f} s",
-                        time.monotonic() - record.arrival)
+                        time.monotonic() - record.arrival, log_suffix(job.correlation_id))
 
     async def collect(self, job: Job, ticket: Ticket, record: RequestRecord, raw_request: Request) -> Completion:
         """Run a non-streamed request to the end; abort it if the client disconnects meanwhile."""
