@@ -1,8 +1,10 @@
 """Mean acceptance length (tokens emitted per target forward, the paper's tau) on MT-Bench first turns.
 
-    python -m benchmarks.acceptance --num-prompts 10 --max-tokens 128 [--config configs/default.yaml] [--check-vanilla]
+    python -m benchmarks.acceptance --num-prompts 10 --max-tokens 128 [--config configs/default-offload.yaml] [--check-vanilla]
 
-Acceptance depends on the model and draft, not on the hardware, so this runs anywhere (CPU included).
+Acceptance depends on the model and draft, not on the hardware, so this runs anywhere (CPU included). It
+always runs mode subspec (whatever the config says); without --config the default model gets
+configs/default-offload.yaml (every layer streamed, as the paper runs its models).
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def measure_acceptance(engine: Any, prompts: list[list[int]], *, max_tokens: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.engine_args import add_engine_arguments, engine_config_from_args
+    import logging
+    from dataclasses import replace
+
+    from server.engine_args import OFFLOAD_PRESET, add_engine_arguments, engine_config_from_args
     from subspec_core.engine import Engine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-vanilla", action="store_true", help="also run vanilla and check identical tokens")
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    config = engine_config_from_args(args)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # Acceptance is a property of the draft: measure it in mode subspec, whatever mode the config names.
+    config = replace(engine_config_from_args(args, default_preset=OFFLOAD_PRESET), mode="subspec")
     engine = Engine.from_config(config)
     reference = None
     if args.check_vanilla:
-        from dataclasses import replace
-
         reference = Engine.from_config(replace(config, mode="vanilla"))
     prompts = first_turn_prompts(engine.tokenizer, limit=args.num_prompts)
     report = measure_acceptance(engine, prompts, max_tokens=args.max_tokens, reference=reference)

@@ -22,7 +22,7 @@ from subspec_core.config import EngineConfig
 from subspec_core.engine import resolve_device, resolve_dtype
 from subspec_core.loading import eos_token_ids, gguf_conversion_dir, shape_from_hf_config
 from subspec_core.model_source import resolve_model
-from subspec_core.planner import BudgetTooSmallError, MemoryPlan, plan_memory
+from subspec_core.planner import BudgetTooSmallError, MemoryPlan, device_budget, plan_memory
 
 MODE = "hf-accelerate"
 
@@ -72,14 +72,12 @@ def shared_bytes(hf_model: Any) -> int:
 
 def vanilla_plan(config: EngineConfig, hf_model: Any, dtype: torch.dtype, device: torch.device) -> MemoryPlan:
     """The plan `Engine.from_config` makes for mode 'vanilla' (same inputs, same default budget rule)."""
-    budget = config.budget_bytes
-    if budget is None and device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    budget = device_budget(config.budget_bytes, device)
     return plan_memory(
         shape=shape_from_hf_config(hf_model.config), dtype=dtype, mode="vanilla", speculation=config.speculation,
         max_model_len=config.max_model_len, prefill_chunk_size=config.prefill_chunk_size,
         stream_slots=config.stream_slots, budget_bytes=budget, max_resident_layers=config.max_resident_layers,
-        shared_bytes=shared_bytes(hf_model),
+        shared_bytes=shared_bytes(hf_model), device_type=device.type,
     )
 
 

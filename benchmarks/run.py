@@ -6,8 +6,8 @@
 Modes: `subspec` (streamed target + substitute speculation), `vanilla` (the same streamed target, no
 speculation), `hf-accelerate` (transformers + accelerate CPU offload of the layers the planner streams),
 `resident` (everything on the GPU, skipped where it does not fit). Each mode's engine is built, run and
-freed before the next. Without --config, the default model runs with configs/default.yaml (every decoder
-layer streamed, as the paper runs its models). `--synthetic NAME` adds the paper-scale mechanics on random
+freed before the next. Without --config, the default model runs with configs/default-offload.yaml (every
+decoder layer streamed, as the paper runs its models). `--synthetic NAME` adds the paper-scale mechanics on random
 weights (benchmarks/synthetic.py); `--modes none` runs only that. The engine flags (--model, --config,
 --gpu-memory-budget, --max-depth, ...) are the server's; `--mode` is ignored (each mode sets its own).
 Prints a markdown report on stdout and writes the JSON document to --out; benchmarks/results/README.md
@@ -38,7 +38,7 @@ from benchmarks.mt_bench import first_turn_prompts
 from benchmarks.report import markdown, write_json
 from benchmarks.synthetic import run_synthetic
 from benchmarks.synthetic_weights import PRESETS
-from server.engine_args import add_engine_arguments, engine_config_from_args, engine_overrides
+from server.engine_args import OFFLOAD_PRESET, add_engine_arguments, engine_config_from_args, engine_overrides
 from subspec_core.agreement import compare_generations
 from subspec_core.config import EngineConfig, config_as_dict, resolve_engine_config
 from subspec_core.engine import Engine, resolve_device, resolve_dtype
@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config(args: argparse.Namespace) -> EngineConfig:
-    """The real model's config: --config < env < flags; the default model without --config gets the default preset."""
-    return engine_config_from_args(args)
+    """The real model's config: --config < env < flags; the default model without --config gets the offload
+    preset (every layer streamed: the mechanism under test). Each mode then sets its own `mode`."""
+    return engine_config_from_args(args, default_preset=OFFLOAD_PRESET)
 
 
 def synthetic_config(name: str, args: argparse.Namespace) -> EngineConfig:

@@ -23,7 +23,7 @@ from benchmarks.stopwatch import time_call
 from benchmarks.synthetic_weights import SHAPES, random_weights
 from subspec_core.config import EngineConfig
 from subspec_core.engine import Engine, resolve_device, resolve_dtype
-from subspec_core.planner import BudgetTooSmallError, plan_memory
+from subspec_core.planner import BudgetTooSmallError, device_budget, plan_memory
 from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
 
 PAPER_TAU = 28.35  # Qwen2.5-7B, MT-Bench, 8 GB, tree decoding (the paper's table)
@@ -35,13 +35,11 @@ def build_engine(config: EngineConfig, mode: str, shape: ModelShape, shared: Sha
            layer_linears: list[dict[str, torch.Tensor]], tokenizer: Any, device: torch.device, dtype: torch.dtype) -> Engine:
     """Plan under the run's budget and place the random weights, as `Engine.from_config` does for real ones."""
     config = replace(config, mode=mode)
-    budget = config.budget_bytes
-    if budget is None and device.type == "cuda":
-        budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    budget = device_budget(config.budget_bytes, device)
     plan = plan_memory(
         shape=shape, dtype=dtype, mode=mode, speculation=config.speculation, max_model_len=config.max_model_len,
         prefill_chunk_size=config.prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=budget,
-        max_resident_layers=config.max_resident_layers, shared_bytes=shared.nbytes(),
+        max_resident_layers=config.max_resident_layers, shared_bytes=shared.nbytes(), device_type=device.type,
     )
     return Engine.from_weights(
         config=config, shape=shape, shared=shared, layer_linears=layer_linears, plan=plan, tokenizer=tokenizer,

@@ -18,15 +18,17 @@ from server.errors import APIError, install_error_handlers
 from server.logprobs import TokenStrings
 from server.openapi_doc import openapi_document
 from server.prompting import PromptBuilder
-from server.routes import chat, completions, health, metrics, models
+from server.request_id import RequestIdMiddleware
+from server.routes import chat, completions, health, metrics, models, responses
 from server.serving import GenerationService
 from server.serving_chat import ChatEndpoint
 from server.serving_completion import CompletionEndpoint
+from server.serving_responses import ResponsesEndpoint
 from server.settings import MIB, ServerSettings
 from server.shutdown import GracefulShutdown
 from server.telemetry import ResponseCounter, ServerMetrics
 
-_COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+_COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 _ENDPOINTS = (*_COMPLETION_ENDPOINTS, "/v1/models", "/health", "/metrics")
 
 
@@ -85,6 +87,7 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     app.state.chat = ChatEndpoint(service, prompts, strings)
     app.state.completions = CompletionEndpoint(service, prompts, strings)
     app.state.shutdown = shutdown
+    app.state.responses = ResponsesEndpoint(service, prompts)
 
     def count_rejected(path: str, error: APIError) -> None:
         """Completion requests rejected before their route ran (validation, key); others are counted by
@@ -99,8 +102,9 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
                        read_timeout_s=settings.read_timeout_s, on_reject=count_rejected)
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, on_reject=count_rejected)
-    app.add_middleware(ResponseCounter, metrics=server_metrics, label=_counted_by_middleware)  # outermost
-    for module in (chat, completions, models, health, metrics):
+    app.add_middleware(ResponseCounter, metrics=server_metrics, label=_counted_by_middleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response, rejections included, gets the id
+    for module in (chat, completions, responses, models, health, metrics):
         app.include_router(module.router)
     app.openapi = lambda: openapi_document(  # type: ignore[method-assign]
         app, bearer_auth=settings.api_key is not None, vocab_size=len(tokenizer))

@@ -15,6 +15,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError
+from server.request_id import request_id_of
 
 _DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
@@ -45,4 +46,4 @@ class APIKeyMiddleware:
         error = APIError(401, message, type="invalid_request_error", code="invalid_api_key",
                          headers={"WWW-Authenticate": "Bearer"})
         self._on_reject(scope["path"], error)
-        await error.response()(scope, receive, send)
+        await error.response(request_id_of(scope))(scope, receive, send)

@@ -22,6 +22,7 @@ from server.admission import Ticket
 from server.errors import APIError
 from server.logprobs import TokenStrings
 from server.prompting import PromptBuilder
+from server.request_id import request_id_of
 from server.serving import ClientGone, GenerationService, Job, usage
 from server.streaming import DONE_FRAME, SSEResponse, sse_frame
 from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord
@@ -102,11 +103,12 @@ class OpenAIEndpoint(ABC):
                 max_tokens=prepared.max_tokens, max_tokens_param=prepared.max_tokens_param,
                 prompt_param=self.prompt_param, logprobs=prepared.logprobs,
                 prompt_logprobs=prepared.prompt_logprobs, min_tokens=prepared.min_tokens)
-            job = service.job(f"{self.id_prefix}-{uuid.uuid4().hex}", prepared.prompt_ids, sampling, record)
+            job = service.job(f"{self.id_prefix}-{uuid.uuid4().hex}", prepared.prompt_ids, sampling, record,
+                              correlation_id=request_id_of(raw_request))
             ticket = service.admit(job.request_id)
         except APIError as exc:
             record.finish(exc.status_code)
-            response = exc.response()
+            response = exc.response(request_id_of(raw_request))
             response.headers.update(headers)
             return response
         created = int(time.time())
@@ -122,7 +124,7 @@ class OpenAIEndpoint(ABC):
         try:
             result = await service.collect(job, ticket, record, raw_request)
         except APIError as exc:  # already counted by events()
-            response = exc.response()
+            response = exc.response(job.correlation_id)
             response.headers.update(headers)
             return response
         except ClientGone:
@@ -181,7 +183,7 @@ class OpenAIEndpoint(ABC):
                         if include_usage:
                             yield self._chunk(job, created, None, True, usage(prompt_tokens, tokens, event.stats))
         except APIError as exc:
-            yield sse_frame(exc.body())
+            yield sse_frame(exc.body(job.correlation_id))
         yield DONE_FRAME
 
 

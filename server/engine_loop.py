@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 from server import ipc
+from server.request_id import log_suffix
 from subspec_core.types import GenerationRequest, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,13 @@ class EngineLoop:
 
     def _run_one(self, request: GenerationRequest) -> None:
         request_id = request.request_id
+        tag = log_suffix(request.correlation_id)
         flag = threading.Event()
         self._running = (request_id, flag)
         self._last_beat = time.monotonic()
         events = None
         emitted = finished = False
+        started = time.perf_counter()
         try:
             events = self._engine.generate(request, cancelled=self._cancel_check(request_id, flag))
             for event in events:
@@ -131,24 +134,36 @@ class EngineLoop:
                 self._send(ipc.Event(_as_token_event(event)))
                 if event.finished:
                     finished = True
+                    _log_finished(request_id, tag, event, time.perf_counter() - started)
                     break
                 self._poll()
                 if flag.is_set():
                     break
             if not finished:  # stopped between events, or the engine returned early from inside a step
-                logger.info("request %s aborted", request_id)
+                logger.info("request %s aborted%s", request_id, tag)
         except ValueError as exc:
             # Raised before any output, a ValueError is the engine rejecting the request (e.g. too long).
             status, kind = (500, "server_error") if emitted else (400, "invalid_request_error")
+            logger.info("request %s rejected by the engine (%d): %s%s", request_id, status, exc, tag)
             self._send(ipc.Error(request_id, status, kind, str(exc)))
         except Exception as exc:  # one bad request must not take the worker down
-            logger.exception("request %s failed in the engine", request_id)
+            logger.exception("request %s failed in the engine%s", request_id, tag)
             self._send(ipc.Error(request_id, 500, "server_error", f"engine error: {type(exc).__name__}: {exc}"))
         finally:
             if events is not None and hasattr(events, "close"):
                 events.close()
             self._running = None
             self._send(ipc.Done(request_id))
+
+
+def _log_finished(request_id: str, tag: str, event: TokenEvent, seconds: float) -> None:
+    stats = event.stats
+    if stats is None:
+        logger.info("request %s finished (%s) in %.2f s%s", request_id, event.finish_reason, seconds, tag)
+        return
+    logger.info("request %s finished (%s): %d prompt + %d generated tokens in %.2f s, %d target forwards, "
+                "%.2f tokens per forward%s", request_id, event.finish_reason, stats.prompt_tokens,
+                stats.completion_tokens, seconds, stats.iterations, stats.mean_accept_length, tag)
 
 
 def _as_token_event(event: Any) -> TokenEvent:

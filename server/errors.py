@@ -1,5 +1,8 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
 
+Error bodies also carry `request_id` (the request's `X-Request-Id`, see server/request_id.py) when known,
+so an error a user pastes can be found in the server's logs.
+
 Route and serving code raise `APIError`; `install_error_handlers` turns it (and FastAPI's validation
 errors, unknown routes, unexpected exceptions) into OpenAI error objects, so no client ever sees
 FastAPI's default 422 body.
@@ -15,6 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.request_id import HEADER as REQUEST_ID_HEADER
+from server.request_id import request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +39,19 @@ class APIError(Exception):
         self.code = code
         self.headers = headers
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        if request_id is not None:
+            error["request_id"] = request_id
+        return {"error": error}
 
-    def response(self) -> JSONResponse:
-        return _ErrorJSON(self.body(), status_code=self.status_code, headers=self.headers)
+    def response(self, request_id: str | None = None) -> JSONResponse:
+        # The header is set here too (not only by the middleware): Starlette answers unhandled exceptions
+        # from outside every middleware.
+        headers = dict(self.headers or {})
+        if request_id is not None:
+            headers[REQUEST_ID_HEADER] = request_id
+        return _ErrorJSON(self.body(request_id), status_code=self.status_code, headers=headers or None)
 
 
 class _ErrorJSON(JSONResponse):
@@ -110,24 +124,24 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[Request, APIError],
 
     async def handle_api_error(request: Request, exc: APIError) -> JSONResponse:
         on_error(request, exc)
-        return exc.response()
+        return exc.response(request_id_of(request))
 
     async def handle_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = validation_error(exc)
         on_error(request, error)
-        return error.response()
+        return error.response(request_id_of(request))
 
     async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
                          else "server_error", headers=getattr(exc, "headers", None))
         on_error(request, error)
-        return error.response()
+        return error.response(request_id_of(request))
 
     async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
+        logger.exception("unhandled error on %s (request %s)", request.url.path, request_id_of(request))
         error = APIError(500, f"internal server error: {type(exc).__name__}", type="server_error")
         on_error(request, error)
-        return error.response()
+        return error.response(request_id_of(request))
 
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation)

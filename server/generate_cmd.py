@@ -43,9 +43,11 @@ def prompt_token_ids(tokenizer: Any, text: str, *, chat: bool, system: str | Non
 
 def run_generate(args: argparse.Namespace) -> int:
     from subspec_core.engine import Engine
+    from subspec_core.startup import quiet_third_party_warnings
     from subspec_core.types import GenerationRequest, SamplingParams
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party_warnings()
     try:
         config = engine_config_from_args(args)
         sampling = SamplingParams(
@@ -79,14 +81,15 @@ def run_generate(args: argparse.Namespace) -> int:
     stats = last.stats.as_dict()
     decode_s = max(elapsed - last.stats.prefill_s, 1e-9)
     stats["decode_tokens_per_s"] = round(max(len(token_ids) - 1, 0) / decode_s, 3)
-    stats["mode"] = config.mode
+    mode = engine.config.mode  # the mode the engine runs in (mode auto resolved)
+    stats["mode"] = mode
     if args.json:
         print(json.dumps({"text": "".join(pieces), "token_ids": token_ids, "finish_reason": last.finish_reason, "stats": stats}))
     else:
         print()
         print(
             f"[{last.finish_reason}] {len(token_ids)} tokens, {stats['decode_tokens_per_s']} tok/s decode, "
-            f"mean acceptance length {stats['mean_accept_length']}, {config.mode} mode",
+            f"mean acceptance length {stats['mean_accept_length']}, {mode} mode",
             file=sys.stderr,
         )
     return 0

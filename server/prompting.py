@@ -73,13 +73,14 @@ class PromptBuilder:
         return tool_format_for_template(self.chat_template)
 
     def chat(self, messages: Sequence[ChatMessage], *, tools: Sequence[Tool] | None = None, reply_prefix: str = "",
-             template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """Prompt ids for a conversation, ending with the assistant's turn (begun with `reply_prefix`)."""
+             template_kwargs: dict[str, Any] | None = None, param: str = "messages") -> list[int]:
+        """Prompt ids for a conversation, ending with the assistant's turn (begun with `reply_prefix`).
+        `param` names the request field the messages came from, in errors."""
         if not self.has_chat_template:
-            raise APIError(400, "this model's tokenizer has no chat template, so /v1/chat/completions cannot "
-                                "format a conversation; use /v1/completions with a plain prompt, or serve the "
+            raise APIError(400, "this model's tokenizer has no chat template, so it cannot format a "
+                                "conversation; use /v1/completions with a plain prompt, or serve the "
                                 "model with a tokenizer that has one (--tokenizer) or with --chat-template FILE",
-                           param="messages", code="no_chat_template")
+                           param=param, code="no_chat_template")
         extra = dict(template_kwargs or {})
         reserved = sorted(_RESERVED_TEMPLATE_ARGS & set(extra))
         if reserved:
@@ -93,7 +94,7 @@ class PromptBuilder:
             text = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
                                                        **extra)
         except Exception as exc:  # the template rejected the conversation (e.g. roles must alternate)
-            raise bad_request(f"the chat template rejected these messages: {exc}", param="messages") from exc
+            raise bad_request(f"the chat template rejected these messages: {exc}", param=param) from exc
         return list(self._tokenizer.encode(text + reply_prefix, add_special_tokens=False))
 
     def completion(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:

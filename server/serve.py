@@ -19,6 +19,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from server.engine_args import add_engine_arguments, engine_config_from_args, yaml_from_args
+from server.engine_client import ModelInfo
 from server.settings import (API_KEY_ENV, ServerSettings, add_settings_arguments, default_body_limit,
                              resolve_server_settings, settings_overrides)
 from subspec_core.config import config_as_dict
@@ -62,13 +63,21 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.info("server settings: %s", json.dumps(settings.redacted()))
 
     # The API process needs the tokenizer (chat template, prompt lengths) but never the weights or CUDA.
+    # It fetches the model first (the download, on a first start), so the worker finds it cached.
     from subspec_core.loading import load_tokenizer
     from subspec_core.model_source import resolve_model
+    from subspec_core.startup import StartupLog
 
-    tokenizer = load_tokenizer(engine_config)
-    model_name = (engine_config.served_model_name
-                  or resolve_model(engine_config.model, engine_config.gguf_file).display_name)
-    logger.info("serving model %r", model_name)
+    phases = StartupLog(emit=logger.info)
+    with phases.phase("fetch") as phase:
+        resolved = resolve_model(engine_config.model, engine_config.gguf_file)
+        phase.detail = resolved.describe()
+    with phases.phase("tokenizer") as phase:
+        tokenizer = load_tokenizer(engine_config, resolved)
+        phase.detail = f"{len(tokenizer)} tokens, for chat templates and prompt lengths in the API process"
+    model_name = engine_config.served_model_name or resolved.display_name
+    logger.info("serving model %r; the engine worker loads it next (its start-up lines are marked [worker])",
+                model_name)
 
     failures: list[str] = []
     server: uvicorn.Server | None = None
@@ -79,10 +88,19 @@ def run_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
+    announced: list[bool] = []
+
+    def on_ready(info: ModelInfo) -> None:
+        if not announced:  # the first worker only; replacements are logged by the engine client
+            announced.append(True)
+            print(ready_message(settings.host, settings.port, model_name, phases.elapsed_s,
+                                api_key=settings.api_key is not None), file=sys.stderr, flush=True)
+
     client = ProcessEngineClient(functools.partial(load_engine, engine_config), log_level=settings.log_level,
                                  max_start_failures=settings.max_worker_start_failures,
                                  abort_timeout_s=settings.abort_timeout_s,
-                                 heartbeat_timeout_s=settings.heartbeat_timeout_s, on_fatal=on_fatal)
+                                 heartbeat_timeout_s=settings.heartbeat_timeout_s, on_fatal=on_fatal,
+                                 on_ready=on_ready)
     app = create_app(settings=settings, engine_client=client, tokenizer=tokenizer, model_name=model_name)
     server = DrainingServer(uvicorn_config(app, settings), shutdown=app.state.shutdown)
     try:
@@ -102,6 +120,26 @@ def uvicorn_config(app: object, settings: ServerSettings) -> uvicorn.Config:
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                           http=timed_h11(settings.read_timeout_s), timeout_keep_alive=5,
                           timeout_graceful_shutdown=5)
+
+
+def callable_url(host: str, port: int) -> str:
+    """The base URL a local client can call: a wildcard bind address is reached through loopback."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def ready_message(host: str, port: int, model_name: str, elapsed_s: float, *, api_key: bool) -> str:
+    """The line printed once the first engine worker is ready: where to send requests, and one to try."""
+    base = callable_url(host, port)
+    auth = ' -H "Authorization: Bearer $YOUR_KEY"' if api_key else ""
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+    return (f"SubSpec Server ready in {elapsed_s:.1f} s: {model_name} at {base}/v1 (OpenAI-compatible). Try:\n"
+            f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
 
 
 def main(argv: list[str] | None = None) -> int:

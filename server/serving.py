@@ -24,6 +24,7 @@ from fastapi import Request
 from server.admission import Admission, AdmissionClosed, QueueFull, Ticket
 from server.engine_client import EngineClient, EngineError, ModelInfo
 from server.errors import APIError, bad_request
+from server.request_id import log_suffix
 from server.schemas import SamplingFields
 from server.settings import ServerSettings
 from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord, ServerMetrics
@@ -45,6 +46,7 @@ class Job:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
     deadline: float | None  # event-loop time; None: no deadline
+    correlation_id: str | None = None  # the HTTP request's X-Request-Id, quoted in log lines
 
 
 @dataclass(frozen=True)
@@ -184,12 +186,12 @@ class GenerationService:
             raise bad_request(str(exc)) from exc
 
     def job(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-            record: RequestRecord) -> Job:
+            record: RequestRecord, correlation_id: str | None = None) -> Job:
         timeout = self.settings.request_timeout_s
         # The deadline runs from arrival: time spent validating and queueing counts.
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout - (
             time.monotonic() - record.arrival)
-        return Job(request_id, tuple(prompt_ids), sampling, deadline)
+        return Job(request_id, tuple(prompt_ids), sampling, deadline, correlation_id)
 
     def admit(self, request_id: str) -> Ticket:
         try:
@@ -229,7 +231,8 @@ class GenerationService:
             await self._bounded(ticket.wait_turn(), job, "waiting in the queue")
             await self._bounded(self.client.wait_ready(), job, "waiting for the engine worker")
             record.on_start(len(job.prompt_ids))
-            stream = self.client.submit(GenerationRequest(job.request_id, job.prompt_ids, job.sampling))
+            stream = self.client.submit(GenerationRequest(job.request_id, job.prompt_ids, job.sampling,
+                                                          correlation_id=job.correlation_id))
             while True:
                 try:
                     event = await self._bounded(anext(stream), job, "generating")
@@ -256,10 +259,10 @@ class GenerationService:
                 stream.close()  # aborts the engine request if it has not finished
             ticket.release()
             record.finish(status)
-            logger.info("%s: status %d, %d prompt + %d generated tokens, first token %s, total %.2f s",
+            logger.info("%s: status %d, %d prompt + %d generated tokens, first token %s, total %.2f s%s",
                         job.request_id, status, len(job.prompt_ids), record.tokens,
                         "-" if record.first_token is None else f"{record.first_token - record.arrival:.2f} s",
-                        time.monotonic() - record.arrival)
+                        time.monotonic() - record.arrival, log_suffix(job.correlation_id))
 
     async def collect(self, job: Job, ticket: Ticket, record: RequestRecord, raw_request: Request) -> Completion:
         """Run a non-streamed request to the end; abort it if the client disconnects meanwhile."""

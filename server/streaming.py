@@ -46,3 +46,8 @@ class SSEResponse(StreamingResponse):
                 logger.exception("closing the event stream failed")
             if self._on_close is not None:
                 self._on_close()
+
+
+def sse_named_event(name: str, payload: dict[str, Any]) -> bytes:
+    """One named SSE event, `event: NAME` then the JSON `data:` line, as the Responses API streams them."""
+    return b"event: " + name.encode() + b"\n" + sse_frame(payload)

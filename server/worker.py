@@ -18,15 +18,23 @@ from typing import Callable
 from server import ipc
 from server.engine_loop import EngineLike, EngineLoop
 from subspec_core.config import EngineConfig
+from subspec_core.startup import quiet_third_party_warnings
 
 logger = logging.getLogger(__name__)
 
 
 def load_engine(config: EngineConfig) -> EngineLike:
-    """Build the real engine (runs in the worker process: imports torch, may initialise CUDA)."""
+    """Build the real engine and warm it up (runs in the worker process: imports torch, may initialise CUDA).
+    Each start-up phase is logged in one line with its duration."""
     from subspec_core.engine import Engine
+    from subspec_core.startup import StartupLog, warm_up
 
-    return Engine.from_config(config, progress=False)
+    phases = StartupLog()
+    engine = Engine.from_config(config, progress=False, phases=phases)
+    with phases.phase("warm up") as phase:
+        phase.detail = warm_up(engine)
+    phases.note(f"engine ready in {phases.elapsed_s:.1f} s")
+    return engine
 
 
 def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, outbox: Connection,
@@ -39,6 +47,7 @@ def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, out
     # Ctrl-C reaches the whole process group; the API process decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s [worker] %(name)s: %(message)s")
+    quiet_third_party_warnings()
 
     try:
         engine = engine_factory()

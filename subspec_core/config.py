@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
-MODES = ("subspec", "vanilla", "resident")
+MODES = ("auto", "subspec", "vanilla", "resident")  # auto: the planner picks resident or subspec
 QUANT_TYPES = ("int4", "nf4", "fp4", "int8")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
@@ -84,10 +84,12 @@ class EngineConfig:
     gguf_file: str | None = None  # file name inside `model` when `model` is a directory holding GGUF files
     tokenizer: str | None = None  # defaults to the model's own tokenizer
     served_model_name: str | None = None  # the name clients pass as `model`; defaults to a short model name
-    mode: str = "subspec"  # subspec | vanilla (streamed target, no speculation) | resident (no offload)
+    # auto (the planner: resident when the whole model fits the compute device, subspec when layers must
+    # stream) | subspec | vanilla (streamed target, no speculation) | resident (no offload)
+    mode: str = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu (the same code path, plain tensors)
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    gpu_memory_budget: str | None = None  # e.g. '8GiB'; None: the device's free memory
+    gpu_memory_budget: str | None = None  # e.g. '8GiB'; None: the GPU's free memory (no meaning on a CPU)
     max_resident_layers: int | None = None  # cap on full-precision decoder layers kept on the GPU; 0 streams all
     stream_slots: int = 2  # GPU layer buffers in the streaming ring (>= 2: copy of layer i+1 overlaps compute of i)
     max_model_len: int = 2048  # prompt + completion tokens

@@ -7,6 +7,8 @@ with one streamed target forward (`_verify_tree`), commit the accepted path (`_e
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -23,9 +25,10 @@ from subspec_core.loading import load_model
 from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
 from subspec_core.model_source import resolve_model
 from subspec_core.offload import TargetLayers, place_layers
-from subspec_core.planner import MemoryPlan, plan_memory
+from subspec_core.planner import MemoryPlan, choose_mode, device_budget, plan_memory
 from subspec_core.quant import DraftLayers, build_substitutes
 from subspec_core.sampling import choose_tokens, token_logprobs
+from subspec_core.startup import StartupLog
 from subspec_core.timing import PhaseClock
 from subspec_core.tree import causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
 from subspec_core.types import (
@@ -137,30 +140,36 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: EngineConfig, *, progress: bool = True) -> "Engine":
-        """Load the target, plan GPU memory, place/stream its layers and build the 4-bit substitute draft."""
+    def from_config(cls, config: EngineConfig, *, progress: bool = True, phases: StartupLog | None = None) -> "Engine":
+        """Load the target, choose the mode (resolving `auto`), plan device memory, place/stream its layers and
+        build the 4-bit substitute draft. Each start-up phase is reported in one line to `phases`."""
         log.info("engine config: %s", config_as_dict(config))
+        phases = phases if phases is not None else StartupLog()
         device = resolve_device(config)
         dtype = resolve_dtype(config, device)
-        resolved = resolve_model(config.model, config.gguf_file, progress=progress)
-        loaded, tokenizer = load_model(config, dtype, resolved)
+        with phases.phase("fetch") as phase:
+            resolved = resolve_model(config.model, config.gguf_file, progress=progress)
+            phase.detail = resolved.describe()
+        loaded, tokenizer = load_model(config, dtype, resolved, phases)
         shape = loaded.shape
-        budget = config.budget_bytes
-        if budget is None and device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
-        plan = plan_memory(
-            shape=shape, dtype=dtype, mode=config.mode, speculation=config.speculation,
+        # Mode and memory plan: `choose_mode` resolves mode auto (an explicit mode is kept as asked).
+        budget = device_budget(config.budget_bytes, device)
+        plan_for = functools.partial(
+            plan_memory, shape=shape, dtype=dtype, speculation=config.speculation,
             max_model_len=config.max_model_len, prefill_chunk_size=config.prefill_chunk_size,
-            stream_slots=config.stream_slots, budget_bytes=budget, max_resident_layers=config.max_resident_layers,
-            shared_bytes=loaded.shared.nbytes(),
+            stream_slots=config.stream_slots, max_resident_layers=config.max_resident_layers,
+            shared_bytes=loaded.shared.nbytes(), device_type=device.type,
         )
+        choice = choose_mode(requested=config.mode, device_type=device.type, num_layers=shape.num_layers,
+                             max_resident_layers=config.max_resident_layers, budget_bytes=budget, plan_for=plan_for)
+        phases.note(choice.line())
+        config = dataclasses.replace(config, mode=choice.mode)
+        plan = plan_for(mode=config.mode, budget_bytes=budget)
         log.info("memory plan (%s on %s, %s):\n%s", config.mode, device, dtype, plan.table())
-        if progress:
-            print(plan.table(), flush=True)
         return cls.from_weights(
             config=config, shape=shape, shared=loaded.shared, layer_linears=loaded.layer_linears, plan=plan,
             tokenizer=tokenizer, eos_token_ids=loaded.eos_token_ids, device=device,
-            model_name=config.served_model_name or resolved.display_name, progress=progress,
+            model_name=config.served_model_name or resolved.display_name, progress=progress, phases=phases,
         )
 
     @classmethod
@@ -177,22 +186,30 @@ class Engine:
         device: torch.device,
         model_name: str,
         progress: bool = False,
+        phases: StartupLog | None = None,
     ) -> "Engine":
         """Place host weights according to `plan` (used by `from_config`, and by tests with random weights)."""
+        phases = phases if phases is not None else StartupLog(emit=log.debug)
         layout = LayerLayout.for_shape(shape)
-        target_layers = place_layers(
-            layer_linears=layer_linears, layout=layout, resident_ids=plan.resident_layers, device=device,
-            num_slots=config.stream_slots, progress=progress,
-        )
+        with phases.phase("place") as phase:
+            target_layers = place_layers(
+                layer_linears=layer_linears, layout=layout, resident_ids=plan.resident_layers, device=device,
+                num_slots=config.stream_slots, progress=progress,
+            )
+            phase.detail = f"{len(plan.resident_layers)} layers resident on {device.type}, {len(plan.streamed_layers)} streamed"
         draft_layers = None
         if config.mode == "subspec":
             if not plan.streamed_layers:
                 log.warning("every layer is resident: the draft equals the target; mode 'resident' is faster")
-            substitutes = build_substitutes(
-                layer_linears=layer_linears, layer_ids=plan.streamed_layers, quant_type=config.speculation.quant_type,
-                block_size=config.speculation.quant_block_size, device=device, progress=progress,
-            )
+            with phases.phase("quantize") as phase:
+                substitutes = build_substitutes(
+                    layer_linears=layer_linears, layer_ids=plan.streamed_layers, quant_type=config.speculation.quant_type,
+                    block_size=config.speculation.quant_block_size, device=device, progress=progress,
+                )
+                phase.detail = f"{config.speculation.quant_type} substitutes of {len(substitutes)} streamed layers (the draft)"
             draft_layers = DraftLayers(resident=target_layers.resident, substitutes=substitutes)
+        else:
+            phases.skipped("quantize", f"mode {config.mode} has no draft")
         tree_slots = config.speculation.tree_size if config.mode == "subspec" else 1
         kv_cache = KVCache(
             num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,

@@ -19,6 +19,7 @@ import torch
 
 from subspec_core.config import EngineConfig
 from subspec_core.model_source import ResolvedModel, default_cache_dir, resolve_model
+from subspec_core.startup import StartupLog
 from subspec_core.weights import LayerNorms, ModelShape, SharedWeights
 
 log = logging.getLogger(__name__)
@@ -96,24 +97,41 @@ def load_tokenizer(config: EngineConfig, resolved: ResolvedModel | None = None) 
     return tokenizer
 
 
+def _converted_weights_dir(resolved: ResolvedModel, dtype: torch.dtype) -> Path | None:
+    """Where the GGUF conversion cache keeps this model's weights in `dtype`, or None (not a local GGUF)."""
+    converted = gguf_conversion_dir(resolved)
+    return None if converted is None else converted / str(dtype).removeprefix("torch.")
+
+
+def _convert_gguf(resolved: ResolvedModel, dtype: torch.dtype, weights_dir: Path) -> Any:
+    """Read and dequantise a GGUF model with transformers, and save it as a checkpoint for later starts."""
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(resolved.load_path, gguf_file=resolved.gguf_file,
+                                                    **_LOAD_KWARGS, dtype=dtype)
+    # The dequantised weights are an ordinary checkpoint now: drop the GGUF marker before saving.
+    hf_model.config.quantization_config = None
+    if hasattr(hf_model.config, "__dict__"):
+        hf_model.config.__dict__.pop("quantization_config", None)
+    hf_model.hf_quantizer = None
+    _save_atomically(weights_dir, hf_model.save_pretrained)
+    return hf_model
+
+
+_LOAD_KWARGS: dict[str, Any] = dict(device_map="cpu", low_cpu_mem_usage=True)
+
+
 def _load_hf_model(resolved: ResolvedModel, dtype: torch.dtype) -> Any:
     """transformers' CausalLM on the host, through the GGUF conversion cache when it applies."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=dtype, device_map="cpu", low_cpu_mem_usage=True)
-    converted = gguf_conversion_dir(resolved)
-    weights_dir = None if converted is None else converted / str(dtype).removeprefix("torch.")
+    weights_dir = _converted_weights_dir(resolved, dtype)
     if weights_dir is not None and (weights_dir / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
-    hf_model = AutoModelForCausalLM.from_pretrained(resolved.load_path, gguf_file=resolved.gguf_file, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(weights_dir, **_LOAD_KWARGS, dtype=dtype)
     if weights_dir is not None:
-        # The dequantised weights are an ordinary checkpoint now: drop the GGUF marker before saving.
-        hf_model.config.quantization_config = None
-        if hasattr(hf_model.config, "__dict__"):
-            hf_model.config.__dict__.pop("quantization_config", None)
-        hf_model.hf_quantizer = None
-        _save_atomically(weights_dir, hf_model.save_pretrained)
-    return hf_model
+        return _convert_gguf(resolved, dtype, weights_dir)
+    return AutoModelForCausalLM.from_pretrained(resolved.load_path, **resolved.from_pretrained_kwargs(),
+                                                **_LOAD_KWARGS, dtype=dtype)
 
 
 def shape_from_hf_config(hf_config: Any) -> ModelShape:
@@ -211,19 +229,41 @@ def extract_weights(
     return shared, layer_linears
 
 
-def load_model(config: EngineConfig, dtype: torch.dtype, resolved: ResolvedModel | None = None) -> tuple[LoadedModel, Any]:
-    """Load the target on the host in `dtype`; returns our weights and the tokenizer."""
+def load_model(
+    config: EngineConfig, dtype: torch.dtype, resolved: ResolvedModel | None = None, phases: StartupLog | None = None,
+) -> tuple[LoadedModel, Any]:
+    """Load the target on the host in `dtype`; returns our weights and the tokenizer.
+
+    Reports the `convert` and `load` start-up phases to `phases` (by default at debug level only).
+    """
     from transformers import AutoConfig
 
+    phases = phases if phases is not None else StartupLog(emit=log.debug)
     resolved = resolved or resolve_model(config.model, config.gguf_file)
     if resolved.gguf_file is None:  # fail before reading gigabytes of weights (GGUF: the header is the file)
         shape_from_hf_config(AutoConfig.from_pretrained(resolved.load_path))
-    hf_model = _load_hf_model(resolved, dtype)
-    shape = shape_from_hf_config(hf_model.config)
-    log.info("loaded %s (%s, %d layers) in %s", resolved.display_name, shape.architecture, shape.num_layers, dtype)
-    hf_model.eval()
-    tokenizer = load_tokenizer(config, resolved)
-    shared, layer_linears = extract_weights(hf_model, shape, consume=True)
-    eos = eos_token_ids(tokenizer, getattr(hf_model, "generation_config", None))
-    del hf_model  # our fused copies hold the linear weights; the module tree is no longer needed
+    # The one-time GGUF conversion is its own phase; reading the (converted) checkpoint is part of `load`.
+    weights_dir = _converted_weights_dir(resolved, dtype)
+    hf_model = None
+    if weights_dir is not None and not (weights_dir / "config.json").is_file():
+        with phases.phase("convert") as phase:
+            hf_model = _convert_gguf(resolved, dtype, weights_dir)
+            phase.detail = f"GGUF dequantised to {_dtype_name(dtype)}, saved to {weights_dir} (once)"
+    else:
+        phases.skipped("convert", "not a local GGUF file" if weights_dir is None else f"done before: {weights_dir}")
+    with phases.phase("load") as phase:
+        if hf_model is None:
+            hf_model = _load_hf_model(resolved, dtype)
+        shape = shape_from_hf_config(hf_model.config)
+        hf_model.eval()
+        tokenizer = load_tokenizer(config, resolved)
+        shared, layer_linears = extract_weights(hf_model, shape, consume=True)
+        eos = eos_token_ids(tokenizer, getattr(hf_model, "generation_config", None))
+        del hf_model  # our fused copies hold the linear weights; the module tree is no longer needed
+        phase.detail = (f"{resolved.display_name}: {shape.architecture}, {shape.num_layers} layers, "
+                        f"{_dtype_name(dtype)}, into host memory")
     return LoadedModel(shape=shape, shared=shared, layer_linears=layer_linears, eos_token_ids=eos, dtype=dtype), tokenizer
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -72,6 +72,12 @@ class ResolvedModel:
     def is_gguf(self) -> bool:
         return self.gguf_file is not None
 
+    def describe(self) -> str:
+        """Where the weights are read from, for the start-up log."""
+        if self.gguf_file is None:
+            return f"{self.display_name}: {self.load_path}"
+        return f"{self.display_name}: {Path(self.load_path) / self.gguf_file}"
+
     def from_pretrained_kwargs(self) -> dict[str, str]:
         """Keyword arguments for `from_pretrained`: `gguf_file=` for a GGUF model, nothing for a checkpoint."""
         return {} if self.gguf_file is None else {"gguf_file": self.gguf_file}

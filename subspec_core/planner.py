@@ -1,13 +1,18 @@
-"""Decide what lives on the GPU under a memory budget, and print it as a table at start.
+"""Decide the mode and what lives on the compute device under a memory budget; print it as a table at start.
 
-Fixed costs first (shared modules, the draft's substitutes, the KV cache, activation and tree buffers, the
-streaming ring); then as many full-precision decoder layers as still fit stay resident (beyond the paper,
-which streams them all). A resident layer needs no substitute: the draft uses the target's own weights there.
+`choose_mode` resolves `mode: auto`: speculation pays only when a target forward is far dearer than a draft
+step, i.e. when weights must cross PCIe. So `resident` when the whole model fits the device (always on a
+CPU, where host memory is the compute memory and nothing would be streamed), `subspec` when layers must
+stream. `plan_memory` then places the chosen mode: fixed costs first (shared modules, the draft's
+substitutes, the KV cache, activation and tree buffers, the streaming ring); then as many full-precision
+decoder layers as still fit stay resident (beyond the paper, which streams them all). A resident layer
+needs no substitute: the draft uses the target's own weights there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -15,6 +20,8 @@ from subspec_core.config import SpeculationConfig
 from subspec_core.kv_cache import KVCache, kv_capacity
 from subspec_core.quant import substitute_bytes_per_layer
 from subspec_core.weights import LayerLayout, ModelShape
+
+DEVICE, HOST = "device", "host"  # PlanRow locations: the compute device's memory, or (pinned) host memory
 
 
 class BudgetTooSmallError(ValueError):
@@ -24,7 +31,7 @@ class BudgetTooSmallError(ValueError):
 @dataclass(frozen=True)
 class PlanRow:
     component: str
-    location: str  # "gpu" or "host"
+    location: str  # DEVICE or HOST
     nbytes: int
     detail: str = ""
 
@@ -35,25 +42,85 @@ class MemoryPlan:
     streamed_layers: tuple[int, ...]
     rows: tuple[PlanRow, ...]
     budget_bytes: int | None
+    device_type: str = "cuda"  # "cuda" or "cpu": how the table names the compute memory
 
     @property
     def device_bytes(self) -> int:
-        return sum(r.nbytes for r in self.rows if r.location == "gpu")
+        return sum(r.nbytes for r in self.rows if r.location == DEVICE)
 
     @property
     def host_bytes(self) -> int:
-        return sum(r.nbytes for r in self.rows if r.location == "host")
+        return sum(r.nbytes for r in self.rows if r.location == HOST)
+
+    @property
+    def device_label(self) -> str:
+        return "gpu" if self.device_type == "cuda" else self.device_type
 
     def table(self) -> str:
-        """A fixed-width table of the plan, for the start-up log."""
+        """A fixed-width table of the plan, for the start-up log. The budget line appears only with a budget
+        (a GPU); on a CPU the compute memory is labelled "cpu"."""
+        label = self.device_label
         lines = [f"{'component':<34} {'where':<6} {'MiB':>10}  detail", "-" * 78]
         for r in self.rows:
-            lines.append(f"{r.component:<34} {r.location:<6} {r.nbytes / 2**20:>10.1f}  {r.detail}")
+            where = label if r.location == DEVICE else HOST
+            lines.append(f"{r.component:<34} {where:<6} {r.nbytes / 2**20:>10.1f}  {r.detail}")
         lines.append("-" * 78)
-        budget = "unlimited" if self.budget_bytes is None else f"{self.budget_bytes / 2**20:.1f} MiB"
-        lines.append(f"{'device total':<34} {'gpu':<6} {self.device_bytes / 2**20:>10.1f}  budget {budget}")
-        lines.append(f"{'streamed from host':<34} {'host':<6} {self.host_bytes / 2**20:>10.1f}  per target forward")
+        budget = "" if self.budget_bytes is None else f"budget {self.budget_bytes / 2**20:.1f} MiB"
+        lines.append(f"{'device total':<34} {label:<6} {self.device_bytes / 2**20:>10.1f}  {budget}".rstrip())
+        streamed = "per target forward" if self.streamed_layers else "nothing streamed"
+        lines.append(f"{'streamed from host':<34} {HOST:<6} {self.host_bytes / 2**20:>10.1f}  {streamed}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The mode the engine runs in, and why (one start-up line)."""
+
+    mode: str
+    requested: str
+    reason: str
+
+    def line(self) -> str:
+        how = "chosen by mode auto" if self.requested == "auto" else "as configured"
+        return f"mode {self.mode} ({how}): {self.reason}"
+
+
+def device_budget(configured: int | None, device: torch.device) -> int | None:
+    """The memory budget that applies: on a GPU the configured one, else 90% of its free memory; none on a
+    CPU, where host memory is the compute memory (streaming there only demonstrates the mechanism)."""
+    if device.type != "cuda":
+        return None
+    if configured is not None:
+        return configured
+    return int(torch.cuda.mem_get_info(device)[0] * 0.9)
+
+
+def choose_mode(
+    *, requested: str, device_type: str, num_layers: int, max_resident_layers: int | None, budget_bytes: int | None,
+    plan_for: Callable[..., MemoryPlan],
+) -> ModeChoice:
+    """Resolve `mode: auto`; any other mode is returned as asked (an explicit mode always wins).
+
+    `plan_for(mode=..., budget_bytes=None)` is `plan_memory` with every other argument bound: auto asks it
+    what the whole model needs on the device in mode `resident` and compares that with `budget_bytes`.
+    """
+    if requested != "auto":
+        return ModeChoice(requested, requested, "set by --mode, SUBSPEC_MODE or the config file")
+    if max_resident_layers is not None and max_resident_layers < num_layers:
+        return ModeChoice("subspec", requested, f"max_resident_layers={max_resident_layers} streams "
+                          f"{num_layers - max_resident_layers} of {num_layers} decoder layers, and a substitute draft "
+                          "is what makes streamed layers fast")
+    if device_type != "cuda":
+        return ModeChoice("resident", requested, f"on a {device_type.upper()} the weights already sit in the memory "
+                          "that computes, so nothing is streamed and speculation cannot pay for its draft")
+    need = plan_for(mode="resident", budget_bytes=None).device_bytes
+    if budget_bytes is not None and need > budget_bytes:
+        return ModeChoice("subspec", requested, f"the whole model needs {_format_bytes(need)} on the GPU with its KV "
+                          f"cache, over the {_format_bytes(budget_bytes)} budget: layers stream from host memory and "
+                          "the 4-bit substitute draft makes each streamed forward verify many tokens")
+    return ModeChoice("resident", requested, f"the whole model fits on the GPU ({_format_bytes(need)} with its KV "
+                      f"cache{'' if budget_bytes is None else f', budget {_format_bytes(budget_bytes)}'}), so nothing "
+                      "is streamed and plain decoding is fastest")
 
 
 def _format_bytes(n: int) -> str:
@@ -87,6 +154,7 @@ def plan_memory(
     budget_bytes: int | None,
     max_resident_layers: int | None,
     shared_bytes: int,
+    device_type: str = "cuda",
 ) -> MemoryPlan:
     """Choose resident and streamed layers; raise BudgetTooSmallError when even the fixed part does not fit."""
     b = _dtype_bytes(dtype)
@@ -134,23 +202,29 @@ def plan_memory(
                 f"{_format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len}, buffers"
                 f"{', 4-bit substitutes' if speculative else ''}); raise the budget or lower max_model_len"
             )
+    host_memory = "pinned" if device_type == "cuda" else "copied in per forward"
     resident_ids = tuple(range(resident))
     streamed_ids = tuple(range(resident, num_layers))
     rows = [
-        PlanRow("shared: embeddings, norms, lm_head", "gpu", shared_bytes, "shared by target and draft"),
-        PlanRow("KV cache", "gpu", kv_bytes, f"{capacity} slots = max_model_len + tree (aligned), shared"),
-        PlanRow("activations + logits buffers", "gpu", work_bytes, f"verify {tree_rows} rows / prefill chunk {prefill_chunk_size}"),
+        PlanRow("shared: embeddings, norms, lm_head", DEVICE, shared_bytes, "shared by target and draft"),
+        PlanRow("KV cache", DEVICE, kv_bytes, f"{capacity} slots = max_model_len + tree (aligned), shared" if speculative
+                else f"{capacity} slots = max_model_len + 1 (aligned)"),
+        PlanRow("activations + logits buffers", DEVICE, work_bytes,
+                f"{'verify' if speculative else 'decode'} {tree_rows} row{'s' * (tree_rows != 1)} / prefill chunk "
+                f"{prefill_chunk_size}"),
     ]
     if speculative:
-        rows.append(PlanRow("tree masks", "gpu", tree_bytes, f"depth {speculation.max_depth} x topk {speculation.topk}"))
+        rows.append(PlanRow("tree masks", DEVICE, tree_bytes, f"depth {speculation.max_depth} x topk {speculation.topk}"))
         rows.append(
             PlanRow(
-                f"draft substitutes ({speculation.quant_type})", "gpu", len(streamed_ids) * sub_bytes,
+                f"draft substitutes ({speculation.quant_type})", DEVICE, len(streamed_ids) * sub_bytes,
                 f"{len(streamed_ids)} streamed layers, block {speculation.quant_block_size}",
             )
         )
-    rows.append(PlanRow("resident decoder layers", "gpu", resident * layer_bytes, f"{resident} of {num_layers} layers, full precision"))
+    rows.append(PlanRow("resident decoder layers", DEVICE, resident * layer_bytes, f"{resident} of {num_layers} layers, full precision"))
     if streamed_ids:
-        rows.append(PlanRow("streaming ring", "gpu", stream_slots * layer_bytes, f"{stream_slots} layer slots"))
-        rows.append(PlanRow("streamed decoder layers", "host", len(streamed_ids) * layer_bytes, f"layers {streamed_ids[0]}..{streamed_ids[-1]}, pinned"))
-    return MemoryPlan(resident_layers=resident_ids, streamed_layers=streamed_ids, rows=tuple(rows), budget_bytes=budget_bytes)
+        rows.append(PlanRow("streaming ring", DEVICE, stream_slots * layer_bytes, f"{stream_slots} layer slots"))
+        rows.append(PlanRow("streamed decoder layers", HOST, len(streamed_ids) * layer_bytes,
+                               f"layers {streamed_ids[0]}..{streamed_ids[-1]}, {host_memory}"))
+    return MemoryPlan(resident_layers=resident_ids, streamed_layers=streamed_ids, rows=tuple(rows), budget_bytes=budget_bytes,
+                      device_type=device_type)

@@ -59,6 +59,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    correlation_id: str | None = None  # the caller's id for it (the server's X-Request-Id), quoted in log lines
 
 
 @dataclass

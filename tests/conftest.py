@@ -32,13 +32,14 @@ def default_tokenizer(default_model_path: Path) -> Any:
 def default_engines() -> Any:
     """Engines over the real default model on the CPU, built on first use per mode and shared by all tests.
 
-    `default_engines("subspec")` follows configs/default.yaml (every decoder layer streamed, NF4 substitutes,
-    depth 32, topk 6); "vanilla" streams the same target without speculation; "resident" streams nothing.
+    Every mode is named explicitly. `default_engines("subspec")` follows configs/default-offload.yaml (every
+    decoder layer streamed, NF4 substitutes, depth 32, topk 6); "vanilla" streams the same target without
+    speculation; "resident" streams nothing.
     """
     from subspec_core.config import load_yaml, resolve_engine_config
     from subspec_core.engine import Engine
 
-    preset = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    preset = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "default-offload.yaml")
     built: dict[str, Any] = {}
 
     def get(mode: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,22 +22,34 @@ def last_json(stdout: str) -> dict:
 
 
 def test_generate_json_contract_and_lossless_modes(default_model_path) -> None:
+    """No --config: mode auto serves the default model resident on a CPU, and says why at start; the offload
+    preset runs SubSpec (every layer streamed) and produces the same greedy tokens."""
     common = ["--prompt", "Name three primary colors.", "--chat", "--max-tokens", "24", "--max-depth", "8", "--json"]
-    subspec = run_cli(*common)
-    assert subspec.returncode == 0, subspec.stderr[-2000:]
-    out = last_json(subspec.stdout)
+    auto = run_cli(*common)
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    out = last_json(auto.stdout)
     assert set(out) >= {"text", "token_ids", "finish_reason", "stats"}
     assert out["finish_reason"] in ("stop", "length") and out["text"] and out["token_ids"]
-    stats = out["stats"]
+    assert out["stats"]["mode"] == "resident" and out["stats"]["h2d_bytes"] == 0
+    log = auto.stderr
+    assert "start-up: mode resident (chosen by mode auto): on a CPU" in log
+    for phase in ("fetch", "convert", "load", "place", "quantize"):  # one line per phase, with its time
+        assert re.search(rf"start-up: {phase} +\d+\.\d\d s", log), phase
+    # The memory plan in device-true words: "cpu", no GPU budget, nothing pinned.
+    assert "device total                       cpu" in log and not re.search(r"budget \d", log) and " gpu " not in log
+    assert "kernels" not in log  # bitsandbytes' optional-package warning is not the user's concern
+
+    offload = run_cli(*common, "--config", "configs/default-offload.yaml")
+    assert offload.returncode == 0, offload.stderr[-2000:]
+    streamed = last_json(offload.stdout)
+    stats = streamed["stats"]
     for key in ("iterations", "drafted_tokens", "accepted_tokens", "mean_accept_length", "draft_s", "verify_s", "h2d_bytes"):
         assert key in stats
-    assert stats["mode"] == "subspec" and stats["drafted_tokens"] > 0
-    assert stats["h2d_bytes"] > 0  # no --config: the default preset streams every layer
-    assert "component" in subspec.stderr and "streamed decoder layers" in subspec.stderr  # the memory plan table
-
-    vanilla = run_cli(*common, "--mode", "vanilla")
-    assert vanilla.returncode == 0, vanilla.stderr[-2000:]
-    assert last_json(vanilla.stdout)["token_ids"] == out["token_ids"]
+    assert stats["mode"] == "subspec" and stats["drafted_tokens"] > 0 and stats["h2d_bytes"] > 0
+    assert "start-up: mode subspec (as configured)" in offload.stderr
+    assert re.search(r"start-up: quantize +\d+\.\d\d s  nf4 substitutes of 30 streamed layers", offload.stderr)
+    assert "streamed decoder layers            host" in offload.stderr and "kernels" not in offload.stderr
+    assert streamed["token_ids"] == out["token_ids"]  # lossless: SubSpec greedy == plain greedy
 
 
 def test_generate_rejects_bad_arguments_clearly() -> None:

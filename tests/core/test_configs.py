@@ -18,6 +18,7 @@ def test_presets_exist():
     names = {p.name for p in PRESETS}
     assert {
         "default.yaml",
+        "default-offload.yaml",
         "qwen2.5-7b-instruct-8gb.yaml",
         "qwen2.5-14b-instruct-24gb.yaml",
         "qwen2.5-32b-instruct-24gb.yaml",
@@ -30,7 +31,8 @@ def test_preset_resolves_and_validates(path):
     data = load_yaml(path)
     config = resolve_engine_config(yaml_data=data, environ={})
     assert isinstance(config, EngineConfig) and isinstance(config.speculation, SpeculationConfig)
-    assert config.budget_bytes is not None and config.budget_bytes >= 2**30
+    if path.name != "default.yaml":  # the default runs mode auto: the free GPU memory is its budget
+        assert config.budget_bytes is not None and config.budget_bytes >= 2**30
     assert config.max_model_len == 2048
     assert config.speculation.topk == 6 and config.speculation.draft_temperature == 0.2
     assert config.speculation.quant_type == "nf4" and config.speculation.quant_block_size == 64
@@ -38,8 +40,16 @@ def test_preset_resolves_and_validates(path):
     assert path.read_text().startswith("#"), "each preset starts with a comment saying where its numbers come from"
 
 
-def test_default_preset_matches_the_paper_recipe():
+def test_default_preset_lets_the_planner_choose():
     config = resolve_engine_config(yaml_data=load_yaml(CONFIG_DIR / "default.yaml"), environ={})
+    assert config.model == "default" and config.mode == "auto"
+    assert config.max_resident_layers is None and config.budget_bytes is None  # nothing forces streaming
+    assert config.speculation.max_depth == 32 and config.prefill_chunk_size == 256
+    assert EngineConfig().mode == "auto"  # also the default without any preset
+
+
+def test_offload_preset_matches_the_paper_recipe():
+    config = resolve_engine_config(yaml_data=load_yaml(CONFIG_DIR / "default-offload.yaml"), environ={})
     assert config.model == "default" and config.mode == "subspec"
     assert config.max_resident_layers == 0  # every decoder layer streamed
     assert config.budget_bytes == 2 * 2**30

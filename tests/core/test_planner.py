@@ -1,14 +1,16 @@
-"""The memory planner (subspec_core/planner.py): what stays resident under a GPU budget."""
+"""The memory planner (subspec_core/planner.py): the mode `auto` picks, and what stays resident under a GPU
+budget."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
 import torch
 
 from subspec_core.config import SpeculationConfig
-from subspec_core.planner import BudgetTooSmallError, MemoryPlan, plan_memory
+from subspec_core.planner import DEVICE, BudgetTooSmallError, MemoryPlan, choose_mode, device_budget, plan_memory
 from subspec_core.quant import substitute_bytes_per_layer
 from subspec_core.weights import LayerLayout, ModelShape
 
@@ -29,12 +31,13 @@ WIDE2 = ModelShape(
 def plan(
     *, shape: ModelShape = QWEN7B, mode: str = "subspec", budget: int | None, max_resident: int | None = None,
     stream_slots: int = 2, speculation: SpeculationConfig | None = None, shared_bytes: int | None = None,
+    device_type: str = "cuda",
 ) -> MemoryPlan:
     return plan_memory(
         shape=shape, dtype=torch.bfloat16, mode=mode, speculation=speculation or SpeculationConfig(max_depth=48),
         max_model_len=2048, prefill_chunk_size=256, stream_slots=stream_slots, budget_bytes=budget,
         max_resident_layers=max_resident,
-        shared_bytes=QWEN7B_SHARED if shared_bytes is None else shared_bytes,
+        shared_bytes=QWEN7B_SHARED if shared_bytes is None else shared_bytes, device_type=device_type,
     )
 
 
@@ -152,7 +155,7 @@ def test_rows_account_for_every_byte():
     assert rows["draft substitutes (nf4)"].nbytes == streamed * sub
     assert rows["shared: embeddings, norms, lm_head"].nbytes == QWEN7B_SHARED
     assert p.host_bytes == streamed * layer_bytes()
-    assert p.device_bytes == sum(row.nbytes for row in p.rows if row.location == "gpu")
+    assert p.device_bytes == sum(row.nbytes for row in p.rows if row.location == DEVICE)
     # a substitute is about a quarter of its layer (4 bits + block scales vs 16 bits)
     assert 0.25 < sub / layer_bytes() < 0.3
     # three stream slots cost one more layer of ring and never keep more layers resident
@@ -182,7 +185,60 @@ def test_table_lists_every_component(mode, budget):
         assert row.component in table
         assert f"{row.nbytes / 2**20:.1f}" in table
     assert "device total" in table and "streamed from host" in table
-    assert ("unlimited" in table) == (budget is None)
+    assert ("budget" in table) == (budget is not None)  # the budget line only where there is one
     if budget is not None:
         assert f"budget {budget / 2**20:.1f} MiB" in table
     assert f"{p.device_bytes / 2**20:.1f}" in table
+    assert " gpu " in table and " cpu " not in table
+
+
+def test_table_on_a_cpu_says_cpu_and_host_and_no_budget():
+    """Device-true labels: on a CPU the compute memory is "cpu", streamed layers are not "pinned"."""
+    table = plan(budget=None, max_resident=10, device_type="cpu").table()
+    wheres = {line[35:41].strip() for line in table.splitlines()[2:-3]}
+    assert wheres == {"cpu", "host"}
+    assert " gpu " not in table and "budget" not in table and "pinned" not in table
+    assert "device total                       cpu" in table
+    resident = plan(mode="resident", budget=None, device_type="cpu").table()
+    assert "nothing streamed" in resident and "host" not in {line[35:41].strip() for line in resident.splitlines()[2:-3]}
+
+
+def test_budget_applies_on_a_gpu_only():
+    assert device_budget(8 * GiB, torch.device("cpu")) is None
+    assert device_budget(None, torch.device("cpu")) is None
+
+
+# -- mode auto ------------------------------------------------------------------------------------------
+def choose(*, requested: str = "auto", device_type: str = "cuda", budget: int | None, max_resident: int | None = None):
+    plan_for = functools.partial(
+        plan_memory, shape=QWEN7B, dtype=torch.bfloat16, speculation=SpeculationConfig(max_depth=48),
+        max_model_len=2048, prefill_chunk_size=256, stream_slots=2, max_resident_layers=max_resident,
+        shared_bytes=QWEN7B_SHARED, device_type=device_type,
+    )
+    return choose_mode(requested=requested, device_type=device_type, num_layers=QWEN7B.num_layers,
+                       max_resident_layers=max_resident, budget_bytes=budget, plan_for=plan_for)
+
+
+def test_auto_is_resident_on_a_cpu_whatever_the_model_size():
+    choice = choose(device_type="cpu", budget=None)
+    assert choice.mode == "resident" and "CPU" in choice.reason
+    assert choice.line().startswith("mode resident (chosen by mode auto): ")
+
+
+def test_auto_on_a_gpu_is_resident_when_the_whole_model_fits_and_subspec_when_layers_must_stream():
+    need = plan(mode="resident", budget=None).device_bytes  # Qwen2.5-7B in bf16: ~16 GiB with its KV cache
+    assert choose(budget=need).mode == "resident"
+    assert choose(budget=None).mode == "resident"  # no budget given: nothing limits it
+    tight = choose(budget=need - 1)
+    assert tight.mode == "subspec" and "budget" in tight.reason
+    assert choose(budget=8 * GiB).mode == "subspec"  # the paper's setting
+
+
+def test_auto_streams_when_max_resident_layers_says_so_and_an_explicit_mode_wins():
+    assert choose(device_type="cpu", budget=None, max_resident=0).mode == "subspec"  # the offload demo preset
+    assert choose(budget=None, max_resident=27).mode == "subspec"
+    assert choose(budget=None, max_resident=28).mode == "resident"
+    for mode in ("subspec", "vanilla", "resident"):
+        explicit = choose(requested=mode, device_type="cpu", budget=None)
+        assert explicit.mode == mode and "as configured" in explicit.line()
+    assert choose(requested="vanilla", budget=8 * GiB).mode == "vanilla"  # auto never picks vanilla; asking does

@@ -21,6 +21,7 @@ HERMES_TEMPLATE = REPO_ROOT / "tests" / "server" / "data" / "hermes_tools.jinja"
 # small tree and context so each iteration is cheap on a CPU.
 REAL_ENGINE = {
     "model": "default",
+    "mode": "subspec",
     "max_model_len": 512,
     "max_resident_layers": 0,
     "gpu_memory_budget": "2GiB",

@@ -152,7 +152,8 @@ def test_models_and_health(fake):
 def error_of(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["X-Request-Id"]  # the id a user can quote to find the logs
     return error
 
 
