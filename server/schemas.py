@@ -18,7 +18,7 @@ from subspec_core.types import MAX_LOGPROBS
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-class _Tolerant(BaseModel):
+class TolerantModel(BaseModel):
     """Strict types; unknown fields are kept aside (in `model_extra`) and reported, never used."""
 
     model_config = ConfigDict(extra="allow", strict=True)
@@ -42,13 +42,13 @@ def _collect_ignored(model: BaseModel, prefix: str, names: list[str]) -> None:
                     _collect_ignored(item, f"{prefix}{name}[].", names)
 
 
-class StreamOptions(_Tolerant):
+class StreamOptions(TolerantModel):
     include_usage: bool = Field(False, description="Send a final chunk with token usage (and `usage: null` before).")
     continuous_usage_stats: bool = Field(
         False, description="vLLM extension: every chunk carries the usage so far.")
 
 
-class ContentPart(_Tolerant):
+class ContentPart(TolerantModel):
     """A part of a message's content; only `{"type": "text", "text": ...}` is supported."""
 
     type: str
@@ -62,12 +62,12 @@ class ContentPart(_Tolerant):
         return value
 
 
-class FunctionCall(_Tolerant):
+class FunctionCall(TolerantModel):
     name: str
     arguments: str | dict[str, Any] = Field(description="The arguments as JSON text (an object is accepted too).")
 
 
-class MessageToolCall(_Tolerant):
+class MessageToolCall(TolerantModel):
     """A tool call in an assistant message of the history."""
 
     id: str | None = None
@@ -75,7 +75,7 @@ class MessageToolCall(_Tolerant):
     function: FunctionCall
 
 
-class ChatMessage(_Tolerant):
+class ChatMessage(TolerantModel):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="`developer` is treated as `system`; `tool` carries a tool call's result.")
     content: str | list[ContentPart] | None = Field(None, description="A string or a list of text parts.")
@@ -92,28 +92,28 @@ class ChatMessage(_Tolerant):
         return "".join(part.text or "" for part in self.content)
 
 
-class FunctionDefinition(_Tolerant):
+class FunctionDefinition(TolerantModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="The arguments as a JSON Schema object.")
     strict: bool | None = None
 
 
-class Tool(_Tolerant):
+class Tool(TolerantModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(_Tolerant):
+class NamedFunction(TolerantModel):
     name: str
 
 
-class NamedToolChoice(_Tolerant):
+class NamedToolChoice(TolerantModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class ResponseFormat(_Tolerant):
+class ResponseFormat(TolerantModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
@@ -122,7 +122,7 @@ def _empty(value: Any) -> bool:
     return value is None or value == {} or value == [] or value == ""
 
 
-class SamplingFields(_Tolerant):
+class SamplingFields(TolerantModel):
     """Fields shared by chat and text completions."""
 
     model: str | None = Field(None, description="The served model name (see /v1/models); defaults to it.")

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from server.schemas import INT64_MAX, INT64_MIN, ChatMessage
+from server.schemas import INT64_MAX, INT64_MIN, ChatMessage, TolerantModel
 
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
 
@@ -77,10 +77,8 @@ class ResponseTextConfig(BaseModel):
     format: ResponseTextFormat | None = None
 
 
-class ResponsesRequest(BaseModel):
-    """POST /v1/responses."""
-
-    model_config = ConfigDict(extra="forbid")
+class ResponsesRequest(TolerantModel):
+    """POST /v1/responses. Unknown fields are ignored and reported, as on the other endpoints."""
 
     model: str | None = Field(None, description="The served model name (see /v1/models); defaults to it.")
     input: Annotated[Union[Annotated[str, Tag("str")], Annotated[list[ResponseInputMessage], Tag("list")]],

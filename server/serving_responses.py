@@ -15,6 +15,7 @@ each `event: TYPE` + `data: {"type": TYPE, "sequence_number": N, ...}`, numbered
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from contextlib import aclosing
@@ -24,6 +25,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from server.admission import Ticket
+from server.endpoint import check_text
 from server.errors import APIError, bad_request
 from server.prompting import PromptBuilder
 from server.request_id import request_id_of
@@ -124,12 +126,14 @@ class ResponsesEndpoint:
         service = self.service
         record = service.metrics.start(self.endpoint)
         request_id = request_id_of(raw_request)
+        headers = service.note_ignored(request.ignored_fields())
         try:
+            check_text(request)
             service.check_model(request.model)
             self.check_stateless(request)
             service.check_supported(request.unsupported_parameters())
             info = service.check_ready()
-            prompt_ids = self.prompts.chat(request.messages(), param="input")
+            prompt_ids = await service.prepare(functools.partial(self.prompts.chat, param="input"), request.messages())
             sampling = service.sampling_params(request, prompt_len=len(prompt_ids), max_model_len=info.max_model_len,
                                                max_tokens=request.max_output_tokens,
                                                max_tokens_param="max_output_tokens", prompt_param="input")
@@ -137,14 +141,16 @@ class ResponsesEndpoint:
             ticket = service.admit(job.request_id)
         except APIError as exc:
             record.finish(exc.status_code)
-            return exc.response(request_id)
+            response = exc.response(request_id)
+            response.headers.update(headers)
+            return response
         shape = ResponseShape(request, job, model=service.model_name)
         if request.stream:
             def on_close() -> None:  # also covers a stream that never started (client gone first)
                 ticket.release()
                 record.finish(STATUS_CLIENT_CLOSED)
 
-            return SSEResponse(self._stream(job, ticket, record, shape), on_close=on_close)
+            return SSEResponse(self._stream(job, ticket, record, shape), on_close=on_close, headers=headers)
         try:
             result = await service.collect(job, ticket, record, raw_request)
         except APIError as exc:  # already counted by events()
@@ -153,7 +159,7 @@ class ResponsesEndpoint:
             return Response(status_code=STATUS_CLIENT_CLOSED)
         finally:
             ticket.release()
-        return JSONResponse(shape.finished(result.text, result.finish_reason, result.completion_tokens))
+        return JSONResponse(shape.finished(result.text, result.finish_reason, result.completion_tokens), headers=headers)
 
     async def _stream(self, job: Job, ticket: Ticket, record: RequestRecord,
                       shape: ResponseShape) -> AsyncIterator[bytes]:
