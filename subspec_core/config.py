@@ -45,8 +45,9 @@ class SpeculationConfig:
     max_depth: int = 32  # draft steps per iteration (the paper's offload configs use 48)
     max_verify_tokens: int | None = None  # None: the whole tree, max_depth * topk + 1 nodes
     draft_temperature: float = 0.2  # shapes the tree only; verification never reads draft probabilities
-    # int4: group-wise asymmetric int4 on PyTorch's tinygemm kernels; bitsandbytes: nf4 | fp4 (4-bit), int8
-    quant_type: str = "nf4"
+    # int4: group-wise asymmetric int4 on PyTorch's tinygemm kernels (one op per linear; the default);
+    # bitsandbytes (the design card's library): nf4 | fp4 (4-bit), int8
+    quant_type: str = "int4"
     quant_block_size: int = 64  # the int4 group size / the bitsandbytes block size
 
     def __post_init__(self) -> None:

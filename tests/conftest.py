@@ -33,8 +33,8 @@ def default_engines() -> Any:
     """Engines over the real default model on the CPU, built on first use per mode and shared by all tests.
 
     Every mode is named explicitly. `default_engines("subspec")` follows configs/default-offload.yaml (every
-    decoder layer streamed, NF4 substitutes, depth 32, topk 6); "vanilla" streams the same target without
-    speculation; "resident" streams nothing.
+    decoder layer streamed, int4 substitutes, depth 32, topk 6); "vanilla" streams the same target without
+    speculation; "resident" streams nothing. `default_engines("subspec", "nf4")` uses another substitute format.
     """
     from subspec_core.config import load_yaml, resolve_engine_config
     from subspec_core.engine import Engine
@@ -42,13 +42,16 @@ def default_engines() -> Any:
     preset = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "default-offload.yaml")
     built: dict[str, Any] = {}
 
-    def get(mode: str) -> Any:
-        if mode not in built:
+    def get(mode: str, quant_type: str | None = None) -> Any:
+        key = f"{mode}/{quant_type}"
+        if key not in built:
             overrides: dict[str, Any] = {"mode": mode, "device": "cpu"}
             if mode == "resident":
                 overrides["max_resident_layers"] = None
+            if quant_type is not None:
+                overrides["speculation"] = {**preset.get("speculation", {}), "quant_type": quant_type}
             config = resolve_engine_config(yaml_data={**preset, **overrides}, environ={})
-            built[mode] = Engine.from_config(config, progress=False)
-        return built[mode]
+            built[key] = Engine.from_config(config, progress=False)
+        return built[key]
 
     return get

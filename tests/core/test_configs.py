@@ -35,7 +35,7 @@ def test_preset_resolves_and_validates(path):
         assert config.budget_bytes is not None and config.budget_bytes >= 2**30
     assert config.max_model_len == 2048
     assert config.speculation.topk == 6 and config.speculation.draft_temperature == 0.2
-    assert config.speculation.quant_type == "nf4" and config.speculation.quant_block_size == 64
+    assert config.speculation.quant_type == "int4" and config.speculation.quant_block_size == 64
     assert set(data.get("server", {})) <= SERVER_KEYS
     assert path.read_text().startswith("#"), "each preset starts with a comment saying where its numbers come from"
 

@@ -41,7 +41,7 @@ def greedy(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], str, 
 
 @pytest.mark.parametrize("prompt", VARIED_PROMPTS, ids=[f"p{i}" for i in range(len(VARIED_PROMPTS))])
 def test_default_model_subspec_equals_vanilla_greedy(prompt: str, default_engines, default_tokenizer) -> None:
-    """The real default model, every layer streamed, NF4 substitutes, depth 32 x topk 6: 64+ new tokens."""
+    """The real default model, every layer streamed, int4 substitutes, depth 32 x topk 6: 64+ new tokens."""
     ids = chat_ids(default_tokenizer, prompt)
     expected, expected_text, _ = greedy(default_engines("vanilla"), ids, 64)
     got, got_text, stats = greedy(default_engines("subspec"), ids, 64)
@@ -49,6 +49,16 @@ def test_default_model_subspec_equals_vanilla_greedy(prompt: str, default_engine
     assert got_text == expected_text
     assert stats.iterations < len(got)  # speculation did accept drafted tokens
     print(f"\n[{prompt[:40]}...] tokens={len(got)} mean_accept_length={stats.mean_accept_length:.2f}")
+
+
+@pytest.mark.parametrize("prompt", VARIED_PROMPTS[:2], ids=["p0", "p1"])
+def test_default_model_bitsandbytes_nf4_substitute_is_lossless_too(prompt: str, default_engines, default_tokenizer) -> None:
+    """The design card's bitsandbytes NF4 substitute, as an option: the same target tokens."""
+    ids = chat_ids(default_tokenizer, prompt)
+    expected, _, _ = greedy(default_engines("vanilla"), ids, 32)
+    got, _, stats = greedy(default_engines("subspec", "nf4"), ids, 32)
+    assert got == expected
+    assert stats.iterations < len(got)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +90,7 @@ def test_tiny_models_lossless_across_seeds_and_tree_shapes(family, shape, tokeni
         assert got == expected
 
 
-@pytest.mark.parametrize("quant_type", ["fp4", "int8"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
 def test_other_substitute_formats_are_lossless(quant_type, tokenizer) -> None:
     subspec = tiny_engine(tiny_hf_model("llama"), tokenizer, quant_type=quant_type)
     vanilla = tiny_engine(tiny_hf_model("llama"), tokenizer, mode="vanilla")

@@ -25,7 +25,7 @@ from subspec_core.tree import TokenTree
 from subspec_core.types import SamplingParams
 from subspec_core.verify import accepted_path, emitted_tokens
 from tests.core.test_sampling import P_THRESHOLD, chi_square_pvalue, reference_probabilities, total_variation
-from tests.core.test_tree import make_tree
+from tests.core.test_tree import grow_tree, make_tree
 from tests.core.tiny import generate_ids, tiny_engine, tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
