@@ -258,25 +258,38 @@ class Engine:
         hidden = self._forward(self.draft_layers, tokens, positions, slots, self.kv_cache.capacity, bias)
         return compute_logits(self.shape, self.shared, hidden)
 
-    def _prefill_chunks(self, token_ids: list[int], cancelled: CancelCheck | None = None) -> Iterator[torch.Tensor]:
-        """Fill KV slots [0, n) chunk by chunk with the target, yielding each chunk's hidden states."""
+    def _prefill_chunks(self, token_ids: list[int], cancelled: CancelCheck | None = None,
+                        reuse: int = 0) -> Iterator[torch.Tensor]:
+        """Fill KV slots [reuse, n) chunk by chunk with the target, yielding each chunk's hidden states.
+
+        Rows [0, reuse) must already hold token_ids[:reuse] (KVCache.reusable_prefix). Each chunk is recorded
+        in the cache's `token_ids` once its forward has run, so an interrupted prefill leaves only whole
+        chunks marked reusable.
+        """
+        cache = self.kv_cache
+        del cache.token_ids[reuse:]
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         chunk = self.config.prefill_chunk_size
-        for start in range(0, len(token_ids), chunk):
+        for start in range(reuse, len(token_ids), chunk):
             end = min(start + chunk, len(token_ids))
             slots = torch.arange(start, end, device=self.device)
             bias = attention_bias(causal_chunk_mask(start=start, length=end - start, device=self.device), self._dtype)
-            yield self._target_forward(ids[start:end], slots, slots, end, bias, cancelled)
+            hidden = self._target_forward(ids[start:end], slots, slots, end, bias, cancelled)
+            cache.token_ids.extend(token_ids[start:end])
+            yield hidden
 
-    def _prefill(self, prompt: list[int], prompt_logprobs: int | None = None, cancelled: CancelCheck | None = None
-                 ) -> tuple[torch.Tensor, tuple[TokenLogprob, ...] | None]:
-        """Prefill the prompt; logits (1, V) of its last token, and with `prompt_logprobs` set the logprobs of
-        prompt tokens 1..n-1 (scored chunk by chunk, so the (n, V) logits never exist at once)."""
+    def _prefill(self, prompt: list[int], dec: _Decoding) -> tuple[torch.Tensor, tuple[TokenLogprob, ...] | None]:
+        """Prefill the prompt after the rows the cache already holds for it; logits (1, V) of its last token,
+        and with `prompt_logprobs` asked for, the logprobs of prompt tokens 1..n-1 (then nothing is reused:
+        every row's logits are needed; scored chunk by chunk, so the (n, V) logits never exist at once)."""
+        prompt_logprobs = dec.params.prompt_logprobs
+        reuse = 0 if prompt_logprobs is not None else self.kv_cache.reusable_prefix(prompt)
+        dec.stats.cached_prompt_tokens = reuse
         hidden = None
         scored: list[TokenLogprob] | None = None if prompt_logprobs is None else []
         ids = torch.tensor(prompt, dtype=torch.long, device=self.device) if scored is not None else None
         start = 0
-        for hidden in self._prefill_chunks(prompt, cancelled):
+        for hidden in self._prefill_chunks(prompt, dec.cancelled, reuse):
             end = start + hidden.shape[0]
             if scored is not None and start < len(prompt) - 1:
                 # row i (position start + i) predicts prompt token start + i + 1; the last row predicts output
@@ -301,6 +314,12 @@ class Engine:
             return torch.cat([compute_logits(self.shape, self.shared, h) for h in self._prefill_chunks(token_ids)])
 
     # ----------------------------------------------------------------------------------------- steps
+    def _commit(self, root: int, step: _Step) -> None:
+        """Record the rows a decoding step committed: the root's (the last token before the step) and the
+        accepted drafted tokens'; the step's last token (the bonus) is the next root, not in the cache yet."""
+        self.kv_cache.token_ids.append(root)
+        self.kv_cache.token_ids.extend(step.tokens[:-1])
+
     def _plain_step(self, cursor: _Cursor, committed: int, dec: _Decoding) -> _Step:
         """One target forward over the last token: the baseline's decoding step (vanilla and resident)."""
         start = self._clock.mark()
@@ -428,7 +447,7 @@ class Engine:
         h2d_start = self.target_layers.h2d_bytes
         with torch.inference_mode():
             started = time.perf_counter()
-            logits, prompt_logprobs = self._prefill(prompt, params.prompt_logprobs, cancelled)
+            logits, prompt_logprobs = self._prefill(prompt, dec)
             length = torch.full((1,), len(prompt), dtype=torch.long, device=self.device)
             first = choose_tokens(
                 logits=logits, params=params, seed=dec.seed, positions=length, first_position=len(prompt), num_positions=1
@@ -452,8 +471,10 @@ class Engine:
                 if speculative and remaining > 1:
                     # a tree deeper than the tokens still allowed would only draft what gets cut
                     depth = min(self.config.speculation.max_depth, remaining - 1)
-                    step = self._speculative_step(cursor, committed, depth, dec)
+                    next_step = self._speculative_step(cursor, committed, depth, dec)
                 else:
-                    step = self._plain_step(cursor, committed, dec)
+                    next_step = self._plain_step(cursor, committed, dec)
+                self._commit(step.tokens[-1], next_step)
+                step = next_step
                 committed += len(step.tokens)
                 event = self._emit(dec, step, accept_length=len(step.tokens))

@@ -3,6 +3,9 @@
 Slots [0, N) hold the committed prefix (always written by the target). Slots past N are scratch: the draft
 writes its tree rows there, the target's verification forward overwrites them, and `compact` moves the
 accepted path's rows to sit right after the prefix. Only those rows move; the rest of the cache is untouched.
+
+The cache also remembers which token each committed row holds (`token_ids`), so a request whose prompt
+starts like the last one's prompt and output (a chat's next turn, a retried prompt) prefills only the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ class KVCache:
         self._layers = [self.data[layer] for layer in range(num_layers)]  # (2, kvh, capacity, hd)
         self._keys = [self.data[layer, 0][None] for layer in range(num_layers)]  # (1, kvh, capacity, hd)
         self._values = [self.data[layer, 1][None] for layer in range(num_layers)]
+        # token_ids[i] is the token whose keys/values row i holds, for every row the target has completed
+        # (prompt chunks, committed decoding steps); rows past it are scratch or stale
+        self.token_ids: list[int] = []
+
+    def reusable_prefix(self, prompt: list[int]) -> int:
+        """Rows a request with `prompt` can keep: the longest common prefix of the prompt and `token_ids`,
+        short of the prompt's last token (its forward gives the logits of the first new token)."""
+        limit = min(len(prompt) - 1, len(self.token_ids))
+        reuse = 0
+        while reuse < limit and prompt[reuse] == self.token_ids[reuse]:
+            reuse += 1
+        return reuse
 
     @staticmethod
     def bytes_needed(*, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype) -> int:

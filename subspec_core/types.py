@@ -67,6 +67,7 @@ class RequestStats:
     """Per-request counters. mean_accept_length = tokens emitted per target forward (bonus included)."""
 
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of those, rows kept from the previous request (prefix reuse), not prefilled
     completion_tokens: int = 0
     iterations: int = 0  # target forwards after prefill (one per verify, or per token in vanilla)
     drafted_tokens: int = 0  # tree nodes proposed by the draft and verified by the target (root excluded)
@@ -87,6 +88,7 @@ class RequestStats:
     def as_dict(self) -> dict[str, float | int]:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "iterations": self.iterations,
             "drafted_tokens": self.drafted_tokens,
