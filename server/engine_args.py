@@ -35,6 +35,7 @@ _HELP = {
     "dtype": "auto: bfloat16 on cuda, float32 on cpu",
     "gpu_memory_budget": "GPU memory the engine may use, e.g. 8GiB (default: the free memory; unused on a CPU)",
     "max_resident_layers": "cap on full-precision decoder layers kept on the GPU (0 streams all)",
+    "cuda_graphs": "true/false: replay the draft step as a captured CUDA graph (CUDA only)",
     "stream_slots": "GPU layer buffers in the weight-streaming ring (>= 2)",
     "max_model_len": "prompt + completion tokens",
     "prefill_chunk_size": "prompt tokens per prefill forward",
@@ -56,9 +57,19 @@ def _help(f: dataclasses.Field) -> str:
     return text if f.default is None or "default" in text else f"{text} (default: {f.default})"
 
 
-def _arg_type(f: dataclasses.Field) -> type:
+def _bool(text: str) -> bool:
+    """A boolean flag value: true/false, yes/no, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _arg_type(f: dataclasses.Field) -> Any:
     annotation = str(f.type).split(" |")[0]
-    return {"int": int, "float": float, "str": str}[annotation]
+    return {"int": int, "float": float, "str": str, "bool": _bool}[annotation]
 
 
 def _metavar(f: dataclasses.Field) -> str:

@@ -305,10 +305,13 @@ async def _client_gone(raw_request: Request) -> None:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, stats: RequestStats | None = None) -> dict[str, Any]:
-    """OpenAI's usage object; with the request's final stats, also `speculative` (what speculation did)."""
+    """OpenAI's usage object; with the request's final stats, also the prompt tokens served from the KV cache
+    (`prompt_tokens_details.cached_tokens`, as OpenAI and vLLM report them) and `speculative` (what
+    speculation did)."""
     body: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                             "total_tokens": prompt_tokens + completion_tokens}
     if stats is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": stats.cached_prompt_tokens}
         body["speculative"] = {"iterations": stats.iterations, "drafted_tokens": stats.drafted_tokens,
                                "accepted_tokens": stats.accepted_tokens,
                                "mean_accept_length": round(stats.mean_accept_length, 4)}

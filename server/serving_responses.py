@@ -58,13 +58,13 @@ class ResponseShape:
                 "content": [] if text is None else [self.part(text)]}
 
     def response(self, status: str, *, text: str | None = None, output_tokens: int | None = None,
-                 error: APIError | None = None) -> dict[str, Any]:
+                 cached_tokens: int = 0, error: APIError | None = None) -> dict[str, Any]:
         """The whole object; `text` None means the message has not begun (in progress, or failed)."""
         request = self._request
         incomplete = status == "incomplete"
         output = [] if text is None else [self.message("incomplete" if incomplete else "completed", text)]
         usage = None if output_tokens is None else {
-            "input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": self.prompt_tokens + output_tokens,
         }
@@ -83,9 +83,9 @@ class ResponseShape:
             "metadata": request.metadata or {},
         }
 
-    def finished(self, text: str, finish_reason: str, output_tokens: int) -> dict[str, Any]:
+    def finished(self, text: str, finish_reason: str, output_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
         status = "incomplete" if finish_reason == FINISH_LENGTH else "completed"
-        return self.response(status, text=text, output_tokens=output_tokens)
+        return self.response(status, text=text, output_tokens=output_tokens, cached_tokens=cached_tokens)
 
 
 class _Events:
@@ -159,7 +159,9 @@ class ResponsesEndpoint:
             return Response(status_code=STATUS_CLIENT_CLOSED)
         finally:
             ticket.release()
-        return JSONResponse(shape.finished(result.text, result.finish_reason, result.completion_tokens), headers=headers)
+        cached = result.stats.cached_prompt_tokens if result.stats is not None else 0
+        return JSONResponse(shape.finished(result.text, result.finish_reason, result.completion_tokens, cached),
+                            headers=headers)
 
     async def _stream(self, job: Job, ticket: Ticket, record: RequestRecord,
                       shape: ResponseShape) -> AsyncIterator[bytes]:
@@ -174,6 +176,7 @@ class ResponsesEndpoint:
         pieces: list[str] = []
         tokens = 0
         finish_reason = "stop"
+        cached = 0
         try:
             async with aclosing(self.service.events(job, ticket, record)) as events:
                 async for step in events:
@@ -183,14 +186,15 @@ class ResponsesEndpoint:
                         yield event("response.output_text.delta", **where, delta=step.text, logprobs=[])
                     if step.finished:
                         finish_reason = step.finish_reason or "stop"
-                        if step.stats is not None and step.stats.completion_tokens:
-                            tokens = step.stats.completion_tokens
+                        if step.stats is not None:
+                            tokens = step.stats.completion_tokens or tokens
+                            cached = step.stats.cached_prompt_tokens
         except APIError as exc:
             yield event("error", code=exc.code or exc.type, message=exc.message, param=exc.param)
             yield event("response.failed", response=shape.response("failed", error=exc))
             return
         text = "".join(pieces)
-        final = shape.finished(text, finish_reason, tokens)
+        final = shape.finished(text, finish_reason, tokens, cached)
         yield event("response.output_text.done", **where, text=text, logprobs=[])
         yield event("response.content_part.done", **where, part=shape.part(text))
         yield event("response.output_item.done", output_index=0, item=final["output"][0])

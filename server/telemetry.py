@@ -79,6 +79,8 @@ class ServerMetrics:
         self.draft_seconds = Counter("subspec_draft_seconds", "Engine time drafting trees", registry=r)
         self.verify_seconds = Counter("subspec_verify_seconds", "Engine time in target verification", registry=r)
         self.h2d_bytes = Counter("subspec_h2d_bytes", "Weight bytes streamed host-to-device", registry=r)
+        self.prefix_cache_hits = Counter("subspec_prefix_cache_hit_tokens", "Prompt tokens whose KV rows were kept "
+                                         "from the previous request (prefix reuse), not prefilled", registry=r)
         self.throughput = Gauge("subspec_generation_throughput_tokens_per_second",
                                 "Generated tokens per second of the last finished request (from getting "
                                 "the GPU to its last token)", registry=r)
@@ -167,6 +169,7 @@ class RequestRecord:
         self._m.draft_seconds.inc(stats.draft_s)
         self._m.verify_seconds.inc(stats.verify_s)
         self._m.h2d_bytes.inc(stats.h2d_bytes)
+        self._m.prefix_cache_hits.inc(stats.cached_prompt_tokens)
 
     def finish(self, status: int) -> None:
         if self.finished:

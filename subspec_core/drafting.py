@@ -21,10 +21,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import logging
+
 import torch
 
 from subspec_core.cancel import CancelCheck, raise_if_cancelled
 from subspec_core.tree import TokenTree, expand_frontier
+
+log = logging.getLogger(__name__)
 
 # (tokens (n,), positions (n,), slots (n,), bias (n, capacity) additive mask) -> float32 logits (n, V)
 DraftLogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,6 +70,43 @@ class TreeDrafter:
         self.columns = torch.arange(capacity, **long)  # cache slot of each mask column
         self.root_bias = torch.zeros(1, capacity, dtype=dtype, device=device)  # (1, C) additive mask
         self.bias = torch.zeros(k, capacity, dtype=dtype, device=device)  # (k, C) the frontier's mask rows
+        self._root_graph: torch.cuda.CUDAGraph | None = None  # set by capture_cuda_graphs
+        self._level_graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def graphed(self) -> bool:
+        """Whether grow() replays captured CUDA graphs instead of launching each op."""
+        return self._level_graph is not None
+
+    def capture_cuda_graphs(self) -> bool:
+        """Capture the root step and the level step once as CUDA graphs (CUDA only); False, eager, if it fails.
+
+        Possible because every buffer a step touches is persistent and every shape static: the same graph
+        serves every level of every tree. The warm-up runs write draft scratch rows at slot prefix_length (0
+        here), so call it before any request has filled the cache. Cancel checks stay between replays.
+        """
+        device = self.tokens.device
+        if device.type != "cuda":
+            return False
+        try:
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up off the capture: lazy init, cuBLAS workspaces, allocator
+                for _ in range(2):
+                    self.root_step()
+                    self.level_step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            root, level = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(root):
+                self.root_step()
+            with torch.cuda.graph(level, pool=root.pool()):
+                self.level_step()
+        except Exception as exc:  # noqa: BLE001 - the eager path is correct, only slower
+            log.warning("capturing the draft step as a CUDA graph failed (%s: %s); drafting eagerly",
+                        type(exc).__name__, exc)
+            return False
+        self._root_graph, self._level_graph = root, level
+        return True
 
     def grow(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, depth: int,
              cancelled: CancelCheck | None = None) -> TokenTree:
@@ -81,11 +122,18 @@ class TreeDrafter:
         self.root_token.copy_(root_token)
         self.prefix_length.copy_(prefix_length)
         raise_if_cancelled(cancelled)
-        self.root_step()
+        self._run(self.root_step, self._root_graph)
         for _ in range(depth - 1):
             raise_if_cancelled(cancelled)
-            self.level_step()
+            self._run(self.level_step, self._level_graph)
         return self.tree(depth)
+
+    @staticmethod
+    def _run(step, graph: torch.cuda.CUDAGraph | None) -> None:  # type: ignore[no-untyped-def]
+        if graph is None:
+            step()
+        else:
+            graph.replay()
 
     def root_step(self) -> None:
         """Draft forward of the root (1 row), then level 1: the root's topk best children."""

@@ -216,10 +216,15 @@ class Engine:
             capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=tree_slots), dtype=shared.embed.dtype,
             device=device,
         )
-        return cls(
+        engine = cls(
             config=config, shape=shape, shared=shared.to(device), target_layers=target_layers, draft_layers=draft_layers,
             kv_cache=kv_cache, tokenizer=tokenizer, eos_token_ids=eos_token_ids, device=device, model_name=model_name, plan=plan,
         )
+        if engine.drafter is not None and config.cuda_graphs and device.type == "cuda":
+            with torch.inference_mode(), phases.phase("graphs") as phase:
+                graphed = engine.drafter.capture_cuda_graphs()
+                phase.detail = "draft root and level steps captured" if graphed else "capture failed: eager drafting"
+        return engine
 
     # ----------------------------------------------------------------------------------------- forwards
     def _forward(

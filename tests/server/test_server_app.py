@@ -81,7 +81,7 @@ def test_chat_completion(fake):
     # the fake engine: 7 events (3 tokens each, 2 in the last) = a prefill and 6 iterations of 4 drafted tokens
     speculative = {"iterations": 6, "drafted_tokens": 24, "accepted_tokens": 11, "mean_accept_length": 2.8333}
     assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 20, "total_tokens": prompt_len + 20,
-                             "speculative": speculative}
+                             "prompt_tokens_details": {"cached_tokens": 0}, "speculative": speculative}
     assert "X-SubSpec-Ignored-Fields" not in response.headers
 
 

@@ -260,3 +260,18 @@ def test_unseeded_sampled_requests_differ_seeded_ones_repeat(http):
 
     assert text() != text()  # a fresh seed each (the same 6 tokens twice at temperature 1.5: ~impossible)
     assert text(seed=1234) == text(seed=1234)
+
+
+def test_a_chats_next_turn_reuses_the_kv_rows_of_the_last_one(http):
+    """The next turn of a conversation prefills only what is new (prefix reuse across requests)."""
+    first_turn = [{"role": "user", "content": "Name a colour."}]
+    first = http.post("/v1/chat/completions", json={"messages": first_turn, "max_tokens": 6, "temperature": 0}).json()
+    before = scrape_metrics(http)
+    second_turn = first_turn + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                                {"role": "user", "content": "And another?"}]
+    second = http.post("/v1/chat/completions", json={"messages": second_turn, "max_tokens": 6, "temperature": 0}).json()
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # at least the whole first prompt is reused (the re-rendered reply may tokenize differently at its end)
+    assert first["usage"]["prompt_tokens"] <= cached < second["usage"]["prompt_tokens"]
+    after = scrape_metrics(http)
+    assert after["subspec_prefix_cache_hit_tokens_total"] - before["subspec_prefix_cache_hit_tokens_total"] == cached

@@ -1,0 +1,89 @@
+"""GPU checks of the lean draft step and the streaming ring: CUDA-graph replay equals eager drafting, a draft
+step never synchronises with the host, and streamed logits survive injected copy and compute delays.
+
+Skipped without CUDA. Run on the lent GPU: `python -m pytest -q tests/gpu`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from subspec_core.config import resolve_engine_config
+from subspec_core.engine import Engine
+from subspec_core.types import GenerationRequest, SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TEXT = "Write a short poem about a lighthouse and explain its imagery."
+
+
+def _engine(mode: str, **overrides) -> Engine:
+    model = os.environ.get("SUBSPEC_DEVICE_MODEL", "default")
+    data = {"model": model, "mode": mode, "device": "cuda", "max_resident_layers": 0, "gpu_memory_budget": "4GiB",
+            **overrides}
+    return Engine.from_config(resolve_engine_config(yaml_data=data, environ={}), progress=False)
+
+
+def _greedy(engine: Engine, max_tokens: int = 64) -> list[int]:
+    tok = engine.tokenizer
+    rendered = tok.apply_chat_template([{"role": "user", "content": TEXT}], add_generation_prompt=True, tokenize=False)
+    prompt = tuple(tok.encode(rendered, add_special_tokens=False))
+    request = GenerationRequest("g", prompt, SamplingParams(max_tokens=max_tokens, temperature=0))
+    return [t for event in engine.generate(request) for t in event.token_ids]
+
+
+def test_graphed_drafting_equals_eager_drafting_fp32() -> None:
+    graphed = _engine("subspec", dtype="float32", cuda_graphs=True)
+    eager = _engine("subspec", dtype="float32", cuda_graphs=False)
+    assert graphed.drafter.graphed and not eager.drafter.graphed
+    assert _greedy(graphed) == _greedy(eager)
+    vanilla = _engine("vanilla", dtype="float32")
+    assert _greedy(graphed) == _greedy(vanilla)
+
+
+def test_a_draft_tree_never_synchronises_with_the_host() -> None:
+    engine = _engine("subspec", cuda_graphs=False)  # eager: every op is launched and checked
+    prompt = list(range(1, 40))
+    with torch.inference_mode():
+        engine.prompt_logits(prompt)
+        root = torch.ones(1, dtype=torch.long, device="cuda")
+        length = torch.full((1,), len(prompt), dtype=torch.long, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            engine.drafter.grow(root_token=root, prefix_length=length, depth=engine.config.speculation.max_depth)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_streamed_logits_hold_under_injected_copy_and_compute_delays(monkeypatch) -> None:
+    """The ring's events order copies and compute: slowing either stream must not change a logit."""
+    streamed, resident = _engine("vanilla"), _engine("resident", max_resident_layers=None)
+    ids = streamed.tokenizer("Delays on either stream must not change what the layers compute.")["input_ids"]
+    expected = resident.prompt_logits(ids)
+    streamer = streamed.target_layers.streamer
+    issue_copy, acquire = type(streamer)._issue_copy, type(streamer).acquire
+
+    def slow_copy(self) -> None:
+        with torch.cuda.stream(self.copy_stream):
+            torch.cuda._sleep(2_000_000)  # ~1 ms of spinning before the copy is even issued on the copy stream
+        issue_copy(self)
+
+    def slow_compute(self, layer_id: int):  # noqa: ANN202
+        torch.cuda._sleep(2_000_000)  # the compute stream lags behind, so the ring's free events matter
+        return acquire(self, layer_id)
+
+    for patch in ({"_issue_copy": slow_copy}, {"acquire": slow_compute}):
+        with monkeypatch.context() as m:
+            for name, fn in patch.items():
+                m.setattr(type(streamer), name, fn)
+            got = streamed.prompt_logits(ids)
+        torch.testing.assert_close(got, expected, atol=3e-2, rtol=1e-2)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
