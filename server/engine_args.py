@@ -38,7 +38,7 @@ _HELP = {
     "cuda_graphs": "true/false: replay the draft step as a captured CUDA graph (CUDA only)",
     "stream_slots": "GPU layer buffers in the weight-streaming ring (>= 2)",
     "max_model_len": "prompt + completion tokens",
-    "prefill_chunk_size": "prompt tokens per prefill forward",
+    "prefill_chunk_size": "prompt tokens per prefill forward (default: the largest the memory budget allows)",
     "seed": "seed for requests that give none",
     "topk": "draft tree width (nodes kept per depth)",
     "max_depth": "draft steps per iteration (tree depth)",

@@ -95,7 +95,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay the draft step as a captured CUDA graph (CUDA only; eager on a CPU)
     stream_slots: int = 2  # GPU layer buffers in the streaming ring (>= 2: copy of layer i+1 overlaps compute of i)
     max_model_len: int = 2048  # prompt + completion tokens
-    prefill_chunk_size: int = 256
+    prefill_chunk_size: int | None = None  # None: the planner picks the largest chunk the memory budget allows
     seed: int = 0  # seed for requests that give none
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
@@ -114,7 +114,7 @@ class EngineConfig:
             raise ValueError("stream_slots must be >= 2 (one being filled while one is read)")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
-        if self.prefill_chunk_size < 1:
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
             raise ValueError("prefill_chunk_size must be >= 1")
 
     @property

@@ -130,6 +130,8 @@ class Engine:
         self.model_name = model_name
         self.plan = plan
         self.max_model_len = config.max_model_len
+        # the plan's chunk: the config's, or the largest the budget allows when the config leaves it unset
+        self.prefill_chunk_size = plan.prefill_chunk_size if plan is not None else (config.prefill_chunk_size or 256)
         self._dtype = shared.embed.dtype
         self._clock = PhaseClock(device)
         spec = config.speculation
@@ -274,7 +276,7 @@ class Engine:
         cache = self.kv_cache
         del cache.token_ids[reuse:]
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        chunk = self.config.prefill_chunk_size
+        chunk = self.prefill_chunk_size
         for start in range(reuse, len(token_ids), chunk):
             end = min(start + chunk, len(token_ids))
             slots = torch.arange(start, end, device=self.device)

@@ -43,6 +43,7 @@ class MemoryPlan:
     rows: tuple[PlanRow, ...]
     budget_bytes: int | None
     device_type: str = "cuda"  # "cuda" or "cpu": how the table names the compute memory
+    prefill_chunk_size: int = 256  # prompt tokens per prefill forward (chosen here when the config leaves it unset)
 
     @property
     def device_bytes(self) -> int:
@@ -142,6 +143,12 @@ def activation_bytes(*, shape: ModelShape, dtype: torch.dtype, rows: int, kv_len
     return hidden + scores + mask + logits
 
 
+# Prefill chunks the planner picks from when the config leaves the size unset: each chunk streams every offloaded
+# weight once, so fewer, larger chunks mean fewer weight passes; 256 is the paper's size at 8 GB, 4096 its largest.
+MIN_AUTO_PREFILL_CHUNK = 256
+MAX_AUTO_PREFILL_CHUNK = 4096
+
+
 def plan_memory(
     *,
     shape: ModelShape,
@@ -149,14 +156,19 @@ def plan_memory(
     mode: str,
     speculation: SpeculationConfig,
     max_model_len: int,
-    prefill_chunk_size: int,
+    prefill_chunk_size: int | None,
     stream_slots: int,
     budget_bytes: int | None,
     max_resident_layers: int | None,
     shared_bytes: int,
     device_type: str = "cuda",
 ) -> MemoryPlan:
-    """Choose resident and streamed layers; raise BudgetTooSmallError when even the fixed part does not fit."""
+    """Choose resident and streamed layers; raise BudgetTooSmallError when even the fixed part does not fit.
+
+    `prefill_chunk_size` None: after the layers are placed with the smallest chunk, the chunk grows (powers of
+    two, up to max_model_len and MAX_AUTO_PREFILL_CHUNK) as far as the budget's remaining slack allows: a
+    larger chunk never costs a resident layer.
+    """
     b = _dtype_bytes(dtype)
     layout = LayerLayout.for_shape(shape)
     layer_bytes = layout.numel * b
@@ -166,10 +178,14 @@ def plan_memory(
     kv_bytes = KVCache.bytes_needed(
         num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, capacity=capacity, dtype=dtype
     )
-    work_bytes = max(
-        activation_bytes(shape=shape, dtype=dtype, rows=tree_rows, kv_length=capacity),
-        activation_bytes(shape=shape, dtype=dtype, rows=min(prefill_chunk_size, max_model_len), kv_length=capacity),
-    )
+    def work_bytes_for(chunk: int) -> int:
+        return max(
+            activation_bytes(shape=shape, dtype=dtype, rows=tree_rows, kv_length=capacity),
+            activation_bytes(shape=shape, dtype=dtype, rows=min(chunk, max_model_len), kv_length=capacity),
+        )
+
+    chunk = prefill_chunk_size or min(MIN_AUTO_PREFILL_CHUNK, max_model_len)
+    work_bytes = work_bytes_for(chunk)
     tree_bytes = tree_rows * tree_rows + speculation.tree_size**2 if speculative else 0  # ancestor matrices
     out_rows = shape.q_size + 2 * shape.kv_size + shape.hidden_size + 2 * shape.intermediate_size + shape.hidden_size
     sub_bytes = (
@@ -202,6 +218,14 @@ def plan_memory(
                 f"{_format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len}, buffers"
                 f"{', 4-bit substitutes' if speculative else ''}); raise the budget or lower max_model_len"
             )
+    if prefill_chunk_size is None:
+        largest = min(max_model_len, MAX_AUTO_PREFILL_CHUNK)
+        candidates = sorted({largest} | {c for c in (2**p for p in range(8, 13)) if chunk < c < largest})
+        for bigger in candidates:
+            extra = work_bytes_for(bigger) - work_bytes
+            if budget_bytes is not None and device_total(resident) + extra > budget_bytes:
+                break
+            chunk, work_bytes, fixed = bigger, work_bytes + extra, fixed + extra
     host_memory = "pinned" if device_type == "cuda" else "copied in per forward"
     resident_ids = tuple(range(resident))
     streamed_ids = tuple(range(resident, num_layers))
@@ -211,7 +235,7 @@ def plan_memory(
                 else f"{capacity} slots = max_model_len + 1 (aligned)"),
         PlanRow("activations + logits buffers", DEVICE, work_bytes,
                 f"{'verify' if speculative else 'decode'} {tree_rows} row{'s' * (tree_rows != 1)} / prefill chunk "
-                f"{prefill_chunk_size}"),
+                f"{chunk}{' (auto)' if prefill_chunk_size is None else ''}"),
     ]
     if speculative:
         rows.append(PlanRow("tree masks", DEVICE, tree_bytes, f"depth {speculation.max_depth} x topk {speculation.topk}"))
@@ -227,4 +251,4 @@ def plan_memory(
         rows.append(PlanRow("streamed decoder layers", HOST, len(streamed_ids) * layer_bytes,
                                f"layers {streamed_ids[0]}..{streamed_ids[-1]}, {host_memory}"))
     return MemoryPlan(resident_layers=resident_ids, streamed_layers=streamed_ids, rows=tuple(rows), budget_bytes=budget_bytes,
-                      device_type=device_type)
+                      device_type=device_type, prefill_chunk_size=chunk)

@@ -44,7 +44,7 @@ def test_default_preset_lets_the_planner_choose():
     config = resolve_engine_config(yaml_data=load_yaml(CONFIG_DIR / "default.yaml"), environ={})
     assert config.model == "default" and config.mode == "auto"
     assert config.max_resident_layers is None and config.budget_bytes is None  # nothing forces streaming
-    assert config.speculation.max_depth == 32 and config.prefill_chunk_size == 256
+    assert config.speculation.max_depth == 32 and config.prefill_chunk_size is None  # the planner sizes it
     assert EngineConfig().mode == "auto"  # also the default without any preset
 
 

@@ -150,9 +150,9 @@ def test_rows_account_for_every_byte():
     sub = substitute_bytes_per_layer(
         QWEN7B.linear_params_per_layer,
         QWEN7B.q_size + 2 * QWEN7B.kv_size + QWEN7B.hidden_size + 2 * QWEN7B.intermediate_size + QWEN7B.hidden_size,
-        quant_type="nf4", block_size=64,
+        quant_type="int4", block_size=64,
     )
-    assert rows["draft substitutes (nf4)"].nbytes == streamed * sub
+    assert rows["draft substitutes (int4)"].nbytes == streamed * sub
     assert rows["shared: embeddings, norms, lm_head"].nbytes == QWEN7B_SHARED
     assert p.host_bytes == streamed * layer_bytes()
     assert p.device_bytes == sum(row.nbytes for row in p.rows if row.location == DEVICE)
@@ -242,3 +242,27 @@ def test_auto_streams_when_max_resident_layers_says_so_and_an_explicit_mode_wins
         explicit = choose(requested=mode, device_type="cpu", budget=None)
         assert explicit.mode == mode and "as configured" in explicit.line()
     assert choose(requested="vanilla", budget=8 * GiB).mode == "vanilla"  # auto never picks vanilla; asking does
+
+
+def test_an_unset_prefill_chunk_grows_into_the_slack_without_costing_a_resident_layer():
+    """Each prefill chunk streams every offloaded weight once: the planner picks the largest chunk that fits."""
+    def with_chunk(chunk: int | None, budget: int | None) -> MemoryPlan:
+        return plan_memory(
+            shape=QWEN7B, dtype=torch.bfloat16, mode="subspec", speculation=SpeculationConfig(max_depth=48),
+            max_model_len=2048, prefill_chunk_size=chunk, stream_slots=2, budget_bytes=budget, max_resident_layers=None,
+            shared_bytes=QWEN7B_SHARED,
+        )
+
+    fixed = with_chunk(256, 10 * GiB)
+    assert fixed.prefill_chunk_size == 256
+    auto = with_chunk(None, 10 * GiB)
+    assert auto.resident_layers == fixed.resident_layers  # the chunk only uses what the layers left over
+    assert auto.prefill_chunk_size >= 256 and auto.device_bytes <= 10 * GiB
+    roomy = with_chunk(None, 40 * GiB)
+    assert roomy.prefill_chunk_size == 2048  # the whole context in one forward when memory allows
+    assert with_chunk(None, None).prefill_chunk_size == 2048  # no budget (a CPU): as large as the context
+    # a budget with exactly the small chunk's plan left no slack: the chunk stays small
+    tight = with_chunk(None, fixed.device_bytes)
+    assert tight.prefill_chunk_size == 256 and tight.resident_layers == fixed.resident_layers
+    rows = {row.component: row for row in auto.rows}
+    assert f"prefill chunk {auto.prefill_chunk_size} (auto)" in rows["activations + logits buffers"].detail
