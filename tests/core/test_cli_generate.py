@@ -47,7 +47,7 @@ def test_generate_json_contract_and_lossless_modes(default_model_path) -> None:
         assert key in stats
     assert stats["mode"] == "subspec" and stats["drafted_tokens"] > 0 and stats["h2d_bytes"] > 0
     assert "start-up: mode subspec (as configured)" in offload.stderr
-    assert re.search(r"start-up: quantize +\d+\.\d\d s  nf4 substitutes of 30 streamed layers", offload.stderr)
+    assert re.search(r"start-up: quantize +\d+\.\d\d s  int4 substitutes of 30 streamed layers", offload.stderr)
     assert "streamed decoder layers            host" in offload.stderr and "kernels" not in offload.stderr
     assert streamed["token_ids"] == out["token_ids"]  # lossless: SubSpec greedy == plain greedy
 

@@ -57,7 +57,7 @@ def test_default_start_chooses_resident_and_explains_itself(default_server):
 def test_offload_preset_start_runs_subspec_and_times_the_quantization(real_server):
     log = wait_for_line(real_server, r"SubSpec Server ready in")
     assert "start-up: mode subspec (as configured)" in log
-    assert re.search(r"start-up: quantize +\d+\.\d\d s  nf4 substitutes of 30 streamed layers", log)
+    assert re.search(r"start-up: quantize +\d+\.\d\d s  int4 substitutes of 30 streamed layers", log)
     assert "streamed decoder layers            host" in log and "kernels" not in log
 
 
