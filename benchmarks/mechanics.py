@@ -45,18 +45,18 @@ def draft_tree(engine: Any, *, root: torch.Tensor, prefix_length: int, depth: in
     return engine.drafter.grow(root_token=root, prefix_length=prefix, depth=depth)
 
 
-def verify_set(tree: TokenTree, nodes: int, *, topk: int) -> TokenTree:
+def verify_set(tree: TokenTree, nodes: int, *, topk: int, vocab_size: int) -> TokenTree:
     """`nodes` tree nodes to verify: the best of a drafted tree (ancestor-closed), as the engine prunes to
     max_verify_tokens; for more nodes than the tree has, a beam-shaped tree of that size (random tokens):
     a verify forward's cost depends on its node count and mask, not on which tokens it carries."""
     if nodes <= tree.size:
         return subtree(tree, select_verify_nodes(scores=tree.scores, budget=nodes))
-    return beam_tree(nodes, topk=topk, device=tree.tokens.device)
+    return beam_tree(nodes, topk=topk, device=tree.tokens.device, vocab_size=vocab_size)
 
 
-def beam_tree(size: int, *, topk: int, device: torch.device) -> TokenTree:
+def beam_tree(size: int, *, topk: int, device: torch.device, vocab_size: int) -> TokenTree:
     """A tree numbered like a drafted one (root, then levels of `topk`), every node's parent the first node of
-    the level above; random tokens."""
+    the level above; random tokens below `vocab_size`."""
     index = torch.arange(size, device=device)
     depths = torch.where(index == 0, 0, (index - 1) // topk + 1)
     parents = torch.where(depths <= 1, 0, 1 + (depths - 2) * topk)
@@ -67,7 +67,7 @@ def beam_tree(size: int, *, topk: int, device: torch.device) -> TokenTree:
     # the first node of each level above a node is its ancestor (levels >= 1, strictly above)
     level_heads = 1 + (depths[None, :] - 1) * topk  # (1, T): the head node of each column's level
     ancestors |= (index[None, :] == level_heads) & (depths[None, :] < depths[:, None]) & (depths[None, :] >= 1)
-    tokens = torch.randint(1000, (size,), generator=torch.Generator().manual_seed(size)).to(device)
+    tokens = torch.randint(vocab_size, (size,), generator=torch.Generator().manual_seed(size)).to(device)
     return TokenTree(tokens=tokens, parents=parents, depths=depths, scores=-depths.float(), ancestors=ancestors)
 
 

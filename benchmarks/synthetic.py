@@ -88,7 +88,7 @@ def _measure_engine(engine: Engine, mode: str, *, prefix: list[int], device: tor
             tree = draft_tree(engine, root=root, prefix_length=p, depth=spec.max_depth)
             measured["verify"] = {}
             for n in sizes:
-                nodes = verify_set(tree, n, topk=spec.topk)
+                nodes = verify_set(tree, n, topk=spec.topk, vocab_size=engine.shape.vocab_size)
                 measured["verify"][str(n)] = _timed(
                     lambda nodes=nodes: verify_forward(engine, tree=nodes, prefix_length=p), probe=probe, device=device,
                     repeats=repeats,

@@ -112,6 +112,6 @@ def test_beam_tree_is_a_valid_drafted_shape_tree() -> None:
     from tests.core.test_tree import make_tree
 
     for size, topk in ((1, 3), (11, 3), (193, 6), (289, 6)):
-        tree = beam_tree(size, topk=topk, device=torch.device("cpu"))
+        tree = beam_tree(size, topk=topk, device=torch.device("cpu"), vocab_size=1000)
         reference = make_tree(tree.parents.tolist())
         assert torch.equal(tree.ancestors, reference.ancestors) and torch.equal(tree.depths, reference.depths)
