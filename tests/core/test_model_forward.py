@@ -10,6 +10,7 @@ from subspec_core.config import EngineConfig
 from subspec_core.engine import Engine
 from subspec_core.loading import _load_hf_model, load_tokenizer
 from subspec_core.model_source import resolve_model
+from subspec_core.startup import StartupLog
 from tests.core.tiny import FAMILIES, TINY_VOCAB, tiny_engine, tiny_hf_config, tiny_hf_model
 
 
@@ -109,20 +110,29 @@ def tokenizer_dir(tokenizer, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("family, sharded", [(f, True) for f in FAMILIES] + [("tied", False), ("qwen3", False)])
-def test_checkpoint_loads_layer_by_layer_to_transformers_logits(family, sharded, tokenizer_dir, tmp_path) -> None:
-    """The real loading path (Engine.from_config on a saved safetensors checkpoint, one file or shards with their
-    index) reads each family's tensor names into our layout: Phi-3's fused q/k/v and gate/up, Qwen3's q/k norms,
-    tied embeddings without an lm_head tensor."""
+@pytest.mark.parametrize("family, storage", [(f, "shards") for f in FAMILIES]
+                         + [("tied", "one file"), ("qwen3", "one file"), ("phi3", "bin")])
+def test_checkpoint_loads_layer_by_layer_to_transformers_logits(family, storage, tokenizer_dir, tmp_path) -> None:
+    """The real loading path (Engine.from_config on a saved checkpoint: safetensors shards with their index, one
+    safetensors file, or a pytorch_model.bin that transformers must materialise first) reads each family's tensor
+    names into our layout: Phi-3's fused q/k/v and gate/up, Qwen3's q/k norms, tied embeddings without an
+    lm_head tensor."""
     hf = tiny_hf_model(family, seed=4)
-    hf.save_pretrained(tmp_path, max_shard_size="60KB" if sharded else "50GB")
-    assert (tmp_path / "model.safetensors.index.json").is_file() == sharded
+    if storage == "bin":
+        hf.config.save_pretrained(tmp_path)
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    else:
+        hf.save_pretrained(tmp_path, max_shard_size="60KB" if storage == "shards" else "50GB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (storage == "shards")
     ids = torch.randint(0, TINY_VOCAB, (29,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = hf(ids[None]).logits[0].float()
     config = EngineConfig(model=str(tmp_path), tokenizer=str(tokenizer_dir), device="cpu", dtype="float32",
                           mode="vanilla", max_resident_layers=1, max_model_len=256, prefill_chunk_size=8)
-    engine = Engine.from_config(config, progress=False)
+    lines: list[str] = []
+    engine = Engine.from_config(config, progress=False, phases=StartupLog(emit=lines.append))
+    load = next(line for line in lines if line.startswith("start-up: load"))
+    assert ("materialised first" in load) == (storage == "bin") and ("layer by layer" in load) == (storage != "bin")
     assert engine.plan.resident_layers == (0,) and engine.plan.streamed_layers == (1, 2)
     torch.testing.assert_close(engine.prompt_logits(ids.tolist()), reference, atol=2e-4, rtol=1e-4)
 
