@@ -18,11 +18,13 @@ import torch
 
 from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
 from benchmarks.mode_result import ModeResult, PromptRun, pooled
+from subspec_core.architecture import shape_from_hf_config
 from subspec_core.config import EngineConfig
 from subspec_core.engine import resolve_device, resolve_dtype
-from subspec_core.loading import eos_token_ids, gguf_conversion_dir, shape_from_hf_config
+from subspec_core.loading import eos_token_ids, gguf_conversion_dir
 from subspec_core.model_source import resolve_model
 from subspec_core.planner import BudgetTooSmallError, MemoryPlan, device_budget, plan_memory
+from subspec_core.weights import shared_nbytes
 
 MODE = "hf-accelerate"
 
@@ -60,24 +62,15 @@ def load_hf_model(config: EngineConfig, dtype: torch.dtype) -> Any:
     return AutoModelForCausalLM.from_pretrained(resolved.load_path, **resolved.from_pretrained_kwargs(), **kwargs).eval()
 
 
-def shared_bytes(hf_model: Any) -> int:
-    """What `SharedWeights.nbytes()` counts for this model: embeddings, norms, rotary table, untied lm_head."""
-    inner = hf_model.model
-    tensors = [inner.embed_tokens.weight, inner.norm.weight]
-    tensors += [t for layer in inner.layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
-    if hf_model.lm_head.weight.data_ptr() != inner.embed_tokens.weight.data_ptr():
-        tensors.append(hf_model.lm_head.weight)
-    return sum(t.numel() * t.element_size() for t in tensors) + inner.rotary_emb.inv_freq.numel() * 4
-
-
 def vanilla_plan(config: EngineConfig, hf_model: Any, dtype: torch.dtype, device: torch.device) -> MemoryPlan:
     """The plan `Engine.from_config` makes for mode 'vanilla' (same inputs, same default budget rule)."""
     budget = device_budget(config.budget_bytes, device)
+    shape = shape_from_hf_config(hf_model.config, max_model_len=config.max_model_len)
     return plan_memory(
-        shape=shape_from_hf_config(hf_model.config), dtype=dtype, mode="vanilla", speculation=config.speculation,
+        shape=shape, dtype=dtype, mode="vanilla", speculation=config.speculation,
         max_model_len=config.max_model_len, prefill_chunk_size=config.prefill_chunk_size,
         stream_slots=config.stream_slots, budget_bytes=budget, max_resident_layers=config.max_resident_layers,
-        shared_bytes=shared_bytes(hf_model), device_type=device.type,
+        shared_bytes=shared_nbytes(shape, dtype), device_type=device.type,
     )
 
 

@@ -56,7 +56,7 @@ def verify_set(tree: TokenTree, nodes: int, *, topk: int, vocab_size: int) -> To
 
 def beam_tree(size: int, *, topk: int, vocab_size: int, device: torch.device) -> TokenTree:
     """A tree numbered like a drafted one (root, then levels of `topk`), every node's parent the first node of
-    the level above; random tokens."""
+    the level above; random tokens below `vocab_size`."""
     index = torch.arange(size, device=device)
     depths = torch.where(index == 0, 0, (index - 1) // topk + 1)
     parents = torch.where(depths <= 1, 0, 1 + (depths - 2) * topk)

@@ -25,7 +25,49 @@ TINY = ModelShape(
     architecture="qwen2", num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
     head_dim=16, vocab_size=512, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=False,
 )
-SHAPES = {"qwen2.5-7b": QWEN25_7B, "tiny": TINY}
+# The same stand-in in Qwen3's form: no q/k/v biases, an RMSNorm over each q and k head.
+TINY_QWEN3 = ModelShape(
+    architecture="qwen3", num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+    head_dim=16, vocab_size=512, rms_norm_eps=1e-6, qkv_bias=False, o_bias=False, tie_embeddings=False, qk_norm=True,
+)
+# The decoders of the presets in configs/ (each hub model's config.json), and a 1.5B one (load_memory's).
+QWEN25_1_5B = ModelShape(
+    architecture="qwen2", num_layers=28, hidden_size=1536, intermediate_size=8960, num_heads=12, num_kv_heads=2,
+    head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=True,
+)
+QWEN25_14B = ModelShape(
+    architecture="qwen2", num_layers=48, hidden_size=5120, intermediate_size=13824, num_heads=40, num_kv_heads=8,
+    head_dim=128, vocab_size=152064, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=False,
+)
+QWEN25_32B = ModelShape(
+    architecture="qwen2", num_layers=64, hidden_size=5120, intermediate_size=27648, num_heads=40, num_kv_heads=8,
+    head_dim=128, vocab_size=152064, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=False,
+)
+LLAMA31_8B = ModelShape(
+    architecture="llama", num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
+    head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, qkv_bias=False, o_bias=False, tie_embeddings=False,
+)
+QWEN3_8B = ModelShape(
+    architecture="qwen3", num_layers=36, hidden_size=4096, intermediate_size=12288, num_heads=32, num_kv_heads=8,
+    head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, qkv_bias=False, o_bias=False, tie_embeddings=False, qk_norm=True,
+)
+QWEN3_14B = ModelShape(
+    architecture="qwen3", num_layers=40, hidden_size=5120, intermediate_size=17408, num_heads=40, num_kv_heads=8,
+    head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, qkv_bias=False, o_bias=False, tie_embeddings=False, qk_norm=True,
+)
+MISTRAL_7B = ModelShape(  # Mistral-7B-Instruct-v0.3 (sliding_window null)
+    architecture="mistral", num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
+    head_dim=128, vocab_size=32768, rms_norm_eps=1e-5, qkv_bias=False, o_bias=False, tie_embeddings=False,
+)
+PHI3_MEDIUM = ModelShape(  # Phi-3-medium-128k-instruct (4k-instruct has the same decoder)
+    architecture="phi3", num_layers=40, hidden_size=5120, intermediate_size=17920, num_heads=40, num_kv_heads=10,
+    head_dim=128, vocab_size=32064, rms_norm_eps=1e-5, qkv_bias=False, o_bias=False, tie_embeddings=False,
+)
+SHAPES = {
+    "qwen2.5-7b": QWEN25_7B, "tiny": TINY, "tiny-qwen3": TINY_QWEN3, "qwen2.5-1.5b": QWEN25_1_5B, "qwen2.5-14b": QWEN25_14B,
+    "qwen2.5-32b": QWEN25_32B, "llama-3.1-8b": LLAMA31_8B, "qwen3-8b": QWEN3_8B, "qwen3-14b": QWEN3_14B,
+    "mistral-7b": MISTRAL_7B, "phi-3-medium": PHI3_MEDIUM,
+}
 
 # Engine settings per synthetic model, applied under the run's --config / env / flags (which win).
 # qwen2.5-7b: the paper's offload setting (8 GB, max_length 2048, prefill chunk 256, topk 6 x depth 48, bf16).
@@ -63,13 +105,19 @@ def random_weights(
             linears["o_bias"] = normal(h)
         layer_linears.append({name: t.cpu() for name, t in linears.items()})  # one layer on the device at a time
     ones = lambda: torch.ones(h, dtype=dtype, device=device)  # noqa: E731 - RMSNorm weights start at 1
+
+    def qk_norm(shape: ModelShape) -> torch.Tensor | None:
+        if not shape.qk_norm:
+            return None
+        return torch.ones(shape.num_heads + shape.num_kv_heads, 2, shape.head_dim // 2, dtype=dtype, device=device)
+
     embed = normal(shape.vocab_size, h)
     exponents = torch.arange(0, shape.head_dim, 2, dtype=torch.float32, device=device) / shape.head_dim
     shared = SharedWeights(
         embed=embed,
         lm_head=embed if shape.tie_embeddings else normal(shape.vocab_size, h),
         final_norm=ones(),
-        layer_norms=[LayerNorms(ones(), ones()) for _ in range(shape.num_layers)],
+        layer_norms=[LayerNorms(ones(), ones(), qk_norm(shape)) for _ in range(shape.num_layers)],
         inv_freq=1.0 / ROPE_THETA**exponents,
         attention_scaling=1.0,
     )

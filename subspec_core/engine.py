@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -21,12 +21,12 @@ from subspec_core.config import EngineConfig, config_as_dict
 from subspec_core.detokenize import IncrementalDetokenizer
 from subspec_core.drafting import TreeDrafter
 from subspec_core.kv_cache import KVCache, kv_capacity
-from subspec_core.loading import load_model
+from subspec_core.loading import open_model
 from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
 from subspec_core.model_source import resolve_model
 from subspec_core.offload import TargetLayers, place_layers
 from subspec_core.planner import MemoryPlan, choose_mode, device_budget, plan_memory
-from subspec_core.quant import DraftLayers, build_substitutes
+from subspec_core.quant import DraftLayers, QuantizedLinears
 from subspec_core.sampling import choose_tokens, token_logprobs
 from subspec_core.startup import StartupLog
 from subspec_core.timing import PhaseClock
@@ -35,7 +35,7 @@ from subspec_core.types import (
     FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent, TokenLogprob,
 )
 from subspec_core.verify import accepted_path, emitted_tokens
-from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
+from subspec_core.weights import LayerFiller, LayerLayout, ModelShape, SharedWeights, shared_nbytes, tensors_filler
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,11 @@ class Engine:
     # ----------------------------------------------------------------------------------------- building
     @classmethod
     def from_config(cls, config: EngineConfig, *, progress: bool = True, phases: StartupLog | None = None) -> "Engine":
-        """Load the target, choose the mode (resolving `auto`), plan device memory, place/stream its layers and
-        build the 4-bit substitute draft. Each start-up phase is reported in one line to `phases`."""
+        """Open the target, choose the mode (resolving `auto`) and plan device memory from its config alone, then
+        read its weights in one pass: the shared weights, then each decoder layer straight into its resident
+        buffer or its slot of the host arena, its 4-bit substitute quantized from there. Host memory peaks at
+        about the arena plus one layer plus the shared weights. Each start-up phase is reported in one line to
+        `phases`."""
         log.info("engine config: %s", config_as_dict(config))
         phases = phases if phases is not None else StartupLog()
         device = resolve_device(config)
@@ -152,15 +155,15 @@ class Engine:
         with phases.phase("fetch") as phase:
             resolved = resolve_model(config.model, config.gguf_file, progress=progress)
             phase.detail = resolved.describe()
-        loaded, tokenizer = load_model(config, dtype, resolved, phases)
-        shape = loaded.shape
+        reader = open_model(config, dtype, resolved, phases)
+        shape = reader.shape
         # Mode and memory plan: `choose_mode` resolves mode auto (an explicit mode is kept as asked).
         budget = device_budget(config.budget_bytes, device)
         plan_for = functools.partial(
             plan_memory, shape=shape, dtype=dtype, speculation=config.speculation,
             max_model_len=config.max_model_len, prefill_chunk_size=config.prefill_chunk_size,
             stream_slots=config.stream_slots, max_resident_layers=config.max_resident_layers,
-            shared_bytes=loaded.shared.nbytes(), device_type=device.type,
+            shared_bytes=shared_nbytes(shape, dtype), device_type=device.type,
         )
         choice = choose_mode(requested=config.mode, device_type=device.type, num_layers=shape.num_layers,
                              max_resident_layers=config.max_resident_layers, budget_bytes=budget, plan_for=plan_for)
@@ -168,10 +171,12 @@ class Engine:
         config = dataclasses.replace(config, mode=choice.mode)
         plan = plan_for(mode=config.mode, budget_bytes=budget)
         log.info("memory plan (%s on %s, %s):\n%s", config.mode, device, dtype, plan.table())
-        return cls.from_weights(
-            config=config, shape=shape, shared=loaded.shared, layer_linears=loaded.layer_linears, plan=plan,
-            tokenizer=tokenizer, eos_token_ids=loaded.eos_token_ids, device=device,
+        return cls._build(
+            config=config, shape=shape, read_shared=lambda: reader.read_shared(dtype, device),
+            fill_layer=reader.fill_layer, dtype=dtype, plan=plan, tokenizer=reader.tokenizer,
+            eos_token_ids=reader.eos_token_ids, device=device,
             model_name=config.served_model_name or resolved.display_name, progress=progress, phases=phases,
+            source=reader.source,
         )
 
     @classmethod
@@ -190,36 +195,72 @@ class Engine:
         progress: bool = False,
         phases: StartupLog | None = None,
     ) -> "Engine":
-        """Place host weights according to `plan` (used by `from_config`, and by tests with random weights)."""
+        """Place weights already in host memory according to `plan` (tests and benchmarks with random weights)."""
+        return cls._build(
+            config=config, shape=shape, read_shared=lambda: shared.to(device), fill_layer=tensors_filler(layer_linears),
+            dtype=layer_linears[0]["qkv_weight"].dtype, plan=plan, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
+            device=device, model_name=model_name, progress=progress, phases=phases, source="memory",
+        )
+
+    @classmethod
+    def _build(
+        cls,
+        *,
+        config: EngineConfig,
+        shape: ModelShape,
+        read_shared: Callable[[], SharedWeights],
+        fill_layer: LayerFiller,
+        dtype: torch.dtype,
+        plan: MemoryPlan,
+        tokenizer: Any,
+        eos_token_ids: frozenset[int],
+        device: torch.device,
+        model_name: str,
+        progress: bool,
+        phases: StartupLog | None,
+        source: str,
+    ) -> "Engine":
+        """One pass over the layers: each is written once where `plan` puts it, and in mode subspec a streamed
+        layer's substitute is quantized from its arena slot right away, so no second host copy exists."""
         phases = phases if phases is not None else StartupLog(emit=log.debug)
-        layout = LayerLayout.for_shape(shape)
-        with phases.phase("place") as phase:
-            target_layers = place_layers(
-                layer_linears=layer_linears, layout=layout, resident_ids=plan.resident_layers, device=device,
-                num_slots=config.stream_slots, progress=progress,
-            )
-            phase.detail = f"{len(plan.resident_layers)} layers resident on {device.type}, {len(plan.streamed_layers)} streamed"
+        speculative = config.mode == "subspec"
+        if speculative and not plan.streamed_layers:
+            log.warning("every layer is resident: the draft equals the target; mode 'resident' is faster")
+        spec = config.speculation
+        substitutes: dict[int, QuantizedLinears] = {}
+        quantize_s = 0.0
+
+        def quantize(layer: int, weights: dict[str, torch.Tensor]) -> None:
+            nonlocal quantize_s
+            started = time.perf_counter()
+            substitutes[layer] = QuantizedLinears(weights, quant_type=spec.quant_type, block_size=spec.quant_block_size,
+                                                  device=device)
+            quantize_s += time.perf_counter() - started
+
+        started = time.perf_counter()
+        shared = read_shared()
+        target_layers = place_layers(
+            fill_layer=fill_layer, num_layers=shape.num_layers, layout=LayerLayout.for_shape(shape), dtype=dtype,
+            resident_ids=plan.resident_layers, device=device, num_slots=config.stream_slots,
+            on_streamed=quantize if speculative else None, progress=progress,
+        )
+        phases.record("place", time.perf_counter() - started - quantize_s,
+                      f"shared weights and {shape.num_layers} layers read once from {source}: "
+                      f"{len(plan.resident_layers)} resident on {device.type}, {len(plan.streamed_layers)} streamed")
         draft_layers = None
-        if config.mode == "subspec":
-            if not plan.streamed_layers:
-                log.warning("every layer is resident: the draft equals the target; mode 'resident' is faster")
-            with phases.phase("quantize") as phase:
-                substitutes = build_substitutes(
-                    layer_linears=layer_linears, layer_ids=plan.streamed_layers, quant_type=config.speculation.quant_type,
-                    block_size=config.speculation.quant_block_size, device=device, progress=progress,
-                )
-                phase.detail = f"{config.speculation.quant_type} substitutes of {len(substitutes)} streamed layers (the draft)"
+        if speculative:
+            phases.record("quantize", quantize_s,
+                          f"{spec.quant_type} substitutes of {len(substitutes)} streamed layers (the draft)")
             draft_layers = DraftLayers(resident=target_layers.resident, substitutes=substitutes)
         else:
             phases.skipped("quantize", f"mode {config.mode} has no draft")
-        tree_slots = config.speculation.tree_size if config.mode == "subspec" else 1
+        tree_slots = spec.tree_size if speculative else 1
         kv_cache = KVCache(
             num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-            capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=tree_slots), dtype=shared.embed.dtype,
-            device=device,
+            capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=tree_slots), dtype=dtype, device=device,
         )
         engine = cls(
-            config=config, shape=shape, shared=shared.to(device), target_layers=target_layers, draft_layers=draft_layers,
+            config=config, shape=shape, shared=shared, target_layers=target_layers, draft_layers=draft_layers,
             kv_cache=kv_cache, tokenizer=tokenizer, eos_token_ids=eos_token_ids, device=device, model_name=model_name, plan=plan,
         )
         if engine.drafter is not None and config.cuda_graphs and device.type == "cuda":

@@ -1,12 +1,18 @@
-"""Load a target model (HF directory/id or GGUF file) into our own weight containers.
+"""Open a target model (HF directory/id or GGUF file) for loading in one pass per layer.
 
-transformers does the file parsing (safetensors, GGUF dequantisation); we then take its tensors, fuse
-q/k/v and gate/up, and drop the transformers module tree: our compact forward (`model.py`) runs them.
+`open_model` reads the config (so the planner knows the shape before any weight is read), the tokenizer and
+the end-of-turn ids, and returns a `ModelReader` whose weights are still in the checkpoint: the engine then
+reads the shared weights once and each decoder layer once, straight into where it lives (`checkpoint.py`).
+Safetensors checkpoints (one file or shards) are read tensor by tensor; a GGUF file is dequantised by
+transformers once and cached as a safetensors checkpoint, then read the same way. Only a checkpoint without
+safetensors (or a GGUF file with the cache turned off) is materialised by transformers first, and its tensors
+are released as they are taken.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -17,33 +23,42 @@ from typing import Any
 
 import torch
 
+from subspec_core.architecture import rotary_from_config, shape_from_hf_config
+from subspec_core.checkpoint import (
+    SAFETENSORS_FILE, SAFETENSORS_INDEX, SafetensorsCheckpoint, StateDict, TensorStore, fill_layer, read_shared,
+)
 from subspec_core.config import EngineConfig
 from subspec_core.model_source import ResolvedModel, default_cache_dir, resolve_model
 from subspec_core.startup import StartupLog
-from subspec_core.weights import LayerNorms, ModelShape, SharedWeights
+from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-# Rotary variants whose inverse frequencies are static (a dynamic variant would change with length).
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # End-of-turn tokens of the supported chat families; honoured in addition to the tokenizer's EOS.
-KNOWN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>")
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture or a feature of it is not one our forward implements."""
+KNOWN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>", "<|end|>")
 
 
 @dataclass
-class LoadedModel:
-    """A target model on the host: shape, shared weights and per-layer fused linear tensors."""
+class ModelReader:
+    """A model opened for loading: its shape, tokenizer and end-of-turn ids, with its weights still in the
+    checkpoint, read on demand (the shared weights once, each decoder layer once)."""
 
     shape: ModelShape
-    shared: SharedWeights
-    layer_linears: list[dict[str, torch.Tensor]]  # per layer: fused tensors named as in weights.LINEAR_NAMES
+    tokenizer: Any
     eos_token_ids: frozenset[int]
-    dtype: torch.dtype
+    store: TensorStore
+    inv_freq: torch.Tensor  # (head_dim / 2,) float32, from the config
+    attention_scaling: float
+    source: str  # how the weights are read, for the start-up line
+
+    def read_shared(self, dtype: torch.dtype, device: torch.device) -> SharedWeights:
+        """Embeddings, norms, lm_head and the rotary table, in `dtype` on `device`."""
+        return read_shared(self.store, self.shape, inv_freq=self.inv_freq, attention_scaling=self.attention_scaling,
+                           dtype=dtype, device=device)
+
+    def fill_layer(self, layer: int, out: dict[str, torch.Tensor]) -> None:
+        """Copy decoder layer `layer`'s fused linears into `out` (a weights.LayerFiller)."""
+        fill_layer(self.store, self.shape, layer, out)
 
 
 ENV_GGUF_CONVERSION_CACHE = "SUBSPEC_GGUF_CONVERSION_CACHE"
@@ -103,8 +118,9 @@ def _converted_weights_dir(resolved: ResolvedModel, dtype: torch.dtype) -> Path 
     return None if converted is None else converted / str(dtype).removeprefix("torch.")
 
 
-def _convert_gguf(resolved: ResolvedModel, dtype: torch.dtype, weights_dir: Path) -> Any:
-    """Read and dequantise a GGUF model with transformers, and save it as a checkpoint for later starts."""
+def _convert_gguf(resolved: ResolvedModel, dtype: torch.dtype, weights_dir: Path) -> None:
+    """Read and dequantise a GGUF model with transformers, and save it as a safetensors checkpoint (this start
+    and later ones read that). The dequantised model is in host memory only while this runs."""
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(resolved.load_path, gguf_file=resolved.gguf_file,
@@ -115,7 +131,6 @@ def _convert_gguf(resolved: ResolvedModel, dtype: torch.dtype, weights_dir: Path
         hf_model.config.__dict__.pop("quantization_config", None)
     hf_model.hf_quantizer = None
     _save_atomically(weights_dir, hf_model.save_pretrained)
-    return hf_model
 
 
 _LOAD_KWARGS: dict[str, Any] = dict(device_map="cpu", low_cpu_mem_usage=True)
@@ -126,50 +141,12 @@ def _load_hf_model(resolved: ResolvedModel, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
     weights_dir = _converted_weights_dir(resolved, dtype)
-    if weights_dir is not None and (weights_dir / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(weights_dir, **_LOAD_KWARGS, dtype=dtype)
     if weights_dir is not None:
-        return _convert_gguf(resolved, dtype, weights_dir)
+        if not (weights_dir / "config.json").is_file():
+            _convert_gguf(resolved, dtype, weights_dir)
+        return AutoModelForCausalLM.from_pretrained(weights_dir, **_LOAD_KWARGS, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(resolved.load_path, **resolved.from_pretrained_kwargs(),
                                                 **_LOAD_KWARGS, dtype=dtype)
-
-
-def shape_from_hf_config(hf_config: Any) -> ModelShape:
-    """Validate a transformers config and extract the dimensions our forward needs."""
-    arch = getattr(hf_config, "model_type", None)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama 2/3.x, SmolLM2, Qwen2/Qwen2.5 families)"
-        )
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"activation {hf_config.hidden_act!r} is not supported (silu only)")
-    if getattr(hf_config, "mlp_bias", False):
-        raise UnsupportedModelError("MLP biases are not supported")
-    layer_types = getattr(hf_config, "layer_types", None) or ()
-    if getattr(hf_config, "use_sliding_window", False) or "sliding_attention" in layer_types:
-        raise UnsupportedModelError("sliding-window attention is not supported")
-    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-    num_heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-    attention_bias = bool(getattr(hf_config, "attention_bias", False))
-    return ModelShape(
-        architecture=arch,
-        num_layers=hf_config.num_hidden_layers,
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_heads=num_heads,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
-        head_dim=head_dim,
-        vocab_size=hf_config.vocab_size,
-        rms_norm_eps=float(hf_config.rms_norm_eps),
-        qkv_bias=arch == "qwen2" or attention_bias,
-        o_bias=arch == "llama" and attention_bias,
-        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-    )
 
 
 def eos_token_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
@@ -188,81 +165,94 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
 def extract_weights(
     hf_model: Any, shape: ModelShape, *, consume: bool = False
 ) -> tuple[SharedWeights, list[dict[str, torch.Tensor]]]:
-    """Take a transformers Llama/Qwen2 CausalLM apart into shared weights and fused per-layer linears.
+    """Take a transformers CausalLM of a supported family apart into shared weights and fused per-layer linears
+    (on the host, in the model's dtype): what tests and benchmarks pass to `Engine.from_weights`.
 
-    With `consume`, each layer's unfused q/k/v/gate/up modules are dropped as soon as they are fused, so
-    host memory peaks at about one model plus one layer instead of two models.
+    With `consume`, each of the model's tensors is released from the returned state as it is fused (the caller
+    must drop the model too for that to free memory).
     """
-    inner = hf_model.model
-    rotary = inner.rotary_emb
-    layer_norms, layer_linears = [], []
-    for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = {
-            "qkv_weight": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
-            "o_weight": attn.o_proj.weight.detach(),
-            "gate_up_weight": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-            "down_weight": mlp.down_proj.weight.detach(),
-        }
-        if shape.qkv_bias:
-            linears["qkv_bias"] = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach()
-        if shape.o_bias:
-            linears["o_bias"] = attn.o_proj.bias.detach()
-        layer_linears.append(linears)
-        if consume:
-            for module, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))):
-                for name in names:
-                    setattr(module, name, None)
-        layer_norms.append(LayerNorms(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()))
-    embed = inner.embed_tokens.weight.detach()
-    lm_head = hf_model.lm_head.weight.detach()
-    if shape.tie_embeddings or lm_head.data_ptr() == embed.data_ptr():
-        lm_head = embed  # one tensor, shared: never copied twice
-    shared = SharedWeights(
-        embed=embed,
-        lm_head=lm_head,
-        final_norm=inner.norm.weight.detach(),
-        layer_norms=layer_norms,
-        inv_freq=rotary.inv_freq.detach().float().clone(),
-        attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
-    )
+    store = StateDict(dict(hf_model.state_dict()), consume=consume)
+    dtype = hf_model.model.embed_tokens.weight.dtype
+    inv_freq, scaling = rotary_from_config(hf_model.config)
+    shared = read_shared(store, shape, inv_freq=inv_freq, attention_scaling=scaling, dtype=dtype,
+                         device=torch.device("cpu"))
+    layout = LayerLayout.for_shape(shape)
+    layer_linears = []
+    for i in range(shape.num_layers):
+        out = {name: torch.empty(dims, dtype=dtype) for name, _, dims in layout.entries}
+        fill_layer(store, shape, i, out)
+        layer_linears.append(out)
     return shared, layer_linears
 
 
-def load_model(
-    config: EngineConfig, dtype: torch.dtype, resolved: ResolvedModel | None = None, phases: StartupLog | None = None,
-) -> tuple[LoadedModel, Any]:
-    """Load the target on the host in `dtype`; returns our weights and the tokenizer.
+def _safetensors_checkpoint(load_path: str | Path) -> SafetensorsCheckpoint | None:
+    """The checkpoint's safetensors files (one file or the shards of its index), found as transformers finds
+    them (a local directory or the Hugging Face cache / hub); None when it has none."""
+    from transformers.utils import cached_file
 
-    Reports the `convert` and `load` start-up phases to `phases` (by default at debug level only).
+    optional = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    single = cached_file(str(load_path), SAFETENSORS_FILE, **optional)
+    if single is not None:
+        return SafetensorsCheckpoint.from_files([Path(single)])
+    index = cached_file(str(load_path), SAFETENSORS_INDEX, **optional)
+    if index is None:
+        return None
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    return SafetensorsCheckpoint.from_index(Path(index), {shard: Path(cached_file(str(load_path), shard)) for shard in shards})
+
+
+def _generation_config(load_path: str | Path) -> Any:
+    """The checkpoint's generation config (its end-of-turn ids), or None: the file is optional."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(load_path))
+    except OSError:
+        return None
+
+
+def open_model(
+    config: EngineConfig, dtype: torch.dtype, resolved: ResolvedModel | None = None, phases: StartupLog | None = None,
+) -> ModelReader:
+    """Open the target for loading in `dtype`: config (validated for max_model_len), tokenizer, end-of-turn ids.
+
+    No weight is read, except where transformers must materialise the model (no safetensors, or a GGUF file
+    without the conversion cache). Reports the `convert` and `load` start-up phases to `phases`.
     """
     from transformers import AutoConfig
 
     phases = phases if phases is not None else StartupLog(emit=log.debug)
     resolved = resolved or resolve_model(config.model, config.gguf_file)
-    if resolved.gguf_file is None:  # fail before reading gigabytes of weights (GGUF: the header is the file)
-        shape_from_hf_config(AutoConfig.from_pretrained(resolved.load_path))
-    # The one-time GGUF conversion is its own phase; reading the (converted) checkpoint is part of `load`.
     weights_dir = _converted_weights_dir(resolved, dtype)
-    hf_model = None
     if weights_dir is not None and not (weights_dir / "config.json").is_file():
         with phases.phase("convert") as phase:
-            hf_model = _convert_gguf(resolved, dtype, weights_dir)
+            _convert_gguf(resolved, dtype, weights_dir)  # then read back layer by layer, like any checkpoint
             phase.detail = f"GGUF dequantised to {_dtype_name(dtype)}, saved to {weights_dir} (once)"
     else:
         phases.skipped("convert", "not a local GGUF file" if weights_dir is None else f"done before: {weights_dir}")
     with phases.phase("load") as phase:
-        if hf_model is None:
+        checkpoint_path: str | Path = weights_dir if weights_dir is not None else resolved.load_path
+        store: TensorStore | None = None
+        if resolved.gguf_file is None or weights_dir is not None:
+            hf_config = AutoConfig.from_pretrained(str(checkpoint_path))
+            shape = shape_from_hf_config(hf_config, max_model_len=config.max_model_len)  # before any weight
+            store = _safetensors_checkpoint(checkpoint_path)
+            generation_config = _generation_config(checkpoint_path)
+        if store is not None:
+            source = "safetensors, layer by layer"
+        else:  # transformers materialises the model; its tensors are released as they are placed
             hf_model = _load_hf_model(resolved, dtype)
-        shape = shape_from_hf_config(hf_model.config)
-        hf_model.eval()
+            hf_config, generation_config = hf_model.config, getattr(hf_model, "generation_config", None)
+            shape = shape_from_hf_config(hf_config, max_model_len=config.max_model_len)
+            store = StateDict(dict(hf_model.state_dict()), consume=True)
+            del hf_model  # the state dict is now the only owner of the tensors
+            source = "transformers (materialised first: no safetensors checkpoint)"
         tokenizer = load_tokenizer(config, resolved)
-        shared, layer_linears = extract_weights(hf_model, shape, consume=True)
-        eos = eos_token_ids(tokenizer, getattr(hf_model, "generation_config", None))
-        del hf_model  # our fused copies hold the linear weights; the module tree is no longer needed
+        inv_freq, scaling = rotary_from_config(hf_config)
         phase.detail = (f"{resolved.display_name}: {shape.architecture}, {shape.num_layers} layers, "
-                        f"{_dtype_name(dtype)}, into host memory")
-    return LoadedModel(shape=shape, shared=shared, layer_linears=layer_linears, eos_token_ids=eos, dtype=dtype), tokenizer
+                        f"{_dtype_name(dtype)}, weights read from {source}")
+    return ModelReader(shape=shape, tokenizer=tokenizer, eos_token_ids=eos_token_ids(tokenizer, generation_config),
+                       store=store, inv_freq=inv_freq, attention_scaling=scaling, source=source)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,4 +1,7 @@
-"""A compact Llama/Qwen2 decoder forward (gpt-fast style) over explicit slots, positions and masks.
+"""A compact Llama-shaped decoder forward (gpt-fast style) over explicit slots, positions and masks.
+
+Llama, Mistral, Qwen2, Qwen3 and Phi-3 share it: they differ only in q/k/v biases (Qwen2), a per-head
+RMSNorm of q and k (Qwen3) and the checkpoint's tensor names (Phi-3 stores q/k/v and gate/up fused).
 
 The same function runs the target and the draft: only the `LayerSource` differs (streamed or resident
 full-precision linears for the target, 4-bit substitutes for the draft). Everything else, embeddings,
@@ -6,7 +9,8 @@ norms, rotary tables, lm_head and the KV cache, is the same objects for both.
 
 Kernel count matters: a draft step runs a few rows through every layer, so it is bound by kernel launches,
 not by arithmetic. Per layer the forward issues about 30 aten ops, views included:
-- RMSNorm is one `F.rms_norm`;
+- RMSNorm is one `F.rms_norm`; Qwen3's q/k norm is one more over the fused q and k heads, then one multiply
+  by their weights written back in place;
 - rotary embedding is one multiply-add over q, k AND v at once (v's table is the identity), with the
   half-rotation done by a flip and signs folded into the sin table, so k and v leave it side by side,
   ready for a single KV-cache write;
@@ -144,7 +148,11 @@ def forward_hidden(
         norms = shared.layer_norms[i]
         linears = layers.acquire(i)
         h = rms_norm(x, norms.input_norm, eps)
-        qkv = rotary.apply(linears.qkv(h).view(n, fused_heads, 2, head_dim // 2))  # (n, heads + 2 kvh, 2, hd/2)
+        qkv = linears.qkv(h).view(n, fused_heads, 2, head_dim // 2)  # (n, heads + 2 kvh, 2, hd/2)
+        if norms.qk_norm is not None:  # Qwen3: RMSNorm per q and k head, written over them in place (3 ops)
+            qk = qkv[:, : heads + kv_heads]
+            torch.mul(F.rms_norm(qk, qk.shape[-2:], None, eps), norms.qk_norm, out=qk)
+        qkv = rotary.apply(qkv)
         kv_cache.write(i, slots, qkv[:, heads:].view(n, 2, kv_heads, head_dim))
         q = qkv[:, :heads].view(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
         keys, values = kv_cache.attention_views(i, kv_length)  # (1, kvh, kv_length, hd) each

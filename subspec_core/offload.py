@@ -12,14 +12,17 @@ absent, so CI tests exactly this control flow.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from subspec_core.model import DenseLinears, Linears
-from subspec_core.weights import LayerLayout
+from subspec_core.weights import LayerFiller, LayerLayout
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +31,24 @@ class HostLayerStore:
     """Streamed layers' flat weights in one host arena (pinned with cudaHostRegister on CUDA: exact size).
 
     PyTorch's pinned allocator rounds every allocation up to a power of two (host RAM can nearly double),
-    so we allocate ordinary memory once and register it with the driver instead.
+    so we allocate ordinary memory once and register it with the driver instead. The arena's pages are
+    touched only as layers are written into it; `pin` registers it once it is full (page-locking commits
+    every page, and the driver reads registered memory as it is).
     """
 
-    def __init__(self, *, layout: LayerLayout, layer_ids: Sequence[int], dtype: torch.dtype, pin: bool) -> None:
+    def __init__(self, *, layout: LayerLayout, layer_ids: Sequence[int], dtype: torch.dtype, pin: bool = False) -> None:
         self.layout = layout
         self.layer_ids = tuple(layer_ids)
         self.arena = torch.empty(len(self.layer_ids) * layout.numel, dtype=dtype)
         self.pinned = False
-        if pin and self.arena.numel() > 0:
-            self.pinned = _register_pinned(self.arena)
         self._index = {layer: k for k, layer in enumerate(self.layer_ids)}
+        if pin:
+            self.pin()
+
+    def pin(self) -> None:
+        """Page-lock the arena (idempotent; falls back to pageable memory with a warning)."""
+        if not self.pinned and self.arena.numel() > 0:
+            self.pinned = _register_pinned(self.arena)
 
     def layer(self, layer_id: int) -> torch.Tensor:
         """The flat host buffer of one streamed layer."""
@@ -49,6 +59,22 @@ class HostLayerStore:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.arena.data_ptr())
             self.pinned = False
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
+def trim_host_heap() -> None:
+    """Hand freed heap memory back to the OS. Quantizing a layer on the CPU frees tens of MB of temporaries that
+    glibc keeps in its per-thread arenas rather than reuse, so without this the resident set grows by that much
+    per layer while loading."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _register_pinned(arena: torch.Tensor) -> bool:
@@ -166,26 +192,37 @@ class TargetLayers:
 
 def place_layers(
     *,
-    layer_linears: list[dict[str, torch.Tensor]],
+    fill_layer: LayerFiller,
+    num_layers: int,
     layout: LayerLayout,
+    dtype: torch.dtype,
     resident_ids: Sequence[int],
     device: torch.device,
     num_slots: int,
+    on_streamed: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     progress: bool = True,
 ) -> TargetLayers:
-    """Move resident layers to the device and pack streamed ones into the (pinned) host arena."""
+    """Write every layer once, in order, where it lives: resident layers into device buffers, streamed ones
+    into their slot of the host arena. `on_streamed(i, views)` sees each streamed layer as soon as it is in
+    the arena (the draft quantizes it from there), so no layer is ever held twice on the host. On CUDA the
+    arena is page-locked once it is full."""
     resident_set = set(resident_ids)
-    streamed_ids = [i for i in range(len(layer_linears)) if i not in resident_set]
-    dtype = layer_linears[0]["qkv_weight"].dtype
-    store = HostLayerStore(layout=layout, layer_ids=streamed_ids, dtype=dtype, pin=device.type == "cuda") if streamed_ids else None
+    streamed_ids = [i for i in range(num_layers) if i not in resident_set]
+    store = HostLayerStore(layout=layout, layer_ids=streamed_ids, dtype=dtype) if streamed_ids else None
     resident: dict[int, dict[str, torch.Tensor]] = {}
-    for i in tqdm(range(len(layer_linears)), desc="placing layers", unit="layer", disable=not progress):
+    for i in tqdm(range(num_layers), desc="loading layers", unit="layer", disable=not progress):
         if i in resident_set:
-            flat = torch.empty(layout.numel, dtype=dtype, device=device)
-            layout.pack(layer_linears[i], flat)
-            resident[i] = layout.views(flat)
+            views = layout.views(torch.empty(layout.numel, dtype=dtype, device=device))
+            fill_layer(i, views)
+            resident[i] = views
         else:
             assert store is not None
-            layout.pack(layer_linears[i], store.layer(i))
+            views = layout.views(store.layer(i))
+            fill_layer(i, views)
+            if on_streamed is not None:
+                on_streamed(i, views)
+        trim_host_heap()
+    if store is not None and device.type == "cuda":
+        store.pin()
     streamer = LayerStreamer(store=store, device=device, num_slots=num_slots) if store is not None else None
     return TargetLayers(resident=resident, streamer=streamer)

@@ -11,6 +11,7 @@ needs no substitute: the draft uses the target's own weights there.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,6 +45,9 @@ class MemoryPlan:
     budget_bytes: int | None
     device_type: str = "cuda"  # "cuda" or "cpu": how the table names the compute memory
     prefill_chunk_size: int = 256  # prompt tokens per prefill forward (chosen here when the config leaves it unset)
+    # Host RAM the weights need at load, at its peak: the streamed layers' arena, one layer being read and the
+    # shared weights passing through (on a CPU also everything the device rows hold: it is the same memory).
+    host_ram_bytes: int = 0
 
     @property
     def device_bytes(self) -> int:
@@ -70,6 +74,8 @@ class MemoryPlan:
         lines.append(f"{'device total':<34} {label:<6} {self.device_bytes / 2**20:>10.1f}  {budget}".rstrip())
         streamed = "per target forward" if self.streamed_layers else "nothing streamed"
         lines.append(f"{'streamed from host':<34} {HOST:<6} {self.host_bytes / 2**20:>10.1f}  {streamed}")
+        what = "all of the above + one layer" if self.device_type != "cuda" else "streamed layers + one layer + shared"
+        lines.append(f"{'host RAM at load (peak)':<34} {HOST:<6} {self.host_ram_bytes / 2**20:>10.1f}  {what}")
         return "\n".join(lines)
 
 
@@ -250,5 +256,14 @@ def plan_memory(
         rows.append(PlanRow("streaming ring", DEVICE, stream_slots * layer_bytes, f"{stream_slots} layer slots"))
         rows.append(PlanRow("streamed decoder layers", HOST, len(streamed_ids) * layer_bytes,
                                f"layers {streamed_ids[0]}..{streamed_ids[-1]}, {host_memory}"))
-    return MemoryPlan(resident_layers=resident_ids, streamed_layers=streamed_ids, rows=tuple(rows), budget_bytes=budget_bytes,
+    plan = MemoryPlan(resident_layers=resident_ids, streamed_layers=streamed_ids, rows=tuple(rows), budget_bytes=budget_bytes,
                       device_type=device_type, prefill_chunk_size=chunk)
+    return dataclasses.replace(plan, host_ram_bytes=host_ram_at_load(plan, layer_bytes=layer_bytes, shared_bytes=shared_bytes))
+
+
+def host_ram_at_load(plan: MemoryPlan, *, layer_bytes: int, shared_bytes: int) -> int:
+    """Host RAM the weights need while loading in one pass per layer: the arena of streamed layers, one layer
+    being read and the shared weights on their way to the device. On a CPU the device rows are host memory too."""
+    if plan.device_type == "cuda":
+        return plan.host_bytes + layer_bytes + shared_bytes
+    return plan.device_bytes + plan.host_bytes + layer_bytes

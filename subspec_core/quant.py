@@ -13,10 +13,9 @@ Two families of formats:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from subspec_core.model import DenseLinears, Linears
 
@@ -207,19 +206,3 @@ class DraftLayers:
 
     def release(self, layer: int) -> None:
         pass
-
-
-def build_substitutes(
-    *,
-    layer_linears: list[dict[str, torch.Tensor]],
-    layer_ids: Sequence[int],
-    quant_type: str,
-    block_size: int,
-    device: torch.device,
-    progress: bool = True,
-) -> dict[int, QuantizedLinears]:
-    """Quantize the streamed layers' linears, one layer at a time (device memory holds one fp layer at most)."""
-    substitutes = {}
-    for i in tqdm(layer_ids, desc=f"quantizing draft ({quant_type})", unit="layer", disable=not progress):
-        substitutes[i] = QuantizedLinears(layer_linears[i], quant_type=quant_type, block_size=block_size, device=device)
-    return substitutes

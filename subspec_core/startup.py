@@ -54,6 +54,12 @@ class StartupLog:
         self.phases.append(phase)
         self._emit(phase.line())
 
+    def record(self, name: str, seconds: float, detail: str) -> None:
+        """A phase timed by the caller (work interleaved with another phase's, e.g. quantizing while placing)."""
+        phase = Phase(name, detail, seconds)
+        self.phases.append(phase)
+        self._emit(phase.line())
+
     def skipped(self, name: str, why: str) -> None:
         """A phase this start does not need, still listed so every start shows the same phases."""
         phase = Phase(name, f"skipped: {why}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,9 +19,9 @@ LINEAR_NAMES = ("qkv_weight", "qkv_bias", "o_weight", "o_bias", "gate_up_weight"
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a Llama/Qwen2-family decoder."""
+    """The dimensions of a Llama-shaped decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3)."""
 
-    architecture: str  # "llama" or "qwen2"
+    architecture: str  # transformers' model_type: "llama", "mistral", "qwen2", "qwen3" or "phi3"
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -32,6 +33,7 @@ class ModelShape:
     qkv_bias: bool
     o_bias: bool
     tie_embeddings: bool
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head before the rotary embedding
 
     @property
     def q_size(self) -> int:
@@ -87,12 +89,37 @@ class LayerLayout:
         return self.numel * torch.empty((), dtype=dtype).element_size()
 
 
+# Writes decoder layer i's fused linears into `out`, named views (LINEAR_NAMES) of where the layer lives: its
+# slot of the host arena or its device buffer. Loading fills each layer once, straight from its source.
+LayerFiller = Callable[[int, dict[str, torch.Tensor]], None]
+
+
+def tensors_filler(layer_linears: Sequence[dict[str, torch.Tensor]]) -> LayerFiller:
+    """A LayerFiller over fused layers already in memory (tests and benchmarks with random weights)."""
+
+    def fill(layer: int, out: dict[str, torch.Tensor]) -> None:
+        for name, view in out.items():
+            view.copy_(layer_linears[layer][name])
+
+    return fill
+
+
 @dataclass
 class LayerNorms:
     """The two RMSNorm weights of a decoder layer (small; always on the compute device)."""
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
+    # Qwen3's per-head q/k norm weights laid out over the fused heads, (heads + kv_heads, 2, head_dim / 2) like
+    # the forward's view of q and k: q_norm's weight on every query head, then k_norm's on every key head, so one
+    # multiply applies both. None for the other families.
+    qk_norm: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.input_norm, self.post_attention_norm] + ([] if self.qk_norm is None else [self.qk_norm])
+
+    def to(self, device: torch.device) -> "LayerNorms":
+        return LayerNorms(*(None if t is None else t.to(device) for t in (self.input_norm, self.post_attention_norm, self.qk_norm)))
 
 
 @dataclass
@@ -108,7 +135,7 @@ class SharedWeights:
 
     def nbytes(self) -> int:
         tensors = [self.embed, self.final_norm, self.inv_freq]
-        tensors += [t for n in self.layer_norms for t in (n.input_norm, n.post_attention_norm)]
+        tensors += [t for n in self.layer_norms for t in n.tensors()]
         if self.lm_head.data_ptr() != self.embed.data_ptr():
             tensors.append(self.lm_head)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -119,7 +146,19 @@ class SharedWeights:
             embed=embed,
             lm_head=embed if self.lm_head is self.embed else self.lm_head.to(device),
             final_norm=self.final_norm.to(device),
-            layer_norms=[LayerNorms(n.input_norm.to(device), n.post_attention_norm.to(device)) for n in self.layer_norms],
+            layer_norms=[n.to(device) for n in self.layer_norms],
             inv_freq=self.inv_freq.to(device),
             attention_scaling=self.attention_scaling,
         )
+
+
+def shared_nbytes(shape: ModelShape, dtype: torch.dtype) -> int:
+    """What `SharedWeights.nbytes()` will be, from the shape alone: the planner sizes the shared weights before
+    any weight is read."""
+    b = torch.empty((), dtype=dtype).element_size()
+    h = shape.hidden_size
+    matrices = (1 if shape.tie_embeddings else 2) * shape.vocab_size * h
+    norms = (2 * shape.num_layers + 1) * h
+    if shape.qk_norm:
+        norms += shape.num_layers * (shape.num_heads + shape.num_kv_heads) * shape.head_dim
+    return (matrices + norms) * b + (shape.head_dim // 2) * 4  # inv_freq is float32

@@ -23,6 +23,9 @@ def test_presets_exist():
         "qwen2.5-14b-instruct-24gb.yaml",
         "qwen2.5-32b-instruct-24gb.yaml",
         "llama-3.1-8b-instruct-8gb.yaml",
+        "qwen3-8b-8gb.yaml",
+        "mistral-7b-instruct-v0.3-8gb.yaml",
+        "phi-3-medium-128k-instruct-16gb.yaml",
     } <= names
 
 
@@ -63,6 +66,9 @@ def test_offload_preset_matches_the_paper_recipe():
         ("qwen2.5-14b-instruct-24gb.yaml", "Qwen/Qwen2.5-14B-Instruct", 24, 48),
         ("qwen2.5-32b-instruct-24gb.yaml", "Qwen/Qwen2.5-32B-Instruct", 24, 48),
         ("llama-3.1-8b-instruct-8gb.yaml", "meta-llama/Llama-3.1-8B-Instruct", 8, 48),
+        ("qwen3-8b-8gb.yaml", "Qwen/Qwen3-8B", 8, 48),
+        ("mistral-7b-instruct-v0.3-8gb.yaml", "mistralai/Mistral-7B-Instruct-v0.3", 8, 48),
+        ("phi-3-medium-128k-instruct-16gb.yaml", "microsoft/Phi-3-medium-128k-instruct", 16, 48),
     ],
 )
 def test_model_presets(name, model, budget, depth):

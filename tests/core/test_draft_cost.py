@@ -21,7 +21,7 @@ from benchmarks.draft_cost import (
     static_shapes,
     syncs_per_step,
 )
-from benchmarks.synthetic_weights import TINY
+from benchmarks.synthetic_weights import TINY, TINY_QWEN3
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -80,3 +80,12 @@ def test_level_steps_have_static_shapes_and_one_sync_per_iteration(quant_type: s
 def test_one_sync_per_vanilla_token() -> None:
     engine = random_engine(TINY, quant_type="int4", dtype="float32", mode="vanilla", device="cpu")
     assert syncs_per_step(engine) == 1
+
+
+def test_qwen3_draft_step_stays_within_the_budget() -> None:
+    """Qwen3's q/k norms cost one RMSNorm over the fused q and k heads and one multiply written in place (plus the
+    slice that views them); no q/k/v bias add, so a layer stays within the budget."""
+    counts = count_dispatches(TINY_QWEN3, quant_type="int4", dtype="bfloat16")
+    print(f"\nqwen3 int4: {counts}")
+    assert counts["ops_per_layer"].get("aten.rms_norm.default") == 3
+    assert counts["dispatches_per_layer"] <= MAX_DISPATCHES_PER_LAYER

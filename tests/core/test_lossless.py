@@ -191,3 +191,29 @@ def test_repeat_requests_are_deterministic(tokenizer) -> None:
     runs = [generate_ids(engine, [2, 7, 1, 8], max_tokens=24, temperature=0.9, seed=11)[0] for _ in range(2)]
     assert runs[0] == runs[1]
     assert list(itertools.chain(runs[0]))  # non-empty
+
+
+NEW_FAMILY_TREES = [(4, 6, None), (6, 4, 7)]  # a full tree, and a verified subset of one
+
+
+@pytest.mark.usefixtures("single_torch_thread")
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "phi3", "phi3-longrope"])
+@pytest.mark.parametrize("shape", NEW_FAMILY_TREES, ids=[f"k{k}d{d}v{v}" for k, d, v in NEW_FAMILY_TREES])
+def test_other_families_lossless(family, shape, tokenizer) -> None:
+    """Qwen3, Mistral and Phi-3 (plain and LongRoPE): greedy and seeded sampled output of subspec equals vanilla's."""
+    topk, depth, verify = shape
+    subspec = tiny_engine(tiny_hf_model(family, seed=7), tokenizer,
+                          speculation=SpeculationConfig(topk=topk, max_depth=depth, max_verify_tokens=verify))
+    vanilla = tiny_engine(tiny_hf_model(family, seed=7), tokenizer, mode="vanilla")
+    rng = torch.Generator().manual_seed(11)
+    accepted = 0
+    for seed in range(2):
+        prompt = torch.randint(0, TINY_VOCAB, (int(torch.randint(1, 40, (1,), generator=rng)),), generator=rng).tolist()
+        expected, _ = generate_ids(vanilla, prompt, max_tokens=30, temperature=0)
+        got, stats = generate_ids(subspec, prompt, max_tokens=30, temperature=0)
+        assert got == expected, f"seed {seed}: speculative greedy output differs from the target's"
+        accepted += stats.accepted_tokens
+        expected, _ = generate_ids(vanilla, prompt, max_tokens=30, temperature=0.8, top_p=0.95, seed=seed)
+        got, _ = generate_ids(subspec, prompt, max_tokens=30, temperature=0.8, top_p=0.95, seed=seed)
+        assert got == expected
+    assert accepted > 0  # the draft did propose tokens the target kept: speculation was exercised

@@ -3,16 +3,22 @@ budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from subspec_core.config import SpeculationConfig
+from benchmarks import synthetic_weights as synthetic
+from benchmarks.synthetic_weights import QWEN25_1_5B, TINY, TINY_QWEN3, random_weights
+from subspec_core.architecture import shape_from_hf_config
+from subspec_core.config import SpeculationConfig, load_yaml, resolve_engine_config
 from subspec_core.planner import DEVICE, BudgetTooSmallError, MemoryPlan, choose_mode, device_budget, plan_memory
 from subspec_core.quant import substitute_bytes_per_layer
-from subspec_core.weights import LayerLayout, ModelShape
+from subspec_core.weights import LayerLayout, ModelShape, shared_nbytes
 
 GiB = 2**30
 
@@ -180,11 +186,12 @@ def test_table_lists_every_component(mode, budget):
     p = plan(mode=mode, budget=budget)
     table = p.table()
     lines = table.splitlines()
-    assert len(lines) == len(p.rows) + 5  # header, rule, rows, rule, two totals
+    assert len(lines) == len(p.rows) + 6  # header, rule, rows, rule, two totals, host RAM at load
     for row in p.rows:
         assert row.component in table
         assert f"{row.nbytes / 2**20:.1f}" in table
     assert "device total" in table and "streamed from host" in table
+    assert lines[-1].startswith("host RAM at load (peak)") and f"{p.host_ram_bytes / 2**20:.1f}" in lines[-1]
     assert ("budget" in table) == (budget is not None)  # the budget line only where there is one
     if budget is not None:
         assert f"budget {budget / 2**20:.1f} MiB" in table
@@ -195,12 +202,33 @@ def test_table_lists_every_component(mode, budget):
 def test_table_on_a_cpu_says_cpu_and_host_and_no_budget():
     """Device-true labels: on a CPU the compute memory is "cpu", streamed layers are not "pinned"."""
     table = plan(budget=None, max_resident=10, device_type="cpu").table()
-    wheres = {line[35:41].strip() for line in table.splitlines()[2:-3]}
+    wheres = {line[35:41].strip() for line in table.splitlines()[2:-4]}
     assert wheres == {"cpu", "host"}
     assert " gpu " not in table and "budget" not in table and "pinned" not in table
     assert "device total                       cpu" in table
     resident = plan(mode="resident", budget=None, device_type="cpu").table()
-    assert "nothing streamed" in resident and "host" not in {line[35:41].strip() for line in resident.splitlines()[2:-3]}
+    assert "nothing streamed" in resident and "host" not in {line[35:41].strip() for line in resident.splitlines()[2:-4]}
+
+
+def test_host_ram_at_load_is_the_arena_one_layer_and_the_shared_weights():
+    """What loading in one pass per layer needs on the host: on a GPU the arena of streamed layers, the layer being
+    read and the shared weights on their way to the device; on a CPU also everything the device rows hold."""
+    gpu = plan(budget=10 * GiB)
+    assert gpu.host_ram_bytes == gpu.host_bytes + layer_bytes() + QWEN7B_SHARED
+    assert plan(mode="resident", budget=None).host_ram_bytes == layer_bytes() + QWEN7B_SHARED  # nothing streamed
+    cpu = plan(budget=None, max_resident=10, device_type="cpu")
+    assert cpu.host_ram_bytes == cpu.device_bytes + cpu.host_bytes + layer_bytes()
+
+
+def test_shared_bytes_follow_from_the_shape_alone():
+    """The planner sizes the shared weights from the config, before any weight is read: the same figure the
+    weights report once read (untied, tied, and with Qwen3's q/k norms)."""
+    assert shared_nbytes(QWEN7B, torch.bfloat16) == QWEN7B_SHARED + 64 * 4  # plus the float32 rotary table
+    for shape in (TINY, TINY_QWEN3, dataclasses.replace(TINY, tie_embeddings=True)):
+        shared, _ = random_weights(shape, dtype=torch.float32, device=torch.device("cpu"))
+        assert shared_nbytes(shape, torch.float32) == shared.nbytes()
+    tied = shared_nbytes(QWEN25_1_5B, torch.bfloat16)
+    assert tied == shared_nbytes(dataclasses.replace(QWEN25_1_5B, tie_embeddings=False), torch.bfloat16) - 151936 * 1536 * 2
 
 
 def test_budget_applies_on_a_gpu_only():
@@ -266,3 +294,76 @@ def test_an_unset_prefill_chunk_grows_into_the_slack_without_costing_a_resident_
     assert tight.prefill_chunk_size == 256 and tight.resident_layers == fixed.resident_layers
     rows = {row.component: row for row in auto.rows}
     assert f"prefill chunk {auto.prefill_chunk_size} (auto)" in rows["activations + logits buffers"].detail
+
+
+# -- the presets in configs/ on their models' shapes ------------------------------------------------------
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _preset_shapes() -> dict[str, ModelShape]:
+    return {
+        "qwen2.5-7b-instruct-8gb.yaml": synthetic.QWEN25_7B, "qwen2.5-14b-instruct-24gb.yaml": synthetic.QWEN25_14B,
+        "qwen2.5-32b-instruct-24gb.yaml": synthetic.QWEN25_32B, "llama-3.1-8b-instruct-8gb.yaml": synthetic.LLAMA31_8B,
+        "qwen3-8b-8gb.yaml": synthetic.QWEN3_8B, "mistral-7b-instruct-v0.3-8gb.yaml": synthetic.MISTRAL_7B,
+        "phi-3-medium-128k-instruct-16gb.yaml": synthetic.PHI3_MEDIUM,
+    }
+
+
+def preset_plan(name: str, shape: ModelShape, **overrides) -> MemoryPlan:
+    config = resolve_engine_config(yaml_data={**load_yaml(CONFIG_DIR / name), **overrides}, environ={})
+    dtype = {"bfloat16": torch.bfloat16}[config.dtype]
+    return plan_memory(
+        shape=shape, dtype=dtype, mode=config.mode, speculation=config.speculation, max_model_len=config.max_model_len,
+        prefill_chunk_size=config.prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=config.budget_bytes,
+        max_resident_layers=config.max_resident_layers, shared_bytes=shared_nbytes(shape, dtype),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(_preset_shapes()))
+def test_model_preset_fits_its_budget_and_states_the_planners_host_ram(name):
+    """Each model preset streams some layers within its GPU budget, and its comment states the host RAM the planner
+    prints for it (`host RAM at load (peak)`), rounded up to a whole GiB."""
+    shape = _preset_shapes()[name]
+    p = preset_plan(name, shape)
+    assert p.budget_bytes is not None and p.device_bytes <= p.budget_bytes
+    assert p.streamed_layers, "the model fits whole: the preset would not need SubSpec"
+    stated = re.search(r"^# Host RAM: about (\d+) GiB for the weights at load", (CONFIG_DIR / name).read_text(), re.M)
+    assert stated, f"{name} does not state its host RAM need"
+    assert int(stated.group(1)) == math.ceil(p.host_ram_bytes / GiB), f"the planner says {p.host_ram_bytes / GiB:.2f} GiB"
+
+
+def test_new_family_presets_fit_the_consumer_budgets():
+    """Qwen3-8B fits 8 and 16 GiB (more resident layers with more memory), Mistral-7B v0.3 8 GiB, Phi-3-medium
+    16 GiB and 12 GiB (the paper's 14B budget), all with some layers resident."""
+    shapes = _preset_shapes()
+    qwen3_8 = preset_plan("qwen3-8b-8gb.yaml", shapes["qwen3-8b-8gb.yaml"])
+    qwen3_16 = preset_plan("qwen3-8b-8gb.yaml", shapes["qwen3-8b-8gb.yaml"], gpu_memory_budget="16GiB")
+    assert 0 < len(qwen3_8.resident_layers) < len(qwen3_16.resident_layers) < 36
+    assert qwen3_16.host_ram_bytes < qwen3_8.host_ram_bytes
+    mistral = preset_plan("mistral-7b-instruct-v0.3-8gb.yaml", shapes["mistral-7b-instruct-v0.3-8gb.yaml"])
+    assert len(mistral.resident_layers) > 0
+    for budget in ("16GiB", "12GiB"):
+        phi = preset_plan("phi-3-medium-128k-instruct-16gb.yaml", shapes["phi-3-medium-128k-instruct-16gb.yaml"],
+                          gpu_memory_budget=budget)
+        assert len(phi.resident_layers) > 0 and phi.device_bytes <= phi.budget_bytes
+
+
+def test_preset_shapes_are_what_the_loader_reads_from_the_hub_configs():
+    """The shapes above are the ones `shape_from_hf_config` derives from each model's published config.json."""
+    from transformers import MistralConfig, Phi3Config, Qwen3Config
+
+    shapes = _preset_shapes()
+    qwen3 = Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                        max_position_embeddings=40960, rope_theta=1000000, tie_word_embeddings=False)
+    mistral = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=128, vocab_size=32768, rms_norm_eps=1e-5,
+                            max_position_embeddings=32768, rope_theta=1000000.0, sliding_window=None)
+    phi3 = Phi3Config(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=10, vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                      original_max_position_embeddings=4096, sliding_window=131072, rope_parameters={
+                          "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 64,
+                          "long_factor": [1.5] * 64})
+    for config, name in ((qwen3, "qwen3-8b-8gb.yaml"), (mistral, "mistral-7b-instruct-v0.3-8gb.yaml"),
+                         (phi3, "phi-3-medium-128k-instruct-16gb.yaml")):
+        assert shape_from_hf_config(config, max_model_len=2048) == shapes[name]

@@ -26,6 +26,17 @@ def test_one_line_per_phase_with_its_time():
     assert [p.name for p in phases.phases] == ["load", "quantize"] and phases.elapsed_s >= 0
 
 
+def test_a_phase_timed_by_the_caller_reads_like_the_others():
+    """Placing and quantizing interleave layer by layer; each is still reported as its own timed phase."""
+    lines: list[str] = []
+    phases = StartupLog(emit=lines.append)
+    phases.record("place", 1.234, "24 layers read once")
+    phases.record("quantize", 5.0, "nf4 substitutes of 24 streamed layers")
+    assert lines == ["start-up: place       1.23 s  24 layers read once",
+                     "start-up: quantize    5.00 s  nf4 substitutes of 24 streamed layers"]
+    assert [(p.name, p.seconds) for p in phases.phases] == [("place", 1.234), ("quantize", 5.0)]
+
+
 class _RecordingEngine:
     """Stands in for Engine in `warm_up`: records the request and whether its generator was closed."""
 

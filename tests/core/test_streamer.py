@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from subspec_core.config import SpeculationConfig
 from subspec_core.offload import HostLayerStore, LayerStreamer, TargetLayers, place_layers
-from subspec_core.weights import LayerLayout, ModelShape
+from subspec_core.weights import LayerLayout, ModelShape, tensors_filler
 from tests.core.tiny import generate_ids, tiny_engine, tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -166,8 +166,8 @@ def expected_outputs(x: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("resident_ids", [[0, 2], [], [0, 1, 2, 3, 4], [4], [1, 2, 3]])
 def test_target_layers_mix_resident_and_streamed(resident_ids):
     layers = place_layers(
-        layer_linears=[layer_tensors(i) for i in range(SHAPE.num_layers)], layout=LAYOUT, resident_ids=resident_ids,
-        device=CPU, num_slots=2, progress=False,
+        fill_layer=tensors_filler([layer_tensors(i) for i in range(SHAPE.num_layers)]), num_layers=SHAPE.num_layers,
+        layout=LAYOUT, dtype=torch.float32, resident_ids=resident_ids, device=CPU, num_slots=2, progress=False,
     )
     streamed = [i for i in range(SHAPE.num_layers) if i not in resident_ids]
     assert sorted(layers.resident) == sorted(resident_ids)

@@ -1,4 +1,4 @@
-"""Tiny random-weight Llama/Qwen2 models, and engines built on them, for fast CPU tests.
+"""Tiny random-weight models of every supported family, and engines built on them, for fast CPU tests.
 
 The weights are scaled up so next-token distributions are peaked (like a trained model's): with the default
 init every distribution is near-uniform and a draft could never agree with the target twice in a row.
@@ -13,31 +13,57 @@ import torch
 
 from subspec_core.config import EngineConfig, SpeculationConfig
 from subspec_core.engine import Engine
-from subspec_core.loading import extract_weights, shape_from_hf_config
+from subspec_core.architecture import shape_from_hf_config
+from subspec_core.loading import extract_weights
 from subspec_core.planner import plan_memory
 
 TINY_VOCAB = 512
 
 
-def tiny_hf_model(family: str, *, seed: int = 0, vocab_size: int = TINY_VOCAB, num_layers: int = 3, scale: float = 2.5) -> Any:
-    """A random transformers CausalLM of the given family: 'llama', 'llama3' (rope scaling), 'qwen2', 'tied'."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+FAMILIES = ("llama", "llama3", "qwen2", "tied", "qwen3", "mistral", "phi3", "phi3-longrope")
+LONGROPE_ORIGINAL = 256  # the tiny LongRoPE model's original context: its short factors hold up to here
+
+
+def tiny_hf_config(family: str, *, vocab_size: int = TINY_VOCAB, num_layers: int = 3) -> Any:
+    """A transformers config of the family (see FAMILIES): 'llama3' has Llama 3 rope scaling, 'tied' tied
+    embeddings, 'phi3-longrope' Phi-3 128k's LongRoPE."""
+    import transformers
 
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        tie_word_embeddings=family == "tied",
     )
-    torch.manual_seed(seed)
+    phi3_ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3Config's defaults are past a tiny vocab
     if family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False, use_sliding_window=False))
-    elif family == "llama3":
+        return transformers.Qwen2Config(**common, use_sliding_window=False)
+    if family == "llama3":
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False))
-    elif family in ("llama", "tied"):
-        model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=family == "tied"))
-    else:
-        raise ValueError(family)
+        return transformers.LlamaConfig(**common, rope_parameters=rope)
+    if family in ("llama", "tied"):
+        return transformers.LlamaConfig(**common)
+    if family == "qwen3":  # head_dim set apart from hidden / heads, as Qwen3 does
+        return transformers.Qwen3Config(**{**common, "num_attention_heads": 8}, head_dim=16)
+    if family == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None)
+    if family == "phi3":
+        return transformers.Phi3Config(**common, **phi3_ids)
+    if family == "phi3-longrope":
+        half = 8  # head_dim 16 / 2
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": LONGROPE_ORIGINAL,
+                "short_factor": [1.0 + 0.3 * k for k in range(half)], "long_factor": [2.0 + k for k in range(half)]}
+        return transformers.Phi3Config(**{**common, "max_position_embeddings": 4 * LONGROPE_ORIGINAL}, **phi3_ids,
+                                       rope_parameters=rope, original_max_position_embeddings=LONGROPE_ORIGINAL)
+    raise ValueError(family)
+
+
+def tiny_hf_model(family: str, *, seed: int = 0, vocab_size: int = TINY_VOCAB, num_layers: int = 3, scale: float = 2.5) -> Any:
+    """A random transformers CausalLM of the family (see FAMILIES), weights scaled for peaked distributions."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family, vocab_size=vocab_size, num_layers=num_layers))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -70,7 +96,7 @@ def tiny_engine(
         max_resident_layers=max_resident_layers, max_model_len=max_model_len, prefill_chunk_size=prefill_chunk_size,
         speculation=speculation,
     )
-    shape = shape_from_hf_config(hf_model.config)
+    shape = shape_from_hf_config(hf_model.config, max_model_len=max_model_len)
     shared, layer_linears = extract_weights(hf_model.to(dtype), shape)
     plan = plan_memory(
         shape=shape, dtype=dtype, mode=mode, speculation=speculation, max_model_len=max_model_len,
