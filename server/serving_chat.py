@@ -142,6 +142,8 @@ class ChatEndpoint(OpenAIEndpoint):
                                        template_kwargs=request.chat_template_kwargs)
         if request.max_completion_tokens is not None:
             max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
+            if request.max_tokens is not None and request.max_tokens < 1:  # the one not used is still checked
+                raise bad_request(f"max_tokens must be at least 1, got {request.max_tokens}", param="max_tokens")
         else:
             max_tokens, param = request.max_tokens, "max_tokens"
         builder = ChatChoiceBuilder(strings=self.strings, logprobs=bool(request.logprobs),

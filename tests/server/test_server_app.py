@@ -185,6 +185,7 @@ def test_400_for_bodies_that_are_not_objects(fake, content, param_part, message_
     ({"messages": MSGS, "temperature": "hot"}, "temperature", "valid number"),
     ({"messages": MSGS, "max_tokens": -1}, "max_tokens", "at least 1"),
     ({"messages": MSGS, "max_completion_tokens": 0}, "max_completion_tokens", "at least 1"),
+    ({"messages": MSGS, "max_completion_tokens": 4, "max_tokens": 0}, "max_tokens", "at least 1"),  # unused, still checked
     ({"messages": MSGS, "max_tokens": 10_000}, "max_tokens", "maximum context length"),
     ({"messages": [{"role": "user", "content": "x" * 300}]}, "messages", "maximum context length"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

@@ -68,7 +68,9 @@ def test_chat_logprobs_are_the_targets_and_change_nothing(sdk, http, default_tok
                                          logprobs=True, top_logprobs=3, stream=True)
     streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in entries]
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-6)
+    # (the repeated prompt's rows come from the cache: its last token's row is recomputed alone, which rounds
+    # differently from a whole-prompt prefill, so values agree to fp32 rounding, tokens exactly)
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=TOLERANCE)
 
 
 def test_sdk_completions_with_echo_and_logprobs(sdk):
