@@ -27,7 +27,7 @@ from subspec_core.model_source import resolve_model
 from subspec_core.offload import TargetLayers, place_layers
 from subspec_core.planner import MemoryPlan, choose_mode, device_budget, plan_memory
 from subspec_core.quant import DraftLayers, QuantizedLinears
-from subspec_core.sampling import choose_tokens, token_logprobs
+from subspec_core.sampling import PROMPT_SCORE_ROWS, choose_tokens, token_logprobs
 from subspec_core.startup import StartupLog
 from subspec_core.timing import PhaseClock
 from subspec_core.tree import causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
@@ -342,9 +342,11 @@ class Engine:
             if scored is not None and start < len(prompt) - 1:
                 # row i (position start + i) predicts prompt token start + i + 1; the last row predicts output
                 rows = min(end, len(prompt) - 1) - start
-                logits = compute_logits(self.shape, self.shared, hidden[:rows])
-                scored.extend(token_logprobs(logits=logits, tokens=ids[start + 1 : start + 1 + rows],
-                                             num_top=prompt_logprobs))
+                for first in range(0, rows, PROMPT_SCORE_ROWS):
+                    last = min(first + PROMPT_SCORE_ROWS, rows)
+                    logits = compute_logits(self.shape, self.shared, hidden[first:last])
+                    scored.extend(token_logprobs(logits=logits, tokens=ids[start + 1 + first : start + 1 + last],
+                                                 num_top=prompt_logprobs))
             start = end
         assert hidden is not None
         return compute_logits(self.shape, self.shared, hidden[-1:]), None if scored is None else tuple(scored)

@@ -20,6 +20,7 @@ import torch
 from subspec_core.config import SpeculationConfig
 from subspec_core.kv_cache import KVCache, kv_capacity
 from subspec_core.quant import substitute_bytes_per_layer
+from subspec_core.sampling import PROMPT_SCORE_ROWS, top_p_workspace_bytes
 from subspec_core.weights import LayerLayout, ModelShape
 
 DEVICE, HOST = "device", "host"  # PlanRow locations: the compute device's memory, or (pinned) host memory
@@ -138,15 +139,17 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def activation_bytes(*, shape: ModelShape, dtype: torch.dtype, rows: int, kv_length: int) -> int:
-    """Rough peak working memory of one forward over `rows` tokens attending to `kv_length` slots."""
+def activation_bytes(*, shape: ModelShape, dtype: torch.dtype, rows: int, kv_length: int, logit_rows: int | None = None) -> int:
+    """Rough peak working memory of one forward over `rows` tokens attending to `kv_length` slots, of which
+    `logit_rows` (default: all) get logits at once."""
     b = _dtype_bytes(dtype)
+    logit_rows = rows if logit_rows is None else logit_rows
     hidden = rows * (shape.hidden_size * 4 + shape.q_size + 2 * shape.kv_size + 3 * shape.intermediate_size) * b
     scores = rows * shape.num_heads * kv_length * 4  # attention scores if the math kernel materialises them
     # the additive mask, repeated per query head of a kv head (GQA folded into rows): built once per forward
     mask = rows * (shape.num_heads // shape.num_kv_heads) * kv_length * b
-    logits = rows * shape.vocab_size * 4 * 3  # float32 logits, processed logits, sampling noise
-    return hidden + scores + mask + logits
+    logits = logit_rows * shape.vocab_size * 4 * 3  # float32 logits, processed logits, sampling noise
+    return hidden + scores + mask + logits + top_p_workspace_bytes(shape.vocab_size)
 
 
 # Prefill chunks the planner picks from when the config leaves the size unset: each chunk streams every offloaded
@@ -187,7 +190,9 @@ def plan_memory(
     def work_bytes_for(chunk: int) -> int:
         return max(
             activation_bytes(shape=shape, dtype=dtype, rows=tree_rows, kv_length=capacity),
-            activation_bytes(shape=shape, dtype=dtype, rows=min(chunk, max_model_len), kv_length=capacity),
+            # a prefill chunk's logits: its last row, or PROMPT_SCORE_ROWS at a time for prompt logprobs
+            activation_bytes(shape=shape, dtype=dtype, rows=min(chunk, max_model_len), kv_length=capacity,
+                             logit_rows=min(chunk, max_model_len, PROMPT_SCORE_ROWS)),
         )
 
     chunk = prefill_chunk_size or min(MIN_AUTO_PREFILL_CHUNK, max_model_len)

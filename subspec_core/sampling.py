@@ -38,6 +38,24 @@ def gumbel_noise(*, seed: int, positions: Sequence[int], vocab_size: int, device
     return -torch.log(-torch.log(uniform))  # u = 0 gives -inf: that token is never chosen, no NaN
 
 
+# Top-p sorts each row's whole vocabulary: its workspace (sorted values, int64 order, probabilities, their
+# running sum, the mask) is about 25 bytes per logit. Over a 193-node verify of a 152k vocabulary that would
+# be ~0.7 GB the memory plan cannot afford, so rows are sorted a few at a time: a fixed number of chunks for a
+# fixed row count (no host sync), the same result per row (each row's nucleus depends on that row alone).
+TOP_P_ROWS = 16
+TOP_P_BYTES_PER_LOGIT = 4 + 8 + 4 + 4 + 4 + 1
+
+
+# Prompt logprobs need the logits of every prompt row: a prefill chunk's hidden states are scored this many rows
+# at a time, so a large chunk (the planner grows it into spare memory) does not also need (chunk, V) logits.
+PROMPT_SCORE_ROWS = 256
+
+
+def top_p_workspace_bytes(vocab_size: int) -> int:
+    """Peak extra memory of `process_logits`' top-p over any number of rows (what the planner reserves)."""
+    return TOP_P_ROWS * vocab_size * TOP_P_BYTES_PER_LOGIT
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) on float32 logits (n, V); removed tokens get -inf."""
     logits = logits / params.temperature
@@ -45,11 +63,13 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
+        for start in range(0, logits.shape[0], TOP_P_ROWS):
+            rows = slice(start, start + TOP_P_ROWS)
+            sorted_logits, order = torch.sort(logits[rows], dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
+            drop[rows].scatter_(-1, order, (probs.cumsum(-1) - probs) >= params.top_p)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 

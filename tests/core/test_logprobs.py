@@ -116,6 +116,19 @@ def test_prompt_logprobs_score_the_prompt_in_the_prefill(engines):
     assert tokens_of(both) == tokens_of(run(subspec, prompt, max_tokens=5, temperature=0))
 
 
+def test_prompt_logprobs_are_scored_a_bounded_number_of_rows_at_a_time(engines, monkeypatch):
+    """A prefill chunk's rows get logits PROMPT_SCORE_ROWS at a time (the planner reserves that much, however large
+    the chunk): with 5 rows at a time, scores and top tokens equal those of whole chunks."""
+    subspec, _ = engines
+    prompt = torch.randint(0, TINY_VOCAB, (40,), generator=torch.Generator().manual_seed(9)).tolist()
+    whole = run(subspec, prompt, max_tokens=0, prompt_logprobs=2)[0].prompt_logprobs
+    monkeypatch.setattr("subspec_core.engine.PROMPT_SCORE_ROWS", 5)
+    pieces = run(subspec, prompt, max_tokens=0, prompt_logprobs=2)[0].prompt_logprobs
+    assert [e.token_id for e in pieces] == [e.token_id for e in whole] == prompt[1:]
+    assert [e.logprob for e in pieces] == pytest.approx([e.logprob for e in whole], abs=1e-6)
+    assert [[t for t, _ in e.top] for e in pieces] == [[t for t, _ in e.top] for e in whole]
+
+
 def test_logprob_settings_are_validated():
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)

@@ -11,7 +11,14 @@ import math
 import pytest
 import torch
 
-from subspec_core.sampling import choose_tokens, gumbel_noise, position_seed, process_logits, target_probabilities
+from subspec_core.sampling import (
+    TOP_P_ROWS,
+    choose_tokens,
+    gumbel_noise,
+    position_seed,
+    process_logits,
+    target_probabilities,
+)
 from subspec_core.types import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -119,6 +126,21 @@ def test_process_logits_and_target_probabilities_match_reference(case):
         assert torch.allclose(processed[row][kept], logits[row][kept] / case["temperature"])
         assert (processed[row][~torch.tensor(kept)] == float("-inf")).all()
         assert probs[row].tolist() == pytest.approx(ref, abs=1e-6)
+
+
+def test_top_p_over_more_rows_than_one_sort_takes_is_row_by_row_the_same():
+    """process_logits sorts TOP_P_ROWS rows at a time (bounded workspace): every row of a tall batch, including
+    the last partial chunk, gets exactly the nucleus it gets alone."""
+    gen = torch.Generator().manual_seed(3)
+    rows = 2 * TOP_P_ROWS + 5
+    logits = torch.randn(rows, 50, generator=gen) * torch.linspace(0.5, 4, rows)[:, None]
+    params = SamplingParams(temperature=0.9, top_p=0.8)
+    together = process_logits(logits, params)
+    alone = torch.cat([process_logits(logits[r : r + 1], params) for r in range(rows)])
+    assert torch.equal(torch.isfinite(together), torch.isfinite(alone))
+    assert torch.equal(together[torch.isfinite(together)], alone[torch.isfinite(alone)])
+    kept = torch.isfinite(together).sum(-1)
+    assert kept.min() >= 1 and kept.max() < 50  # the nucleus cut something in every chunk's rows, never everything
 
 
 def test_top_p_keeps_the_token_that_crosses_the_threshold():

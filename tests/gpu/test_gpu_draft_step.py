@@ -87,3 +87,21 @@ def test_streamed_logits_hold_under_injected_copy_and_compute_delays(monkeypatch
             got = streamed.prompt_logits(ids)
         torch.testing.assert_close(got, expected, atol=3e-2, rtol=1e-2)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_top_p_over_a_verify_stays_within_the_workspace_the_planner_reserves():
+    """Sampling with top-p over a 193-row verify of a Qwen-sized vocabulary: the peak beyond the logits and
+    the three (n, V) tensors the plan counts (logits, processed logits, noise) is at most the top-p workspace."""
+    from subspec_core.sampling import process_logits, top_p_workspace_bytes
+
+    rows, vocab = 193, 151_936
+    logits = torch.randn(rows, vocab, device="cuda") * 3
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    processed = process_logits(logits, SamplingParams(temperature=0.8, top_p=0.9))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    counted = 3 * rows * vocab * 4  # the planner's float32 logits rows (processed, scaled, noise)
+    assert extra <= counted + top_p_workspace_bytes(vocab), (extra, counted, top_p_workspace_bytes(vocab))
+    assert torch.isfinite(processed).sum(-1).min() >= 1
