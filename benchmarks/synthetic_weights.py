@@ -9,6 +9,7 @@ weights; timings of forwards, copies and the draft are not.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -26,10 +27,7 @@ TINY = ModelShape(
     head_dim=16, vocab_size=512, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=False,
 )
 # The same stand-in in Qwen3's form: no q/k/v biases, an RMSNorm over each q and k head.
-TINY_QWEN3 = ModelShape(
-    architecture="qwen3", num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
-    head_dim=16, vocab_size=512, rms_norm_eps=1e-6, qkv_bias=False, o_bias=False, tie_embeddings=False, qk_norm=True,
-)
+TINY_QWEN3 = dataclasses.replace(TINY, architecture="qwen3", qkv_bias=False, qk_norm=True)
 # The decoders of the presets in configs/ (each hub model's config.json), and a 1.5B one (load_memory's).
 QWEN25_1_5B = ModelShape(
     architecture="qwen2", num_layers=28, hidden_size=1536, intermediate_size=8960, num_heads=12, num_kv_heads=2,
