@@ -155,7 +155,8 @@ def agreement(config: EngineConfig, prompts: list[list[int]], results: list[Mode
     if subspec is None or vanilla is None:
         return None
     device = resolve_device(config)
-    exact = resolve_dtype(config, device) == torch.float32
+    dtype = resolve_dtype(config, device)
+    exact = dtype == torch.float32
     pairs = list(zip(prompts, vanilla.token_ids, subspec.token_ids))
     differing = [i for i, (_, ref, got) in enumerate(pairs) if ref != got]
     entries: list[dict[str, Any]] = []
@@ -164,7 +165,7 @@ def agreement(config: EngineConfig, prompts: list[list[int]], results: list[Mode
         try:
             for i in differing:
                 prompt, ref, got = pairs[i]
-                entries.append({"prompt": i, **compare_generations(engine, prompt, ref, got, exact=exact).as_dict()})
+                entries.append({"prompt": i, **compare_generations(engine, prompt, ref, got, exact=exact, dtype=dtype).as_dict()})
         finally:
             engine.close()
             del engine

@@ -1,29 +1,47 @@
-"""Checking that speculative output is the target's own, honestly in low precision.
+"""Checking that speculative output is the target's own, honestly at the precision it runs in.
 
-In float32 the check is exact token equality with plain decoding. In bfloat16 it cannot be: a verify forward
-(many rows, masked attention) and a one-token step round differently, so where the target's two best logits
-are within a few bf16 steps of each other a correct engine may take either branch. The tie-aware check
-therefore finds the FIRST position where the two generations differ, asks the target (one scoring prefill
-over the prompt and the common prefix) for its top-2 logit margin there, and accepts the divergence only if
-that margin is within the tolerance: a near-tie. A wrong verifier diverges where the target was sure, and fails.
+A verify forward (many rows, masked attention) and a one-token step round differently: in bfloat16 by a few
+bf16 steps, in float32 too, by about 2e-5 on logits of magnitude 10 (measured on the tiny test models: the last
+row of a 40-token prefill against the same row computed alone). Where the target's decision is that close to a
+tie, a correct engine may take either branch. The tie-aware check therefore finds the FIRST position where the
+two generations differ, asks the target (one scoring prefill over the prompt and the common prefix) how far its
+decision there was from flipping, and accepts the divergence only within the tolerance of the dtype: a
+near-tie. A wrong verifier diverges where the target was sure, and fails.
+
+How far from flipping, as a logit gap (an error of d in the logits moves a gap by at most 2 d):
+- greedy: the top-2 logit margin;
+- sampled (Gumbel-max keyed by seed and position, sampling.py): the gap between the two tokens' perturbed
+  scores times the temperature, or how close either token's place was to the top-p cut: the probability mass
+  before it against top_p, times the temperature (the same error d moves that mass by at most 2 d / temperature).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import torch
 
-# A near-tie: the top-2 margin is at most this many bf16 steps (ulps) at the top logit's magnitude.
+from subspec_core.sampling import gumbel_noise, process_logits
+from subspec_core.types import SamplingParams
+
+# A near-tie: the decision margin is at most this many steps (ulps) of the dtype at the top logit's magnitude.
 BF16_TIE_ULPS = 8
+FP32_TIE_ULPS = 64  # 6e-5 at |logit| 10: three times the measured float32 verify/step rounding difference
+_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+_TIE_ULPS = {torch.bfloat16: BF16_TIE_ULPS, torch.float16: BF16_TIE_ULPS, torch.float32: FP32_TIE_ULPS}
+
+
+def tie_tolerance(top_logit: float, dtype: torch.dtype, ulps: int | None = None) -> float:
+    """`ulps` steps of `dtype` (default: its near-tie width) at the magnitude of `top_logit`."""
+    exponent = math.floor(math.log2(abs(top_logit))) if top_logit else -126
+    return (_TIE_ULPS[dtype] if ulps is None else ulps) * 2.0 ** (exponent - _MANTISSA_BITS[dtype])
 
 
 def bf16_tie_tolerance(top_logit: float, ulps: int = BF16_TIE_ULPS) -> float:
     """`ulps` bfloat16 steps (8 significant bits) at the magnitude of `top_logit`."""
-    exponent = math.floor(math.log2(abs(top_logit))) if top_logit else -126
-    return ulps * 2.0 ** (exponent - 7)
+    return tie_tolerance(top_logit, torch.bfloat16, ulps)
 
 
 def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
@@ -40,7 +58,7 @@ class Agreement:
 
     identical: bool
     diverged_at: int | None = None  # index into the generated tokens
-    margin: float | None = None  # the target's top-2 logit margin at that position
+    margin: float | None = None  # how far the target's decision there was from flipping, as a logit gap
     tolerance: float | None = None  # what counted as a near-tie there
     ok: bool = True  # identical, or diverged at a near-tie
 
@@ -49,19 +67,66 @@ class Agreement:
 
 
 def compare_generations(engine: Any, prompt: Sequence[int], reference: Sequence[int], candidate: Sequence[int],
-                        *, exact: bool) -> Agreement:
+                        *, exact: bool, dtype: torch.dtype = torch.bfloat16, params: SamplingParams | None = None,
+                        seed: int | None = None) -> Agreement:
     """Compare `candidate` (speculative) with `reference` (plain decoding) for `prompt` (token ids).
 
-    exact (float32): any difference fails. Otherwise the first difference passes only at a bf16 near-tie of
-    the target, measured with `engine.prompt_logits` (any engine over the same target weights).
+    exact: any difference fails. Otherwise the first difference passes only at a near-tie of the target's
+    decision there (within `tie_tolerance` of `dtype`), measured with `engine.prompt_logits` (any engine over the
+    same target weights). `params` and `seed` are the request's sampling (default: greedy); a sampled request
+    needs its seed (its noise is keyed by it).
     """
     index = first_divergence(reference, candidate)
     if index is None:
         return Agreement(identical=True)
     if exact:
         return Agreement(identical=False, diverged_at=index, ok=False)
-    # where one list ended early, it ended with an end-of-sequence token the other did not choose: same check
-    logits = engine.prompt_logits(list(prompt) + list(reference[:index]))[-1]
-    top = torch.topk(logits.float(), 2).values.tolist()
-    margin, tolerance = top[0] - top[1], bf16_tie_tolerance(top[0])
+    logits = engine.prompt_logits(list(prompt) + list(reference[:index]))[-1].float()
+    chosen = reference[index] if index < len(reference) else None
+    other = candidate[index] if index < len(candidate) else None
+    if params is None or params.greedy:
+        margin = _greedy_margin(logits)
+    else:
+        if seed is None:
+            raise ValueError("a sampled comparison needs the request's seed")
+        margin = _sampled_margin(logits, params, seed=seed, position=len(prompt) + index, chosen=chosen, other=other)
+    tolerance = tie_tolerance(torch.max(logits).item(), dtype)
     return Agreement(identical=False, diverged_at=index, margin=margin, tolerance=tolerance, ok=margin <= tolerance)
+
+
+def _greedy_margin(logits: torch.Tensor) -> float:
+    top = torch.topk(logits, 2).values.tolist()
+    return top[0] - top[1]
+
+
+def sampled_scores(logits: torch.Tensor, params: SamplingParams, *, seed: int, position: int) -> torch.Tensor:
+    """The scores (V,) whose argmax is the token sampled at `position` from one row of logits (V,):
+    processed logits plus that position's Gumbel noise, as `sampling.choose_tokens` computes them."""
+    noise = gumbel_noise(seed=seed, positions=[position], vocab_size=logits.shape[-1], device=logits.device)[0]
+    return process_logits(logits[None], params)[0] + noise
+
+
+def _sampled_margin(logits: torch.Tensor, params: SamplingParams, *, seed: int, position: int, chosen: int | None,
+                    other: int | None) -> float:
+    """How far (in logit units) the sampled decision at `position` was from choosing differently.
+
+    A generation that ended early ended with an end-of-sequence token the other did not choose, or the other one
+    did: a missing token is compared as the best (or second best) competitor.
+    """
+    scores = sampled_scores(logits, params, seed=seed, position=position)
+    ranked = torch.topk(scores, 2)
+    chosen = int(ranked.indices[0]) if chosen is None else chosen
+    other = int(ranked.indices[1] if int(ranked.indices[0]) == chosen else ranked.indices[0]) if other is None else other
+    margins = [_top_p_cut_distance(logits, params, token) for token in (chosen, other)]
+    if math.isfinite(scores[other].item()):  # both kept: the perturbed scores decide
+        margins.append(abs(scores[chosen].item() - scores[other].item()) * params.temperature)
+    return min(margins)
+
+
+def _top_p_cut_distance(logits: torch.Tensor, params: SamplingParams, token: int) -> float:
+    """In logit units, how close `token` was to the top-p cut (inf without top-p: no cut to cross)."""
+    if params.top_p >= 1.0:
+        return math.inf
+    probs = torch.softmax(process_logits(logits[None], replace(params, top_p=1.0))[0], dim=-1)  # temperature, top-k
+    mass_before = probs[probs > probs[token]].sum().item()
+    return abs(mass_before - params.top_p) * params.temperature
