@@ -39,11 +39,6 @@ def tie_tolerance(top_logit: float, dtype: torch.dtype, ulps: int | None = None)
     return (_TIE_ULPS[dtype] if ulps is None else ulps) * 2.0 ** (exponent - _MANTISSA_BITS[dtype])
 
 
-def bf16_tie_tolerance(top_logit: float, ulps: int = BF16_TIE_ULPS) -> float:
-    """`ulps` bfloat16 steps (8 significant bits) at the magnitude of `top_logit`."""
-    return tie_tolerance(top_logit, torch.bfloat16, ulps)
-
-
 def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int | None:
     """The first index where the two token lists differ (one ending before the other counts), or None if equal."""
     for index, (a, b) in enumerate(zip(reference, candidate)):
@@ -114,19 +109,17 @@ def _sampled_margin(logits: torch.Tensor, params: SamplingParams, *, seed: int, 
     did: a missing token is compared as the best (or second best) competitor.
     """
     scores = sampled_scores(logits, params, seed=seed, position=position)
-    ranked = torch.topk(scores, 2)
-    chosen = int(ranked.indices[0]) if chosen is None else chosen
-    other = int(ranked.indices[1] if int(ranked.indices[0]) == chosen else ranked.indices[0]) if other is None else other
-    margins = [_top_p_cut_distance(logits, params, token) for token in (chosen, other)]
+    best, second = (int(i) for i in torch.topk(scores, 2).indices)
+    if chosen is None:
+        chosen = best
+    if other is None:
+        other = second if best == chosen else best
+    margins = []
+    if params.top_p < 1.0:  # how close either token's place was to the top-p cut
+        probs = torch.softmax(process_logits(logits[None], replace(params, top_p=1.0))[0], dim=-1)  # temperature, top-k
+        for token in (chosen, other):
+            mass_before = probs[probs > probs[token]].sum().item()
+            margins.append(abs(mass_before - params.top_p) * params.temperature)
     if math.isfinite(scores[other].item()):  # both kept: the perturbed scores decide
         margins.append(abs(scores[chosen].item() - scores[other].item()) * params.temperature)
-    return min(margins)
-
-
-def _top_p_cut_distance(logits: torch.Tensor, params: SamplingParams, token: int) -> float:
-    """In logit units, how close `token` was to the top-p cut (inf without top-p: no cut to cross)."""
-    if params.top_p >= 1.0:
-        return math.inf
-    probs = torch.softmax(process_logits(logits[None], replace(params, top_p=1.0))[0], dim=-1)  # temperature, top-k
-    mass_before = probs[probs > probs[token]].sum().item()
-    return abs(mass_before - params.top_p) * params.temperature
+    return min(margins, default=math.inf)

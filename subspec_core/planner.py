@@ -148,8 +148,13 @@ def activation_bytes(*, shape: ModelShape, dtype: torch.dtype, rows: int, kv_len
     scores = rows * shape.num_heads * kv_length * 4  # attention scores if the math kernel materialises them
     # the additive mask, repeated per query head of a kv head (GQA folded into rows): built once per forward
     mask = rows * (shape.num_heads // shape.num_kv_heads) * kv_length * b
-    logits = logit_rows * shape.vocab_size * 4 * 3  # float32 logits, processed logits, sampling noise
-    return hidden + scores + mask + logits + top_p_workspace_bytes(shape.vocab_size)
+    return hidden + scores + mask + logits_bytes(rows=logit_rows, vocab_size=shape.vocab_size)
+
+
+def logits_bytes(*, rows: int, vocab_size: int) -> int:
+    """Choosing tokens from `rows` rows of logits: float32 logits, processed logits and sampling noise, each
+    (rows, V), plus top-p's sorting workspace (sampling.py sorts a bounded number of rows at a time)."""
+    return rows * vocab_size * 4 * 3 + top_p_workspace_bytes(vocab_size)
 
 
 # Prefill chunks the planner picks from when the config leaves the size unset: each chunk streams every offloaded

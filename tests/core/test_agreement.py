@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import subspec_core.engine as engine_module
-from subspec_core.agreement import bf16_tie_tolerance, compare_generations, first_divergence, sampled_scores, tie_tolerance
+from subspec_core.agreement import compare_generations, first_divergence, sampled_scores, tie_tolerance
 from subspec_core.config import EngineConfig, SpeculationConfig
 from subspec_core.loading import load_tokenizer
 from subspec_core.types import SamplingParams
@@ -28,9 +28,9 @@ def test_first_divergence() -> None:
 
 
 def test_bf16_tie_tolerance_is_a_few_steps_at_the_logits_magnitude() -> None:
-    assert bf16_tie_tolerance(20.0) == 8 * 2.0**-3  # 20 is in [16, 32): a bf16 step there is 2**-3
-    assert bf16_tie_tolerance(-20.0) == bf16_tie_tolerance(20.0)
-    assert bf16_tie_tolerance(1.5, ulps=1) == 2.0**-7
+    assert tie_tolerance(20.0, torch.bfloat16) == 8 * 2.0**-3  # 20 is in [16, 32): a bf16 step there is 2**-3
+    assert tie_tolerance(-20.0, torch.bfloat16) == tie_tolerance(20.0, torch.bfloat16)
+    assert tie_tolerance(1.5, torch.bfloat16, ulps=1) == 2.0**-7
     assert tie_tolerance(10.0, torch.float32) == 64 * 2.0**-20  # 10 is in [8, 16): a float32 step there is 2**-20
 
 

@@ -92,7 +92,8 @@ def test_streamed_logits_hold_under_injected_copy_and_compute_delays(monkeypatch
 def test_top_p_over_a_verify_stays_within_the_workspace_the_planner_reserves():
     """Sampling with top-p over a 193-row verify of a Qwen-sized vocabulary: the peak beyond the logits and
     the three (n, V) tensors the plan counts (logits, processed logits, noise) is at most the top-p workspace."""
-    from subspec_core.sampling import process_logits, top_p_workspace_bytes
+    from subspec_core.planner import logits_bytes
+    from subspec_core.sampling import process_logits
 
     rows, vocab = 193, 151_936
     logits = torch.randn(rows, vocab, device="cuda") * 3
@@ -102,6 +103,6 @@ def test_top_p_over_a_verify_stays_within_the_workspace_the_planner_reserves():
     processed = process_logits(logits, SamplingParams(temperature=0.8, top_p=0.9))
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    counted = 3 * rows * vocab * 4  # the planner's float32 logits rows (processed, scaled, noise)
-    assert extra <= counted + top_p_workspace_bytes(vocab), (extra, counted, top_p_workspace_bytes(vocab))
+    counted = logits_bytes(rows=rows, vocab_size=vocab)  # what the planner reserves: (n, V) x 3 + top-p workspace
+    assert extra <= counted, (extra, counted)
     assert torch.isfinite(processed).sum(-1).min() >= 1
