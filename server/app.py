@@ -1,5 +1,14 @@
 """`create_app()`: build one server instance. Everything it needs is passed in and hung on `app.state`;
-nothing is global, so tests can run several apps (each with its own metrics registry) in one process."""
+nothing is global, so tests can run several apps (each with its own metrics registry) in one process.
+
+The server has three rooms, and a request crosses each once:
+- server/edge/: the HTTP edge (request id, access log, API key, body limits and framing, the h11 protocol's
+  deadlines, graceful shutdown);
+- server/api/: the OpenAI API (schemas, routes, the request flow of every endpoint, prompts, tool calls,
+  logprobs, SSE, the OpenAPI document);
+- server/worker/: the engine side (admission, the job runner, the engine client and its worker process,
+  IPC, the engine loop, telemetry).
+"""
 
 from __future__ import annotations
 
@@ -10,23 +19,26 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
 
-from server.admission import Admission
-from server.auth import APIKeyMiddleware
-from server.body_limit import BodyLimitMiddleware
-from server.engine_client import EngineClient
-from server.errors import APIError, install_error_handlers
-from server.logprobs import TokenStrings
-from server.openapi_doc import openapi_document
-from server.prompting import PromptBuilder
-from server.request_id import RequestIdMiddleware
-from server.routes import chat, completions, health, metrics, models, responses
-from server.serving import GenerationService
-from server.serving_chat import ChatEndpoint
-from server.serving_completion import CompletionEndpoint
-from server.serving_responses import ResponsesEndpoint
+from server.api.chat import ChatEndpoint
+from server.api.completions import CompletionEndpoint
+from server.api.endpoint import ServingContext
+from server.api.errors import APIError, install_error_handlers
+from server.api.input_limits import IgnoredFields
+from server.api.logprobs import TokenStrings
+from server.api.openapi import openapi_document
+from server.api.prompting import PromptBuilder, PromptPool
+from server.api.responses import ResponsesEndpoint
+from server.api.routes import router
+from server.edge.access_log import AccessLogMiddleware
+from server.edge.auth import APIKeyMiddleware
+from server.edge.body_limit import BodyLimitMiddleware
+from server.edge.request_id import RequestIdMiddleware
+from server.edge.shutdown import GracefulShutdown
 from server.settings import MIB, ServerSettings
-from server.shutdown import GracefulShutdown
-from server.telemetry import ResponseCounter, ServerMetrics
+from server.worker.admission import Admission
+from server.worker.client import EngineClient
+from server.worker.runner import JobRunner
+from server.worker.telemetry import ResponseCounter, ServerMetrics
 
 _COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 _ENDPOINTS = (*_COMPLETION_ENDPOINTS, "/v1/models", "/health", "/metrics")
@@ -52,19 +64,20 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     `tokenizer` is the model's tokenizer (no weights): chat template (or `settings.chat_template`'s) and
     prompt lengths are handled here, before a request is queued. The app starts the engine client on startup
     and closes it on shutdown; `app.state.shutdown` drains it gracefully first (see
-    server.shutdown.DrainingServer). Bodies are limited to `settings.max_body_bytes` (1 MiB when unset;
+    server.edge.shutdown.DrainingServer). Bodies are limited to `settings.max_body_bytes` (1 MiB when unset;
     `subspec serve` sizes it from max_model_len).
     """
     server_metrics = server_metrics if server_metrics is not None else ServerMetrics()
     admission = Admission(settings.max_queue)
     server_metrics.bind(waiting=lambda: admission.waiting, running=lambda: admission.running,
                         engine_status=engine_client.status, model_name=model_name)
-    service = GenerationService(client=engine_client, admission=admission, metrics=server_metrics,
-                                settings=settings, model_name=model_name)
+    runner = JobRunner(engine_client, request_timeout_s=settings.request_timeout_s)
     chat_template = None if settings.chat_template is None else Path(settings.chat_template).read_text()
-    prompts = PromptBuilder(tokenizer, chat_template)
-    strings = TokenStrings(tokenizer)
-    shutdown = GracefulShutdown(admission=admission, service=service, timeout_s=settings.shutdown_timeout_s)
+    prompt_pool = PromptPool()
+    context = ServingContext(
+        client=engine_client, runner=runner, admission=admission, metrics=server_metrics,
+        prompts=PromptBuilder(tokenizer, chat_template), prompt_pool=prompt_pool, strings=TokenStrings(tokenizer),
+        ignored=IgnoredFields(), model_name=model_name, max_stream_buffer_bytes=settings.max_stream_buffer_bytes)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -73,7 +86,7 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
             yield
         finally:
             await engine_client.close()
-            service.close()
+            prompt_pool.close()
 
     app = FastAPI(title="SubSpec Server", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible inference for models larger than GPU memory "
@@ -84,10 +97,10 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     app.state.admission = admission
     app.state.model_name = model_name
     app.state.started_at = int(time.time())
-    app.state.chat = ChatEndpoint(service, prompts, strings)
-    app.state.completions = CompletionEndpoint(service, prompts, strings)
-    app.state.shutdown = shutdown
-    app.state.responses = ResponsesEndpoint(service, prompts)
+    app.state.chat = ChatEndpoint(context)
+    app.state.completions = CompletionEndpoint(context)
+    app.state.responses = ResponsesEndpoint(context)
+    app.state.shutdown = GracefulShutdown(admission=admission, runner=runner, timeout_s=settings.shutdown_timeout_s)
 
     def count_rejected(path: str, error: APIError) -> None:
         """Completion requests rejected before their route ran (validation, key); others are counted by
@@ -96,16 +109,16 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
             server_metrics.count(endpoint_label(path), error.status_code)
 
     install_error_handlers(app, lambda request, error: count_rejected(request.url.path, error))
-    # Middleware added last runs first: count every response, then check the key (before reading any of
-    # the body), then read the body within its size and time limits.
+    # Middleware added last runs first: the id, then the access log, then count every response, then check the
+    # key (before reading any of the body), then read the body within its size, time and shape limits.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes or MIB,
                        read_timeout_s=settings.read_timeout_s, on_reject=count_rejected)
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, on_reject=count_rejected)
     app.add_middleware(ResponseCounter, metrics=server_metrics, label=_counted_by_middleware)
+    app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response, rejections included, gets the id
-    for module in (chat, completions, responses, models, health, metrics):
-        app.include_router(module.router)
+    app.include_router(router)
     app.openapi = lambda: openapi_document(  # type: ignore[method-assign]
         app, bearer_auth=settings.api_key is not None, vocab_size=len(tokenizer))
     return app

@@ -19,7 +19,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from server.engine_args import add_engine_arguments, engine_config_from_args, yaml_from_args
-from server.engine_client import ModelInfo
+from server.worker.client import ModelInfo
 from server.settings import (API_KEY_ENV, ServerSettings, add_settings_arguments, default_body_limit,
                              resolve_server_settings, settings_overrides)
 from subspec_core.config import config_as_dict
@@ -41,9 +41,9 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.process_client import ProcessEngineClient
-    from server.shutdown import DrainingServer
-    from server.worker import load_engine
+    from server.worker.process import ProcessEngineClient
+    from server.edge.shutdown import DrainingServer
+    from server.worker.main import load_engine
 
     try:
         yaml_data = yaml_from_args(args)
@@ -111,15 +111,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def uvicorn_config(app: object, settings: ServerSettings) -> uvicorn.Config:
-    """How uvicorn serves the app: h11 with a deadline for request heads (slow clients), idle keep-alive
-    connections closed after 5 s, and a short grace period after the app's own drain."""
+    """How uvicorn serves the app: h11 with deadlines for request heads and for clients that stop reading,
+    idle keep-alive connections closed after 5 s, a short grace period after the app's own drain, and the
+    app's own access log instead of uvicorn's (which prints query strings)."""
     import uvicorn
 
-    from server.http_protocol import timed_h11
+    from server.edge.protocol import timed_h11
 
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          http=timed_h11(settings.read_timeout_s), timeout_keep_alive=5,
-                          timeout_graceful_shutdown=5)
+                          http=timed_h11(settings.read_timeout_s, settings.write_timeout_s), timeout_keep_alive=5,
+                          timeout_graceful_shutdown=5, access_log=False)
 
 
 def callable_url(host: str, port: int) -> str:

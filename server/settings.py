@@ -40,7 +40,8 @@ class ServerSettings:
     api_key: str | None = _setting(None, "require 'Authorization: Bearer KEY' on /v1 endpoints", metavar="KEY")
     max_queue: int = _setting(64, "requests that may wait behind the running one; more get 429", metavar="N")
     request_timeout_s: float | None = _setting(
-        None, "deadline per request in seconds, queue time included (none: no deadline)", "--request-timeout",
+        None, "deadline per request in seconds, from arrival to its last byte sent, queue time included "
+              "(none: no deadline)", "--request-timeout",
         metavar="S")
     abort_timeout_s: float = _setting(
         300.0, "kill and restart the worker if it has not stopped an aborted request after this many seconds "
@@ -58,6 +59,13 @@ class ServerSettings:
     read_timeout_s: float = _setting(
         30.0, "a client must send a request's headers, and then its body, within this many seconds each, or "
               "the connection is closed (408 for a body)", "--read-timeout", metavar="S")
+    write_timeout_s: float = _setting(
+        30.0, "a client must accept bytes of its response within this many seconds whenever the server has "
+              "more to send, or the connection is closed (a stream is then stopped and counted as 499)",
+        "--write-timeout", metavar="S")
+    max_stream_buffer_bytes: int = _setting(
+        4 * MIB, "event-stream bytes a request may have made but not yet sent; a client reading slower than "
+                 "this lets the engine run ahead gets its stream stopped with an error event", metavar="N")
     shutdown_timeout_s: float = _setting(
         30.0, "on SIGTERM/SIGINT: new requests get 503, queued ones end at once with an error, the running one "
               "may finish for this many seconds before it is ended with an error event",
@@ -84,6 +92,10 @@ class ServerSettings:
             raise ValueError("server.max_body_bytes must be >= 1024 (or unset for the default)")
         if self.read_timeout_s <= 0:
             raise ValueError("server.read_timeout_s must be > 0")
+        if self.write_timeout_s <= 0:
+            raise ValueError("server.write_timeout_s must be > 0")
+        if self.max_stream_buffer_bytes < 1024:
+            raise ValueError("server.max_stream_buffer_bytes must be >= 1024")
         if self.shutdown_timeout_s < 0:
             raise ValueError("server.shutdown_timeout_s must be >= 0")
         if self.max_worker_start_failures < 1:

@@ -53,7 +53,7 @@ class UvicornThread:
                                                         timeout_graceful_shutdown=2))
         else:
             from server.serve import uvicorn_config
-            from server.shutdown import DrainingServer
+            from server.edge.shutdown import DrainingServer
 
             config = uvicorn_config(app, dataclasses.replace(settings, host="127.0.0.1", port=self.port,
                                                              log_level="warning"))

@@ -1,4 +1,4 @@
-"""Logprobs in OpenAI's shapes (server/logprobs.py): token text and exact bytes for byte-level BPE and
+"""Logprobs in OpenAI's shapes (server/api/logprobs.py): token text and exact bytes for byte-level BPE and
 SentencePiece tokenizers, the legacy completions object, and -inf made JSON-safe."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import math
 from types import SimpleNamespace
 
-from server.logprobs import CompletionLogprobs, TokenStrings, chat_logprobs, merge_completion_logprobs
+from server.api.logprobs import CompletionLogprobs, TokenStrings, chat_logprobs, merge_completion_logprobs
 from subspec_core.types import TokenLogprob
 
 

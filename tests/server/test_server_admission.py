@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.admission import Admission, AdmissionClosed, QueueFull
+from server.worker.admission import Admission, AdmissionClosed, QueueFull
 
 pytestmark = pytest.mark.anyio
 

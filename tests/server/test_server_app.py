@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.inprocess_client import InProcessEngineClient
+from server.worker.inprocess import InProcessEngineClient
 from server.settings import ServerSettings
 from tests.server.server_fakes import FakeEngine, FakeTokenizer, render_reply
 from tests.server.server_harness import REPO_ROOT, UvicornThread, scrape_metrics
@@ -399,7 +399,7 @@ def test_api_modules_do_not_import_the_engine_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys, server.cli, server.app, server.process_client, server.inprocess_client, server.worker; "
+    code = ("import sys, server.cli, server.app, server.worker.process, server.worker.inprocess, server.worker; "
             "bad = [m for m in ('torch', 'subspec_core.engine') if m in sys.modules]; print(bad); "
             "raise SystemExit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)

@@ -6,8 +6,8 @@ import queue
 import threading
 import time
 
-from server import ipc
-from server.engine_loop import EngineLoop
+from server.worker import ipc
+from server.worker.loop import EngineLoop
 from subspec_core.types import GenerationRequest, SamplingParams
 from tests.server.server_fakes import FakeEngine, render_reply
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.inprocess_client import InProcessEngineClient
+from server.worker.inprocess import InProcessEngineClient
 from server.settings import ServerSettings
 from tests.server.server_fakes import HERMES_FAKE_TEMPLATE, FakeEngine, FakeTokenizer, fake_logprob, render_reply
 from tests.server.server_harness import UvicornThread, scrape_metrics
@@ -54,7 +54,7 @@ def tools_server():
 def test_unknown_fields_are_ignored_logged_once_and_named_in_a_header(http, caplog):
     body = {"messages": [{"role": "user", "content": "hi", "x_note": 1}], "max_tokens": 5, "frobnicate": True,
             "modalities": [], "web_search_options": {}, "logprobs": False, "n": 1}
-    with caplog.at_level(logging.WARNING, logger="server.serving"):
+    with caplog.at_level(logging.WARNING, logger="server.api.input_limits"):
         first = http.post("/v1/chat/completions", json=body)
         second = http.post("/v1/chat/completions", json=body)
         streamed = http.post("/v1/chat/completions", json={**body, "stream": True})

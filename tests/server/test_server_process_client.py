@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.engine_client import EngineNotReady, WorkerDied
-from server.process_client import ProcessEngineClient
+from server.worker.client import EngineNotReady, WorkerDied
+from server.worker.process import ProcessEngineClient
 from server.settings import ServerSettings
 from subspec_core.types import GenerationRequest, SamplingParams
 from tests.server.server_fakes import FailingEngineFactory, FakeTokenizer, make_fake_engine, render_reply

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from server.logprobs import TokenStrings
+from server.api.logprobs import TokenStrings
 from tests.server.conftest import API_KEY
 from tests.server.server_harness import scrape_metrics
 

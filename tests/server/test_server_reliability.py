@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.inprocess_client import InProcessEngineClient
+from server.worker.inprocess import InProcessEngineClient
 from server.settings import ServerSettings
 from tests.server.server_fakes import FakeEngine, FakeTokenizer, render_reply
 from tests.server.server_harness import UvicornThread, scrape_metrics

@@ -9,7 +9,7 @@ import re
 import httpx
 import pytest
 
-from server.request_id import accepted_request_id
+from server.edge.request_id import accepted_request_id
 from tests.server.server_fakes import FakeEngine
 from tests.server.server_harness import UvicornThread
 from tests.server.test_server_app import KEY, MSGS, make_app
@@ -61,8 +61,8 @@ def test_the_worker_and_api_log_lines_for_a_request_carry_its_id(base_url, caplo
     assert ok.status_code == 200 and failed.status_code == 500
     assert failed.json()["error"]["request_id"] == "find-me-8"
     completion_id = ok.json()["id"]
-    worker = [r.getMessage() for r in caplog.records if r.name == "server.engine_loop"]
-    api = [r.getMessage() for r in caplog.records if r.name == "server.serving"]
+    worker = [r.getMessage() for r in caplog.records if r.name == "server.worker.loop"]
+    api = [r.getMessage() for r in caplog.records if r.name == "server.worker.telemetry"]
     # the fixed part of each line keeps its format; the id ends it
     assert any(re.fullmatch(rf"request {completion_id} finished \(length\): .* \[X-Request-Id find-me-7\]", line)
                for line in worker), worker

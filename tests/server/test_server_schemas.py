@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.errors import APIError
-from server.prompting import PromptBuilder
-from server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
-from server.serving import GenerationService
+from server.api.errors import APIError
+from server.api.prompting import PromptBuilder
+from server.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.api.chat import completion_budget
+from server.api.endpoint import sampling_params
 from tests.server.server_fakes import FakeTokenizer
 
 
@@ -23,12 +24,12 @@ def test_chat_request_defaults_and_text_parts():
         {"role": "assistant", "content": None}]})
     assert [m.text() for m in request.messages] == ["be brief", "ab", ""]
     assert request.n == 1 and request.stream is False and request.unsupported_parameters() == []
-    assert request.requested_max_tokens() is None
+    assert completion_budget(request) == (None, "max_tokens")
 
 
 def test_max_completion_tokens_wins_over_max_tokens():
-    assert chat(max_tokens=5, max_completion_tokens=7).requested_max_tokens() == 7
-    assert chat(max_tokens=5).requested_max_tokens() == 5
+    assert completion_budget(chat(max_tokens=5, max_completion_tokens=7)) == (7, "max_completion_tokens")
+    assert completion_budget(chat(max_tokens=5)) == (5, "max_tokens")
 
 
 @pytest.mark.parametrize("fields, names", [
@@ -147,7 +148,7 @@ def test_template_errors_become_400():
 def params(request=None, **kwargs):
     kwargs = {"prompt_len": 10, "max_model_len": 100, "max_tokens": None, "max_tokens_param": "max_tokens",
               "prompt_param": "messages", **kwargs}
-    return GenerationService.sampling_params(request or chat(), **kwargs)
+    return sampling_params(request or chat(), **kwargs)
 
 
 def test_sampling_params_mapping():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from server.streaming import DONE_FRAME, sse_frame
+from server.api.sse import DONE_FRAME, sse_frame
 
 
 def test_frame_is_one_data_line_and_a_blank_line():

@@ -1,4 +1,4 @@
-"""Tool-call parsers (server/tool_calls.py) on outputs in each format as the models write them: complete,
+"""Tool-call parsers (server/api/tool_calls.py) on outputs in each format as the models write them: complete,
 streamed in pieces of every size, several calls, and malformed (which stays content)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.tool_calls import (
+from server.api.tool_calls import (
     HERMES, LLAMA3_JSON, HermesParser, Llama3JsonParser, Parsed, ToolCall, ToolCallParser, tool_format_for_template,
 )
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from server.schemas import INT64_MAX, INT64_MIN, ChatMessage, TolerantModel
+from server.api.schemas import INT64_MAX, INT64_MIN, ChatMessage, Metadata, TolerantModel
 
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
 
@@ -48,7 +48,7 @@ class ResponseInputMessage(BaseModel):
     role: Literal["user", "assistant", "system", "developer"] = Field(
         description="`developer` is treated as `system`.")
     # A string or a list of parts; the discriminator makes a bad list report only the list's errors (the
-    # tags are the names server.errors leaves out of parameter paths).
+    # tags are the names server.api.errors leaves out of parameter paths).
     content: Annotated[Union[Annotated[str, Tag("str")], Annotated[list[ResponseInputText], Tag("list")]],
                        Discriminator(_str_or_list)]
 
@@ -93,7 +93,8 @@ class ResponsesRequest(TolerantModel):
     store: bool | None = Field(None, description="Accepted; nothing is ever stored (the response says false).")
     previous_response_id: str | None = Field(None, description="Not supported: this server is stateless.")
     conversation: str | dict[str, Any] | None = Field(None, description="Not supported: this server is stateless.")
-    metadata: dict[str, str] | None = Field(None, description="Echoed in the response.")
+    metadata: Metadata | None = Field(None, description="Echoed in the response (at most 16 pairs, keys up to 64 "
+                                                        "characters, values up to 512).")
     user: str | None = Field(None, description="Accepted and ignored.")
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -126,7 +127,7 @@ class ResponsesRequest(TolerantModel):
         return [*conversation, *(ChatMessage(role=m.role, content=m.text()) for m in self.input)]
 
     def stop_strings(self) -> tuple[str, ...]:
-        """The Responses API has no stop strings (GenerationService.sampling_params asks for them)."""
+        """The Responses API has no stop strings (server.api.endpoint.sampling_params asks for them)."""
         return ()
 
     def unsupported_parameters(self) -> list[str]:

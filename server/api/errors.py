@@ -1,6 +1,6 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
 
-Error bodies also carry `request_id` (the request's `X-Request-Id`, see server/request_id.py) when known,
+Error bodies also carry `request_id` (the request's `X-Request-Id`, see server/edge/request_id.py) when known,
 so an error a user pastes can be found in the server's logs.
 
 Route and serving code raise `APIError`; `install_error_handlers` turns it (and FastAPI's validation
@@ -19,8 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.request_id import HEADER as REQUEST_ID_HEADER
-from server.request_id import request_id_of
+from server.edge.request_id import HEADER as REQUEST_ID_HEADER
+from server.edge.request_id import request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,19 @@ class APIError(Exception):
             error["request_id"] = request_id
         return {"error": error}
 
-    def response(self, request_id: str | None = None) -> JSONResponse:
-        # The header is set here too (not only by the middleware): Starlette answers unhandled exceptions
-        # from outside every middleware.
-        headers = dict(self.headers or {})
+    def response(self, request_id: str | None = None, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+        """The error as a JSON response. A 503 or 429 always says when to retry."""
+        headers = {**(extra_headers or {}), **(self.headers or {})}
+        if self.status_code in _RETRY_AFTER_S:
+            headers.setdefault("Retry-After", _RETRY_AFTER_S[self.status_code])
+        # The id is set here too (not only by the middleware): Starlette answers unhandled exceptions from
+        # outside every middleware.
         if request_id is not None:
             headers[REQUEST_ID_HEADER] = request_id
         return _ErrorJSON(self.body(request_id), status_code=self.status_code, headers=headers or None)
+
+
+_RETRY_AFTER_S = {429: "1", 503: "5"}
 
 
 class _ErrorJSON(JSONResponse):
@@ -63,7 +69,8 @@ class _ErrorJSON(JSONResponse):
             "utf-8", errors="backslashreplace")
 
 
-def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+def bad_request(message: str, *, param: str | None = None, code: str) -> APIError:
+    """A 400; every one has a `code` a client can branch on."""
     return APIError(400, message, param=param, code=code)
 
 
@@ -93,10 +100,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
     messages: list[str] = []
     first_param: str | None = None
     for error in exc.errors():
-        loc = tuple(error.get("loc", ()))
-        param = _param_name(loc)
-        first_param = first_param or param
         kind = error.get("type", "")
+        loc = tuple(error.get("loc", ()))
+        param = None if kind == "json_invalid" else _param_name(loc)  # its loc holds a character offset
+        first_param = first_param or param
         if kind == "json_invalid":
             messages.append(f"the request body is not valid JSON: {error.get('ctx', {}).get('error', '')}".rstrip(": "))
         elif kind == "extra_forbidden":
@@ -113,6 +120,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     # A union (e.g. `stop: str | list[str]`) reports one error per member: keep each message once.
     unique = list(dict.fromkeys(messages))
     return APIError(400, "; ".join(unique) or "invalid request", param=first_param, code="invalid_value")
+
+
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
 
 def install_error_handlers(app: FastAPI, on_error: Callable[[Request, APIError], None]) -> None:
@@ -133,13 +143,15 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[Request, APIError],
 
     async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500
-                         else "server_error", headers=getattr(exc, "headers", None))
+                         else "server_error", code=_HTTP_CODES.get(exc.status_code, "http_error"),
+                         headers=getattr(exc, "headers", None))
         on_error(request, error)
         return error.response(request_id_of(request))
 
     async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s (request %s)", request.url.path, request_id_of(request))
-        error = APIError(500, f"internal server error: {type(exc).__name__}", type="server_error")
+        error = APIError(500, f"internal server error: {type(exc).__name__}", type="server_error",
+                         code="internal_error")
         on_error(request, error)
         return error.response(request_id_of(request))
 

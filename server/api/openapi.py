@@ -1,10 +1,10 @@
 """The OpenAPI document, made to say what the server does.
 
 FastAPI's generated document promises a 422 with its own validation-error body on every route with a body
-or parameters; this server answers 400 with an OpenAI error object instead (server.errors), so the 422 is
+or parameters; this server answers 400 with an OpenAI error object instead (server.api.errors), so the 422 is
 removed and the 400 documented. With an API key set, the /v1 operations declare the bearer scheme they
 require. Routes declare everything else they can answer with `error_responses`. Value constraints the
-server enforces after parsing (server.serving, server.prompting) are declared on the request schemas here
+server enforces after parsing (server.worker.runner, server.api.prompting) are declared on the request schemas here
 (`_declare_enforced_constraints`), so a client can tell from the document alone which values are accepted.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.schemas import ErrorResponse
+from server.api.schemas import ErrorResponse
 
 _DESCRIPTIONS = {
     400: "Invalid request (OpenAI error object naming the parameter)",
@@ -64,8 +64,8 @@ def _members(prop: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _declare_enforced_constraints(schemas: dict[str, Any], vocab_size: int) -> None:
-    """Declare the checks made after parsing: the request models (server.schemas) accept these values
-    and the serving code answers 400 for them. (Declared here so server/schemas.py keeps describing the
+    """Declare the checks made after parsing: the request models (server.api.schemas) accept these values
+    and the endpoints answer 400 for them. (Declared here so server/api/schemas.py keeps describing the
     parsing alone; when the models take these constraints as Field metadata, this goes.)"""
     token_id = {"minimum": 0, "maximum": vocab_size - 1}  # prompting.PromptBuilder.completion
     for member in _members(schemas["CompletionRequest"]["properties"]["prompt"]):
@@ -83,13 +83,14 @@ def _declare_enforced_constraints(schemas: dict[str, Any], vocab_size: int) -> N
                 else:
                     items["minItems"] = 1
                     items["items"].update(token_id)
-    # serving.GenerationService.sampling_params: "max_tokens must be at least 1"
-    for model, names in (("CompletionRequest", ("max_tokens",)),
-                         ("ChatCompletionRequest", ("max_tokens", "max_completion_tokens"))):
-        for name in names:
-            for member in _members(schemas[model]["properties"][name]):
-                if member.get("type") == "integer":
-                    member["minimum"] = 1
+    # endpoint.sampling_params: "max_tokens must be at least 1", except a completion's with echo, which may be 0
+    for model, name, minimum in (("CompletionRequest", "max_tokens", 0),
+                                 ("ChatCompletionRequest", "max_tokens", 1),
+                                 ("ChatCompletionRequest", "max_completion_tokens", 1),
+                                 ("ResponsesRequest", "max_output_tokens", 1)):
+        for member in _members(schemas[model]["properties"][name]):
+            if member.get("type") == "integer":
+                member["minimum"] = minimum
     # schemas.SamplingFields._check_stop: at most 16, none empty
     for model in ("CompletionRequest", "ChatCompletionRequest"):
         for member in _members(schemas[model]["properties"]["stop"]):
@@ -98,5 +99,13 @@ def _declare_enforced_constraints(schemas: dict[str, Any], vocab_size: int) -> N
             elif member.get("type") == "array":
                 member["maxItems"] = 16
                 member["items"]["minLength"] = 1
+    # OpenAI's own ranges, of which the server honours the first value (others: 400 unsupported_parameter)
+    for model, name in (("ChatCompletionRequest", "n"), ("CompletionRequest", "n"), ("CompletionRequest", "best_of")):
+        for member in _members(schemas[model]["properties"][name]):
+            if member.get("type") == "integer":
+                member["minimum"] = 1
+    for member in _members(schemas["ChatCompletionRequest"]["properties"]["modalities"]):
+        if member.get("type") == "array":
+            member["items"]["enum"] = ["text", "audio"]
     # schemas.ContentPart._text_only
     schemas["ContentPart"]["properties"]["type"]["enum"] = ["text"]

@@ -20,8 +20,8 @@ from types import FrameType
 
 import uvicorn
 
-from server.admission import Admission
-from server.serving import GenerationService
+from server.worker.admission import Admission
+from server.worker.runner import JobRunner
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ _FLUSH_S = 5.0
 class GracefulShutdown:
     """The app's side of a drain: stop admitting, end the queue, give the running request time, end it."""
 
-    def __init__(self, *, admission: Admission, service: GenerationService, timeout_s: float) -> None:
+    def __init__(self, *, admission: Admission, runner: JobRunner, timeout_s: float) -> None:
         self._admission = admission
-        self._service = service
+        self._runner = runner
         self.timeout_s = timeout_s
         self.draining = False
 
@@ -50,7 +50,7 @@ class GracefulShutdown:
         if await self._idle_within(self.timeout_s):
             return
         logger.warning("shutdown timeout of %g s reached: ending the running request", self.timeout_s)
-        self._service.stop(f"the server shut down before this request finished (--shutdown-timeout "
+        self._runner.stop(f"the server shut down before this request finished (--shutdown-timeout "
                            f"{self.timeout_s:g} s)")
         if not await self._idle_within(_FLUSH_S):
             logger.error("a request did not end within %g s of being stopped", _FLUSH_S)

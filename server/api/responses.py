@@ -1,7 +1,7 @@
-"""POST /v1/responses: OpenAI's Responses API for text, on the same request flow as chat completions.
+"""POST /v1/responses: OpenAI's Responses API for text, on the request flow every endpoint takes.
 
-The checks, sampling parameters, admission, deadline and abort handling are `GenerationService`'s and the
-chat template is `PromptBuilder`'s; this module only shapes the `response` object and its event stream:
+The checks, sampling parameters, admission, deadline and abort handling are `Endpoint`'s and the chat template
+is `PromptBuilder`'s; this module only shapes the `response` object and its event stream:
 
     response.created, response.in_progress, response.output_item.added, response.content_part.added,
     response.output_text.delta (one per engine step with text), response.output_text.done,
@@ -15,24 +15,17 @@ each `event: TYPE` + `data: {"type": TYPE, "sequence_number": N, ...}`, numbered
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response
-
-from server.admission import Ticket
-from server.endpoint import check_text
-from server.errors import APIError, bad_request
-from server.prompting import PromptBuilder
-from server.request_id import request_id_of
-from server.schemas_responses import ResponsesRequest
-from server.serving import ClientGone, GenerationService, Job
-from server.streaming import SSEResponse, sse_named_event
-from server.telemetry import STATUS_CLIENT_CLOSED, RequestRecord
+from server.api.endpoint import Endpoint, EventStream, Prepared
+from server.api.errors import APIError, bad_request
+from server.api.prompting import PromptBuilder
+from server.api.schemas_responses import ResponsesRequest
+from server.api.sse import sse_named_event
+from server.worker.runner import Completion, Job
 from subspec_core.types import FINISH_LENGTH
 
 
@@ -100,17 +93,14 @@ class _Events:
         return sse_named_event(kind, payload)
 
 
-class ResponsesEndpoint:
-    """POST /v1/responses on top of the shared `GenerationService`."""
+class ResponsesEndpoint(Endpoint):
+    """POST /v1/responses."""
 
     endpoint = "/v1/responses"
+    id_prefix = "resp_"
+    prompt_param = "input"
 
-    def __init__(self, service: GenerationService, prompts: PromptBuilder) -> None:
-        self.service = service
-        self.prompts = prompts
-
-    @staticmethod
-    def check_stateless(request: ResponsesRequest) -> None:
+    def check(self, request: ResponsesRequest) -> None:
         """This server keeps no responses or conversations to continue."""
         if request.previous_response_id is not None:
             raise bad_request("previous_response_id is not supported: this server is stateless and stores no "
@@ -121,53 +111,33 @@ class ResponsesEndpoint:
                               "conversation as `input` (a list of messages) instead.",
                               param="conversation", code="unsupported_parameter")
 
-    async def create(self, request: ResponsesRequest, raw_request: Request) -> Response:
-        """Handle one request; never raises APIError (it becomes the response, and is counted)."""
-        service = self.service
-        record = service.metrics.start(self.endpoint)
-        request_id = request_id_of(raw_request)
-        headers = service.note_ignored(request.ignored_fields())
-        try:
-            check_text(request)
-            service.check_model(request.model)
-            self.check_stateless(request)
-            service.check_supported(request.unsupported_parameters())
-            info = service.check_ready()
-            prompt_ids = await service.prepare(functools.partial(self.prompts.chat, param="input"), request.messages())
-            sampling = service.sampling_params(request, prompt_len=len(prompt_ids), max_model_len=info.max_model_len,
-                                               max_tokens=request.max_output_tokens,
-                                               max_tokens_param="max_output_tokens", prompt_param="input")
-            job = service.job(f"resp_{uuid.uuid4().hex}", prompt_ids, sampling, record, correlation_id=request_id)
-            ticket = service.admit(job.request_id)
-        except APIError as exc:
-            record.finish(exc.status_code)
-            response = exc.response(request_id)
-            response.headers.update(headers)
-            return response
-        shape = ResponseShape(request, job, model=service.model_name)
-        if request.stream:
-            def on_close() -> None:  # also covers a stream that never started (client gone first)
-                ticket.release()
-                record.finish(STATUS_CLIENT_CLOSED)
+    def prepare(self, request: ResponsesRequest, prompts: PromptBuilder, max_model_len: int) -> Prepared:
+        prompt_ids = prompts.chat(request.messages(), param="input", max_model_len=max_model_len)
+        return Prepared(prompt_ids, None, request.max_output_tokens, "max_output_tokens")
 
-            return SSEResponse(self._stream(job, ticket, record, shape), on_close=on_close, headers=headers)
-        try:
-            result = await service.collect(job, ticket, record, raw_request)
-        except APIError as exc:  # already counted by events()
-            return exc.response(request_id)
-        except ClientGone:
-            return Response(status_code=STATUS_CLIENT_CLOSED)
-        finally:
-            ticket.release()
+    def _shape(self, request: ResponsesRequest, job: Job) -> ResponseShape:
+        return ResponseShape(request, job, model=self.context.model_name)
+
+    def body(self, request: ResponsesRequest, job: Job, prepared: Prepared, result: Completion) -> dict[str, Any]:
         cached = result.stats.cached_prompt_tokens if result.stats is not None else 0
-        return JSONResponse(shape.finished(result.text, result.finish_reason, result.completion_tokens, cached),
-                            headers=headers)
+        return self._shape(request, job).finished(result.text, result.finish_reason, result.completion_tokens, cached)
 
-    async def _stream(self, job: Job, ticket: Ticket, record: RequestRecord,
-                      shape: ResponseShape) -> AsyncIterator[bytes]:
-        """The Responses event sequence. The opening events go out at once, before the request has even
-        reached the engine, so a client sees its response id while it waits in the queue."""
-        event = _Events()
+    def stream(self, request: ResponsesRequest, job: Job, prepared: Prepared) -> EventStream:
+        return _ResponseStream(self, job, self._shape(request, job))
+
+
+class _ResponseStream(EventStream):
+    """The Responses event sequence. The opening events go out at once, before the request has even reached
+    the engine, so a client sees its response id while it waits in the queue."""
+
+    def __init__(self, endpoint: ResponsesEndpoint, job: Job, shape: ResponseShape) -> None:
+        self._endpoint = endpoint
+        self._job = job
+        self._shape = shape
+        self._event = _Events()
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        event, shape = self._event, self._shape
         where = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
         yield event("response.created", response=shape.response("in_progress"))
         yield event("response.in_progress", response=shape.response("in_progress"))
@@ -178,7 +148,7 @@ class ResponsesEndpoint:
         finish_reason = "stop"
         cached = 0
         try:
-            async with aclosing(self.service.events(job, ticket, record)) as events:
+            async with aclosing(self._endpoint.context.runner.events(self._job)) as events:
                 async for step in events:
                     tokens += len(step.token_ids)
                     if step.text:
@@ -190,8 +160,8 @@ class ResponsesEndpoint:
                             tokens = step.stats.completion_tokens or tokens
                             cached = step.stats.cached_prompt_tokens
         except APIError as exc:
-            yield event("error", code=exc.code or exc.type, message=exc.message, param=exc.param)
-            yield event("response.failed", response=shape.response("failed", error=exc))
+            for frame in self.failure(exc):
+                yield frame
             return
         text = "".join(pieces)
         final = shape.finished(text, finish_reason, tokens, cached)
@@ -199,3 +169,7 @@ class ResponsesEndpoint:
         yield event("response.content_part.done", **where, part=shape.part(text))
         yield event("response.output_item.done", output_index=0, item=final["output"][0])
         yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
+
+    def failure(self, error: APIError) -> list[bytes]:
+        return [self._event("error", code=error.code or error.type, message=error.message, param=error.param),
+                self._event("response.failed", response=self._shape.response("failed", error=error))]

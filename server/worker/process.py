@@ -23,10 +23,10 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
-from server import ipc
-from server.engine_client import EngineNotReady, ModelInfo, RoutingEngineClient, WorkerDied
-from server.engine_loop import EngineLike
-from server.worker import worker_main
+from server.worker import ipc
+from server.worker.client import EngineNotReady, ModelInfo, RoutingEngineClient, WorkerDied
+from server.worker.loop import EngineLike
+from server.worker.main import worker_main
 
 logger = logging.getLogger(__name__)
 

@@ -9,13 +9,18 @@ accepted at their default values and otherwise rejected with a 400 that names th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from subspec_core.types import MAX_LOGPROBS
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512.
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
 class TolerantModel(BaseModel):
@@ -136,7 +141,8 @@ class SamplingFields(TolerantModel):
     n: int = Field(1, description="Only 1 is supported.")
     user: str | None = Field(None, description="Accepted and ignored.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
-    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    metadata: Metadata | None = Field(None, description="Accepted and ignored (at most 16 pairs, keys up to 64 "
+                                                        "characters, values up to 512).")
     store: bool | None = Field(None, description="Accepted and ignored.")
     service_tier: str | None = Field(None, description="Accepted and ignored.")
     # Parameters accepted only at their defaults (OpenAI's, then vLLM's extensions).
@@ -215,13 +221,10 @@ class ChatCompletionRequest(SamplingFields):
     prediction: dict[str, Any] | None = Field(None, description="Accepted and ignored (it never changes output).")
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    modalities: list[str] | None = None
+    modalities: list[str] | None = Field(None, description="Only text.")
     audio: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     web_search_options: dict[str, Any] | None = None
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def unsupported_parameters(self) -> list[str]:
         """Names of parameters set to values this server cannot honour."""
@@ -252,7 +255,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Each token's log-probability and this "
                                                                           "many most likely tokens per position.")
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, description="Only 1 is supported.")
 
     def unsupported_parameters(self) -> list[str]:
         names = self._unsupported_common()

@@ -3,9 +3,9 @@
 `submit(request)` returns a `RequestStream` (an async iterator of `TokenEvent`s that aborts the request
 when closed early), `abort`, readiness and model info. Two implementations share the routing of worker
 messages to streams (`RoutingEngineClient`):
-- `InProcessEngineClient` (server/inprocess_client.py) runs the engine loop in a thread of this process
+- `InProcessEngineClient` (server/worker/inprocess.py) runs the engine loop in a thread of this process
   (unit tests, debugging);
-- `ProcessEngineClient` (server/process_client.py) runs it in a spawned worker process that owns the GPU.
+- `ProcessEngineClient` (server/worker/process.py) runs it in a spawned worker process that owns the GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from server import ipc
+from server.worker import ipc
 from subspec_core.types import GenerationRequest, TokenEvent
 
 logger = logging.getLogger(__name__)

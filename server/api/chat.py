@@ -2,7 +2,7 @@
 
 Tools: the template renders them; `tool_choice` "required" or a named function begins the assistant's reply
 with the format's call opening (no constrained decoding yet), and the reply is parsed into `tool_calls` with
-the parser of the template's format (server/tool_calls.py); `none` leaves the tools out entirely.
+the parser of the template's format (server/api/tool_calls.py); `none` leaves the tools out entirely.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from server.endpoint import ChoiceBuilder, OpenAIEndpoint, Prepared
-from server.errors import APIError, bad_request
-from server.logprobs import TokenStrings, chat_logprobs
-from server.schemas import ChatCompletionRequest, NamedToolChoice, Tool
-from server.tool_calls import Parsed, ToolCallParser, ToolFormat
+from server.api.choices import ChoiceBuilder, ChoicesEndpoint
+from server.api.endpoint import Prepared
+from server.api.errors import APIError, bad_request
+from server.api.logprobs import TokenStrings, chat_logprobs
+from server.api.prompting import PromptBuilder
+from server.api.schemas import ChatCompletionRequest, NamedToolChoice, Tool
+from server.api.tool_calls import Parsed, ToolCallParser, ToolFormat
 from subspec_core.types import TokenEvent, TokenLogprob
 
 
@@ -104,49 +106,57 @@ class ChatChoiceBuilder(ChoiceBuilder):
         return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": self._finish}
 
 
-class ChatEndpoint(OpenAIEndpoint):
+def completion_budget(request: ChatCompletionRequest) -> tuple[int | None, str]:
+    """The most tokens to generate and the field that set it: max_completion_tokens wins over its deprecated
+    alias max_tokens (which, when set too, must still be valid)."""
+    if request.max_completion_tokens is None:
+        return request.max_tokens, "max_tokens"
+    if request.max_tokens is not None and request.max_tokens < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {request.max_tokens}", param="max_tokens",
+                          code="invalid_value")
+    return request.max_completion_tokens, "max_completion_tokens"
+
+
+class ChatEndpoint(ChoicesEndpoint):
     endpoint = "/v1/chat/completions"
-    id_prefix = "chatcmpl"
+    id_prefix = "chatcmpl-"
     chunk_object = "chat.completion.chunk"
     body_object = "chat.completion"
     prompt_param = "messages"
 
-    def tool_plan(self, request: ChatCompletionRequest) -> ToolPlan:
+    @staticmethod
+    def tool_plan(request: ChatCompletionRequest, prompts: PromptBuilder) -> ToolPlan:
         """Check tools and tool_choice against each other and the chat template (400s), and plan the reply."""
         choice = request.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
         if not request.tools:
             if named is not None or choice == "required":
                 raise bad_request("tool_choice requires tools: give the functions the model may call in `tools`",
-                                  param="tool_choice")
+                                  param="tool_choice", code="invalid_value")
             return ToolPlan()
         if choice == "none":  # the model may not call tools: it is not told about them, its reply is not parsed
             return ToolPlan()
-        fmt = self.prompts.tool_format
+        fmt = prompts.tool_format
         if fmt is None:
             raise APIError(400, "this model's chat template has no tool support (it shows no tool-call format this "
                                 "server can parse: Hermes <tool_call> or Llama 3.1 JSON); serve it with "
                                 "--chat-template FILE pointing to a template that renders tools",
                            param="tools", code="tools_not_supported")
         if named is not None and named not in {tool.function.name for tool in request.tools}:
-            raise bad_request(f"tool_choice names the function {named!r}, which is not in tools", param="tool_choice")
+            raise bad_request(f"tool_choice names the function {named!r}, which is not in tools", param="tool_choice",
+                              code="invalid_value")
         forced = named is not None or choice == "required"
         return ToolPlan(tools=request.tools, format=fmt, reply_prefix=fmt.forced_prefix(named) if forced else "",
                         max_calls=1 if named is not None or request.parallel_tool_calls is False else None)
 
-    def prepare(self, request: ChatCompletionRequest) -> Prepared:
+    def prepare(self, request: ChatCompletionRequest, prompts: PromptBuilder, max_model_len: int) -> Prepared:
         if request.top_logprobs and not request.logprobs:
-            raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
-        plan = self.tool_plan(request)
-        prompt_ids = self.prompts.chat(request.messages, tools=plan.tools, reply_prefix=plan.reply_prefix,
-                                       template_kwargs=request.chat_template_kwargs)
-        if request.max_completion_tokens is not None:
-            max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
-            if request.max_tokens is not None and request.max_tokens < 1:  # the one not used is still checked
-                raise bad_request(f"max_tokens must be at least 1, got {request.max_tokens}", param="max_tokens")
-        else:
-            max_tokens, param = request.max_tokens, "max_tokens"
-        builder = ChatChoiceBuilder(strings=self.strings, logprobs=bool(request.logprobs),
+            raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
+        plan = self.tool_plan(request, prompts)
+        prompt_ids = prompts.chat(request.messages, tools=plan.tools, reply_prefix=plan.reply_prefix,
+                                  template_kwargs=request.chat_template_kwargs, max_model_len=max_model_len)
+        max_tokens, param = completion_budget(request)
+        builder = ChatChoiceBuilder(strings=self.context.strings, logprobs=bool(request.logprobs),
                                     parser=None if plan.format is None else plan.format.parser(),
                                     reply_prefix=plan.reply_prefix, max_calls=plan.max_calls)
         return Prepared(prompt_ids, builder, max_tokens, param,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from server.endpoint import ChoiceBuilder, OpenAIEndpoint, Prepared
-from server.logprobs import CompletionLogprobs, TokenStrings, merge_completion_logprobs
-from server.schemas import CompletionRequest
+from server.api.choices import ChoiceBuilder, ChoicesEndpoint
+from server.api.endpoint import Prepared
+from server.api.logprobs import CompletionLogprobs, TokenStrings, merge_completion_logprobs
+from server.api.prompting import PromptBuilder
+from server.api.schemas import CompletionRequest
 from subspec_core.types import TokenEvent
 
 
@@ -51,20 +53,20 @@ class CompletionChoiceBuilder(ChoiceBuilder):
         return {"index": 0, "text": "".join(self._text), "logprobs": logprobs, "finish_reason": self._finish}
 
 
-class CompletionEndpoint(OpenAIEndpoint):
+class CompletionEndpoint(ChoicesEndpoint):
     endpoint = "/v1/completions"
-    id_prefix = "cmpl"
+    id_prefix = "cmpl-"
     chunk_object = "text_completion"
     body_object = "text_completion"
     prompt_param = "prompt"
 
-    def prepare(self, request: CompletionRequest) -> Prepared:
-        prompt = self.prompts.single_prompt(request.prompt)
-        prompt_ids = self.prompts.completion(prompt)
+    def prepare(self, request: CompletionRequest, prompts: PromptBuilder, max_model_len: int) -> Prepared:
+        prompt = prompts.single_prompt(request.prompt)
+        prompt_ids = prompts.completion(prompt, max_model_len=max_model_len)
         echo_text = None
         if request.echo:
-            echo_text = prompt if isinstance(prompt, str) else self.prompts.decode(prompt_ids)
-        builder = CompletionChoiceBuilder(strings=self.strings, logprobs=request.logprobs is not None,
+            echo_text = prompt if isinstance(prompt, str) else prompts.decode(prompt_ids)
+        builder = CompletionChoiceBuilder(strings=self.context.strings, logprobs=request.logprobs is not None,
                                           echo_text=echo_text, prompt_ids=prompt_ids)
         return Prepared(prompt_ids, builder, request.max_tokens, "max_tokens", logprobs=request.logprobs,
                         prompt_logprobs=request.logprobs if request.echo else None,

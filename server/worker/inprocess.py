@@ -12,9 +12,9 @@ import queue
 import threading
 from typing import Any, Callable
 
-from server import ipc
-from server.engine_client import EngineNotReady, RoutingEngineClient, WorkerDied
-from server.engine_loop import EngineLike, EngineLoop
+from server.worker import ipc
+from server.worker.client import EngineNotReady, RoutingEngineClient, WorkerDied
+from server.worker.loop import EngineLike, EngineLoop
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import APIError
-from server.request_id import request_id_of
+from server.api.errors import APIError
+from server.edge.request_id import request_id_of
 
 _DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 

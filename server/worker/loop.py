@@ -21,8 +21,8 @@ import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
-from server import ipc
-from server.request_id import log_suffix
+from server.worker import ipc
+from server.edge.request_id import log_suffix
 from subspec_core.types import GenerationRequest, TokenEvent
 
 logger = logging.getLogger(__name__)

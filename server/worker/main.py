@@ -15,8 +15,8 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Callable
 
-from server import ipc
-from server.engine_loop import EngineLike, EngineLoop
+from server.worker import ipc
+from server.worker.loop import EngineLike, EngineLoop
 from subspec_core.config import EngineConfig
 from subspec_core.startup import quiet_third_party_warnings
 

@@ -13,6 +13,7 @@ token, inter-token gaps, speculation counters, end-to-end latency) and records i
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
@@ -21,7 +22,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.edge.request_id import log_suffix
 from subspec_core.types import RequestStats, TokenEvent
+
+logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -116,17 +120,27 @@ class ServerMetrics:
 
 
 class RequestRecord:
-    """Timings and counters of one request; `finish` records its outcome once (later calls are ignored)."""
+    """Timings and counters of one request; `finish` records its outcome once (later calls are ignored) and, for
+    an admitted request, logs it in one line."""
 
     def __init__(self, metrics: ServerMetrics, endpoint: str) -> None:
         self._m = metrics
         self.endpoint = endpoint
+        self.request_id: str | None = None  # set when admitted
+        self.correlation_id: str | None = None
+        self.prompt_tokens = 0
         self.arrival = time.monotonic()
         self.started: float | None = None
         self.first_token: float | None = None
         self.last_event: float | None = None
         self.tokens = 0
         self.finished = False
+
+    def name(self, request_id: str, prompt_tokens: int, correlation_id: str | None) -> None:
+        """The request was admitted as `request_id` (the client's X-Request-Id: `correlation_id`)."""
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.correlation_id = correlation_id
 
     def on_start(self, prompt_tokens: int) -> None:
         """The request got the GPU."""
@@ -176,9 +190,14 @@ class RequestRecord:
             return
         self.finished = True
         self._m.count(self.endpoint, status)
+        now = time.monotonic()
+        if self.request_id is not None:
+            first = "-" if self.first_token is None else f"{self.first_token - self.arrival:.2f} s"
+            logger.info("%s: status %d, %d prompt + %d generated tokens, first token %s, total %.2f s%s",
+                        self.request_id, status, self.prompt_tokens, self.tokens, first, now - self.arrival,
+                        log_suffix(self.correlation_id))
         if status != 200:
             return
-        now = time.monotonic()
         self._m.e2e.observe(now - self.arrival)
         if self.first_token is not None and self.tokens > 1:
             self._m.time_per_output_token.observe((now - self.first_token) / (self.tokens - 1))
