@@ -11,16 +11,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from subspec_core.types import MAX_LOGPROBS
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+
+
+def _check_metadata(value: dict[str, str]) -> dict[str, str]:
+    for key, item in value.items():
+        if len(key) > 64:
+            raise ValueError(f"metadata keys may be at most 64 characters; one has {len(key)}")
+        if len(item) > 512:
+            raise ValueError(f"metadata values may be at most 512 characters; one has {len(item)}")
+    return value
+
+
 # OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512.
-MetadataKey = Annotated[str, StringConstraints(max_length=64)]
-MetadataValue = Annotated[str, StringConstraints(max_length=512)]
-Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
+Metadata = Annotated[dict[str, str], Field(max_length=16, json_schema_extra={
+    "propertyNames": {"maxLength": 64}, "additionalProperties": {"type": "string", "maxLength": 512}}),
+    AfterValidator(_check_metadata)]
 
 
 class TolerantModel(BaseModel):

@@ -33,7 +33,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from server.api.errors import APIError
-from server.edge.protocol import CLOSE_CONNECTION
+from server.edge.protocol import CONNECTION
 from server.worker.telemetry import STATUS_CLIENT_CLOSED, RequestRecord
 
 if TYPE_CHECKING:
@@ -161,6 +161,8 @@ class SSEResponse(Response):
 
     async def _send_all(self, scope: Scope, send: Send) -> bool:
         """Send every frame; True when the response was completed."""
+        connection = scope.get(CONNECTION)  # None where the server is not ours (the listener still sees a
+        # disconnect, only later)
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         failed = False
         while True:
@@ -171,10 +173,11 @@ class SSEResponse(Response):
                 async with asyncio.timeout(self._seconds_left()):
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             except TimeoutError:
-                close = scope.get(CLOSE_CONNECTION)
-                if close is not None:
-                    close()
+                if connection is not None:
+                    connection.abort()
                 self._status = 504
+                return False
+            if connection is not None and connection.lost:
                 return False
             if not failed and self._unsent_past_deadline():
                 # frames are left but the time is up: the client gets the reason instead of the rest
@@ -184,7 +187,7 @@ class SSEResponse(Response):
                 for frame in self._stream.failure(_deadline_error()):
                     self._buffer.put(frame, force=True)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return True
+        return connection is None or not connection.lost
 
     def _unsent_past_deadline(self) -> bool:
         """The deadline has passed with every frame made (while generating, the runner enforces it) and some

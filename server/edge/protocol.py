@@ -10,8 +10,10 @@ since the app never learns of them:
 The body's own deadline is `BodyLimitMiddleware`'s. h11 is used everywhere (also where httptools is
 installed) so the rules hold in every deployment.
 
-The app may also cut its own connection (`scope[CLOSE_CONNECTION]()`) when it cannot finish a response,
-e.g. a stream whose deadline passed while the client read nothing.
+Each request's scope carries its connection (`scope[CONNECTION]`, a `Connection`): the app can see that the
+client is gone at once (uvicorn itself only drops what is sent after that, so a stream would otherwise run
+on as if delivered), and can cut the connection when it cannot finish a response, e.g. a stream whose deadline
+passed while the client read nothing.
 
 Closing a connection whose client is still sending a body (a 413 answered before the body was read, a
 framing error) lingers, as nginx does: the response is sent and the write side shut (the client sees the
@@ -29,9 +31,21 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-CLOSE_CONNECTION = "subspec.close_connection"  # scope key: a callable that aborts this connection
+CONNECTION = "subspec.connection"  # scope key: the request's `Connection`
 LINGER_S = 30.0
 LINGER_BYTES = 64 << 20
+
+
+class Connection:
+    """What the app may know and do about its connection."""
+
+    def __init__(self, protocol: TimedH11Protocol) -> None:
+        self._protocol = protocol
+        self.lost = False  # the client is gone, or the connection was cut
+
+    def abort(self) -> None:
+        """Cut the connection now, dropping whatever it has not sent."""
+        self._protocol.abort()
 
 
 class _LingeringTransport:
@@ -61,6 +75,7 @@ class TimedH11Protocol(H11Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._socket: asyncio.Transport | None = None  # the real transport under uvicorn's lingering view
         self._lingered: int | None = None  # bytes dropped while lingering; None: not lingering
+        self.connection = Connection(self)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._socket = transport
@@ -82,13 +97,13 @@ class TimedH11Protocol(H11Protocol):
     def handle_events(self) -> None:
         super().handle_events()
         cycle = self.cycle
-        if cycle is not None and CLOSE_CONNECTION not in cycle.scope:
-            cycle.scope[CLOSE_CONNECTION] = self._abort  # type: ignore[literal-required]
+        if cycle is not None and CONNECTION not in cycle.scope:
+            cycle.scope[CONNECTION] = self.connection  # type: ignore[literal-required]
 
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._write_timer is None:
-            self._write_timer = self.loop.call_later(self.write_timeout_s, self._abort)
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self.abort)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -97,6 +112,7 @@ class TimedH11Protocol(H11Protocol):
             self._write_timer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.connection.lost = True
         self._disarm_head()
         if self._write_timer is not None:
             self._write_timer.cancel()
@@ -119,9 +135,10 @@ class TimedH11Protocol(H11Protocol):
     def eof_received(self) -> bool | None:
         return None  # the client is done sending: asyncio closes the transport (after a linger, too)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         """Drop the connection and whatever it has not sent (close() would wait to flush to a client that
         does not read)."""
+        self.connection.lost = True
         self._write_timer = None
         self.transport.abort()  # also after a close() still waiting to flush
 

@@ -1,13 +1,13 @@
 """`ProcessEngineClient`: the engine runs in a spawned worker process that owns the GPU.
 
-The API process never imports torch: it talks to the worker over two one-way pipes with the typed
-messages of `server.ipc`. A reader thread turns worker messages into calls on the event loop; a sender
+The API process never imports torch (a test asserts it): it talks to the worker over two one-way pipes with the
+typed messages of `server.worker.ipc`. A reader thread turns worker messages into calls on the event loop; a sender
 thread keeps pipe writes off the event loop. When the worker dies, requests in flight fail with a 500,
 requests still waiting in the API's queue simply wait for the replacement worker, and a new worker is
 spawned (with back-off if replacements keep failing to start). Two watchdogs keep a stuck engine from
-holding the GPU: a worker that sends nothing (no event, no heartbeat) for `heartbeat_timeout_s` while it
-has a request is reported as not ready at once and killed (a hung or stopped process), and an abort it
-does not honour within `abort_timeout_s` kills it too.
+holding the GPU: a worker that sends nothing (no event, no heartbeat) while it has a request is reported as
+`stalled` after `STALL_REPORT_S` and killed after `heartbeat_timeout_s` (a hung or stopped process), and an
+abort it does not honour within `abort_timeout_s` kills it too.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from server.worker.loop import EngineLike
 from server.worker.main import worker_main
 
 logger = logging.getLogger(__name__)
+
+STALL_REPORT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -272,9 +274,17 @@ class ProcessEngineClient(RoutingEngineClient):
             handle.cancel()
         self._watchdogs.clear()
 
+    def _silent_too_long(self) -> bool:
+        """The worker has work but has reported nothing for STALL_REPORT_S (a heartbeat comes about every
+        second from inside an engine step): /health says `stalled` long before the kill at the timeout."""
+        if not self._in_flight or self._loop is None:
+            return False
+        limit = STALL_REPORT_S if self._heartbeat_timeout_s is None else min(STALL_REPORT_S, self._heartbeat_timeout_s)
+        return self._loop.time() - self._last_progress > limit
+
     def status(self) -> dict[str, Any]:
         if self._ready:
-            state = "ready"
+            state = "stalled" if self._silent_too_long() else "ready"
         elif self._worker is not None and self._worker.killed_because is not None:
             state = "stalled"
         elif self._fatal is not None:

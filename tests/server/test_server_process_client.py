@@ -230,3 +230,36 @@ def test_a_hung_worker_turns_health_503_is_killed_and_replaced_queued_requests_s
             except ProcessLookupError:
                 pass
         print(f"\nhung worker noticed after {noticed:.2f} s (timeout {timeout} s)")
+
+
+def test_a_silent_worker_is_reported_stalled_within_seconds_and_ok_again_when_it_resumes(monkeypatch):
+    """/health turns 503 `stalled` (with Retry-After) soon after the worker's last sign of life, long before the
+    kill at the heartbeat timeout; a worker that resumes is `ok` again and its request completes."""
+    monkeypatch.setattr("server.worker.process.STALL_REPORT_S", 1.0)
+    client = ProcessEngineClient(functools.partial(make_fake_engine, delay_s=0.05, chars_per_event=1),
+                                 heartbeat_timeout_s=60, log_level="CRITICAL")
+    app = create_app(settings=ServerSettings(), engine_client=client, tokenizer=FakeTokenizer(),
+                     model_name="fake-model")
+    with UvicornThread(app) as server:
+        server.wait_healthy(60)
+        pid = httpx.get(f"{server.base_url}/health").json()["worker_pid"]
+        results: dict[str, httpx.Response] = {}
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "ignore_eos": True}
+        thread = threading.Thread(target=lambda: results.__setitem__("r", httpx.post(
+            f"{server.base_url}/v1/chat/completions", json=body, timeout=60)))
+        thread.start()
+        while app.state.admission.running == 0:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            while (health := httpx.get(f"{server.base_url}/health")).status_code == 200:
+                assert time.monotonic() - stopped < 5, "the silent worker was never reported"
+                time.sleep(0.05)
+            assert health.json()["status"] == "stalled" and health.headers["Retry-After"], health.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        thread.join(60)
+        assert results["r"].status_code == 200, results["r"].text
+        health = httpx.get(f"{server.base_url}/health")
+        assert health.status_code == 200 and health.json()["worker_pid"] == pid  # not killed
