@@ -65,13 +65,19 @@ def run_serve(args: argparse.Namespace) -> int:
     # The API process needs the tokenizer (chat template, prompt lengths) but never the weights or CUDA.
     # It fetches the model first (the download, on a first start), so the worker finds it cached.
     from subspec_core.loading import load_tokenizer
-    from subspec_core.model_source import resolve_model
-    from subspec_core.startup import StartupLog
+    from subspec_core.model_source import ModelSourceError, resolve_model
+    from subspec_core.startup import StartupLog, quiet_third_party_warnings
+
+    quiet_third_party_warnings()
 
     phases = StartupLog(emit=logger.info)
-    with phases.phase("fetch") as phase:
-        resolved = resolve_model(engine_config.model, engine_config.gguf_file)
-        phase.detail = resolved.describe()
+    try:
+        with phases.phase("fetch") as phase:
+            resolved = resolve_model(engine_config.model, engine_config.gguf_file, check_hub=True)
+            phase.detail = resolved.describe()
+    except ModelSourceError as exc:  # a model that cannot be read: one line that says what to do
+        print(f"subspec serve: {exc}", file=sys.stderr)
+        return 1
     with phases.phase("tokenizer") as phase:
         tokenizer = load_tokenizer(engine_config, resolved)
         phase.detail = f"{len(tokenizer)} tokens, for chat templates and prompt lengths in the API process"

@@ -153,7 +153,7 @@ class Engine:
         device = resolve_device(config)
         dtype = resolve_dtype(config, device)
         with phases.phase("fetch") as phase:
-            resolved = resolve_model(config.model, config.gguf_file, progress=progress)
+            resolved = resolve_model(config.model, config.gguf_file, progress=progress, check_hub=True)
             phase.detail = resolved.describe()
         reader = open_model(config, dtype, resolved, phases)
         shape = reader.shape

@@ -102,7 +102,7 @@ def load_tokenizer(config: EngineConfig, resolved: ResolvedModel | None = None) 
 
     if config.tokenizer:
         return AutoTokenizer.from_pretrained(config.tokenizer)
-    resolved = resolved or resolve_model(config.model, config.gguf_file)
+    resolved = resolved or resolve_model(config.model, config.gguf_file, check_hub=True)
     converted = gguf_conversion_dir(resolved)
     if converted is not None and (converted / "tokenizer" / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(converted / "tokenizer")
@@ -222,7 +222,7 @@ def open_model(
     from transformers import AutoConfig
 
     phases = phases if phases is not None else StartupLog(emit=log.debug)
-    resolved = resolved or resolve_model(config.model, config.gguf_file)
+    resolved = resolved or resolve_model(config.model, config.gguf_file, check_hub=True)
     weights_dir = _converted_weights_dir(resolved, dtype)
     if weights_dir is not None and not (weights_dir / "config.json").is_file():
         with phases.phase("convert") as phase:

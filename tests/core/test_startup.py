@@ -81,3 +81,9 @@ def test_bitsandbytes_kernels_warning_is_dropped_and_other_records_kept():
                               ("No module named 'kernels'",), None)
     other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", (), None)
     assert not logger.filter(noise) and logger.filter(other)
+
+
+def test_huggingface_hub_lines_are_printed_once():
+    """The hub's logger has a handler of its own: propagating to the root's too would print each line twice."""
+    quiet_third_party_warnings()
+    assert logging.getLogger("huggingface_hub").propagate is False
