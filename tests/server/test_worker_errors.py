@@ -8,8 +8,8 @@ from multiprocessing import Pipe
 
 import pytest
 
-from server import ipc
-from server.worker import worker_main
+from server.worker import ipc
+from server.worker.main import worker_main
 from subspec_core.model_source import ModelSourceError
 
 LINE = "model org/missing: no such local path, nor a repository on the hub at http://127.0.0.1:9"
