@@ -24,11 +24,11 @@ def test_a_model_that_cannot_be_read_is_one_line_from_the_worker(caplog):
     from_worker, outbox = Pipe(duplex=False)
     sigint = signal.getsignal(signal.SIGINT)  # worker_main ignores Ctrl-C (the API process decides)
     try:
-        with caplog.at_level(logging.ERROR, logger="server.worker"), pytest.raises(SystemExit) as exited:
+        with caplog.at_level(logging.ERROR, logger="server.worker.main"), pytest.raises(SystemExit) as exited:
             worker_main(cannot_read_the_model, inbox, outbox)
     finally:
         signal.signal(signal.SIGINT, sigint)
     assert exited.value.code == 1
     assert from_worker.recv() == ipc.Fatal(LINE)  # the API process logs it as the reason, unprefixed
-    [record] = [r for r in caplog.records if r.name == "server.worker"]
+    [record] = [r for r in caplog.records if r.name == "server.worker.main"]
     assert record.getMessage() == f"engine failed to load: {LINE}" and record.exc_info is None
