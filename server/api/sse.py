@@ -16,7 +16,7 @@ is counted:
   the stream ends with the endpoint's failure frames after what is buffered, so a slow client still reads
   why its stream ended;
 - the request's deadline passes while frames wait to be sent: 504; unsent frames are dropped for the
-  failure frames, and if the client reads nothing before the deadline the connection is closed.
+  failure frames, which get `_LAST_FRAMES_S` to go out before the connection is closed.
 A client that accepts no bytes at all for the write timeout is cut off by the HTTP protocol
 (server/edge/protocol.py), which ends the stream as a disconnect.
 """
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DONE_FRAME = b"data: [DONE]\n\n"
+_LAST_FRAMES_S = 5.0
 
 
 def sse_frame(payload: dict[str, Any]) -> bytes:
@@ -125,7 +126,8 @@ class SSEResponse(Response):
         listener = asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
-            completed = sender.done() and not sender.cancelled() and sender.result()
+            completed = (sender.done() and not sender.cancelled() and sender.exception() is None
+                         and sender.result())  # a send that raised (the client is gone) did not complete
             if not completed and self._status == 200:
                 self._status = STATUS_CLIENT_CLOSED
         finally:
@@ -169,8 +171,10 @@ class SSEResponse(Response):
             data = await self._buffer.take()
             if data is None:
                 break
+            left = self._seconds_left()
             try:
-                async with asyncio.timeout(self._seconds_left()):
+                # past the deadline, the last frames (the reason it ended) still get a moment to go out
+                async with asyncio.timeout(None if left is None else max(left, _LAST_FRAMES_S)):
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             except TimeoutError:
                 if connection is not None:

@@ -114,6 +114,20 @@ def test_a_reader_slower_than_the_engine_is_stopped_when_its_buffer_fills_and_to
             wait_for(lambda: status_count(http, 499) == before + 1, 5, "the slow stream's 499")
 
 
+def test_the_request_timeout_bounds_sending_too(monkeypatch):
+    monkeypatch.setattr("server.api.sse._LAST_FRAMES_S", 0.5)
+    engine = FakeEngine(chars_per_event=500, max_model_len=100_000)
+    with serve(engine, write_timeout_s=60.0, request_timeout_s=1.0, max_stream_buffer_bytes=64 << 20) as server:
+        server.wait_healthy()
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            before = status_count(http, 504)
+            stalled = silent_stream(server.port, {**LOAD_TOKENS, **LOUD})
+            wait_for(lambda: engine.finished, 20, "the stalled request's generation")  # within its deadline
+            cut = wait_for(lambda: status_count(http, 504) == before + 1, 10, "the 504 of a reply sent too slowly")
+            stalled.close()
+    assert cut < 5
+
+
 # -- input shape --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def http():
