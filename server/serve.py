@@ -65,16 +65,23 @@ def run_serve(args: argparse.Namespace) -> int:
     # The API process needs the tokenizer (chat template, prompt lengths) but never the weights or CUDA.
     # It fetches the model first (the download, on a first start), so the worker finds it cached.
     from subspec_core.loading import load_tokenizer
-    from subspec_core.model_source import resolve_model
+    from subspec_core.model_source import ModelSourceError, offline_hint, resolve_model
     from subspec_core.startup import StartupLog
 
     phases = StartupLog(emit=logger.info)
-    with phases.phase("fetch") as phase:
-        resolved = resolve_model(engine_config.model, engine_config.gguf_file)
-        phase.detail = resolved.describe()
-    with phases.phase("tokenizer") as phase:
-        tokenizer = load_tokenizer(engine_config, resolved)
-        phase.detail = f"{len(tokenizer)} tokens, for chat templates and prompt lengths in the API process"
+    try:
+        with phases.phase("fetch") as phase:
+            resolved = resolve_model(engine_config.model, engine_config.gguf_file)
+            phase.detail = resolved.describe()
+        with phases.phase("tokenizer") as phase:
+            tokenizer = load_tokenizer(engine_config, resolved)
+            phase.detail = f"{len(tokenizer)} tokens, for chat templates and prompt lengths in the API process"
+    except (OSError, ModelSourceError) as exc:
+        logger.error("cannot load model %s: %s", engine_config.model, str(exc).strip().split("\n", 1)[0] or repr(exc))
+        hint = offline_hint(engine_config.model)
+        if hint:
+            logger.error(hint)
+        return 1
     model_name = engine_config.served_model_name or resolved.display_name
     logger.info("serving model %r; the engine worker loads it next (its start-up lines are marked [worker])",
                 model_name)
