@@ -18,10 +18,11 @@ import torch
 
 from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
 from benchmarks.mode_result import ModeResult, PromptRun, pooled
+from subspec_core import loading
 from subspec_core.architecture import shape_from_hf_config
 from subspec_core.config import EngineConfig
 from subspec_core.engine import resolve_device, resolve_dtype
-from subspec_core.loading import eos_token_ids, gguf_conversion_dir
+from subspec_core.loading import eos_token_ids
 from subspec_core.model_source import resolve_model
 from subspec_core.planner import BudgetTooSmallError, MemoryPlan, device_budget, plan_memory
 from subspec_core.weights import shared_nbytes
@@ -50,16 +51,8 @@ class TokenClock:
 
 
 def load_hf_model(config: EngineConfig, dtype: torch.dtype) -> Any:
-    """The target as a transformers CausalLM on the host (from the engine's GGUF conversion cache when present)."""
-    from transformers import AutoModelForCausalLM
-
-    resolved = resolve_model(config.model, config.gguf_file, progress=False)
-    converted = gguf_conversion_dir(resolved)
-    weights_dir = None if converted is None else converted / str(dtype).removeprefix("torch.")
-    kwargs: dict[str, Any] = dict(dtype=dtype, device_map="cpu", low_cpu_mem_usage=True)
-    if weights_dir is not None and (weights_dir / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs).eval()
-    return AutoModelForCausalLM.from_pretrained(resolved.load_path, **resolved.from_pretrained_kwargs(), **kwargs).eval()
+    """The target as a transformers CausalLM on the host (through the engine's GGUF conversion cache)."""
+    return loading.load_hf_model(resolve_model(config.model, config.gguf_file, progress=False), dtype).eval()
 
 
 def vanilla_plan(config: EngineConfig, hf_model: Any, dtype: torch.dtype, device: torch.device) -> MemoryPlan:

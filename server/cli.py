@@ -1,10 +1,13 @@
-"""The `subspec` command: `subspec serve ...` (the HTTP server) and `subspec generate ...` (one prompt)."""
+"""The `subspec` command: `subspec serve ...` (the HTTP server), `subspec generate ...` (one prompt) and
+`subspec prepare ...` (fetch and convert the model once)."""
 
 from __future__ import annotations
 
 import argparse
 
+from server.engine_args import add_engine_arguments
 from server.generate_cmd import add_generate_arguments, run_generate
+from server.prepare_cmd import run_prepare
 from server.serve import add_serve_arguments, run_serve
 
 
@@ -20,5 +23,10 @@ def main(argv: list[str] | None = None) -> int:
                                    description="Generate a completion for one prompt.")
     add_generate_arguments(generate)
     generate.set_defaults(run=run_generate)
+    prepare = commands.add_parser("prepare", help="fetch the model and convert a GGUF file once, into the cache",
+                                  description="Fetch the model and convert a GGUF file once, into the cache "
+                                  "(SUBSPEC_CACHE_DIR), so that later starts read the conversion.")
+    add_engine_arguments(prepare)
+    prepare.set_defaults(run=run_prepare)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)

@@ -65,22 +65,24 @@ def run_serve(args: argparse.Namespace) -> int:
     # The API process needs the tokenizer (chat template, prompt lengths) but never the weights or CUDA.
     # It fetches the model first (the download, on a first start), so the worker finds it cached.
     from subspec_core.loading import load_tokenizer
-    from subspec_core.model_source import ModelSourceError, resolve_model
+    from subspec_core.model_source import ModelSourceError, offline_hint, resolve_model
     from subspec_core.startup import StartupLog, quiet_third_party_warnings
 
     quiet_third_party_warnings()
-
     phases = StartupLog(emit=logger.info)
     try:
         with phases.phase("fetch") as phase:
             resolved = resolve_model(engine_config.model, engine_config.gguf_file, check_hub=True)
             phase.detail = resolved.describe()
-    except ModelSourceError as exc:  # a model that cannot be read: one line that says what to do
-        print(f"subspec serve: {exc}", file=sys.stderr)
+        with phases.phase("tokenizer") as phase:
+            tokenizer = load_tokenizer(engine_config, resolved)
+            phase.detail = f"{len(tokenizer)} tokens, for chat templates and prompt lengths in the API process"
+    except (OSError, ModelSourceError) as exc:  # a model that cannot be read: one line that says what to do
+        lines = str(exc).strip().splitlines()
+        # offline (as compose runs it), the line that says how to fill the cache, in Docker too
+        print(f"subspec serve: {offline_hint(engine_config.model) or (lines[0] if lines else repr(exc))}",
+              file=sys.stderr)
         return 1
-    with phases.phase("tokenizer") as phase:
-        tokenizer = load_tokenizer(engine_config, resolved)
-        phase.detail = f"{len(tokenizer)} tokens, for chat templates and prompt lengths in the API process"
     model_name = engine_config.served_model_name or resolved.display_name
     logger.info("serving model %r; the engine worker loads it next (its start-up lines are marked [worker])",
                 model_name)

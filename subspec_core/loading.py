@@ -64,21 +64,63 @@ class ModelReader:
 ENV_GGUF_CONVERSION_CACHE = "SUBSPEC_GGUF_CONVERSION_CACHE"
 
 
-def gguf_conversion_dir(resolved: ResolvedModel) -> Path | None:
-    """Where a local GGUF model's one-time conversion to a Hugging Face checkpoint is cached, or None.
+@dataclass(frozen=True)
+class GgufConversion:
+    """A local GGUF model's one-time conversion to a Hugging Face checkpoint: `tokenizer/` and one directory of
+    weights per dtype (`bfloat16/`, ...).
 
     Parsing GGUF metadata (the whole vocabulary) and dequantising takes seconds each time; the converted
-    checkpoint loads in a fraction of that. The key is the file's path, size and mtime: a changed file
-    gets a new conversion. Set SUBSPEC_GGUF_CONVERSION_CACHE=0 to always read the GGUF file.
+    checkpoint loads in a fraction of that. A part is read from the first of `places` that holds it, and written
+    to the last one, the cache directory (`$SUBSPEC_CACHE_DIR/converted`). The first is `converted/` beside the
+    GGUF file, where a cache directory keeps the conversions of its own files: a read-only one baked into an
+    image (`subspec prepare`) is read there, and never written.
     """
+
+    places: tuple[Path, ...]
+
+    @property
+    def cache(self) -> Path:
+        return self.places[-1]
+
+    def find(self, part: str) -> Path | None:
+        """The complete directory of `part` ('tokenizer' or a dtype name), or None when none holds it yet."""
+        marker = "tokenizer_config.json" if part == "tokenizer" else "config.json"
+        return next((place / part for place in self.places if (place / part / marker).is_file()), None)
+
+    def weights(self, dtype: torch.dtype) -> Path | None:
+        """The converted checkpoint in `dtype`, or None."""
+        return self.find(_dtype_name(dtype))
+
+    def writable(self) -> bool:
+        """Whether a part can be written to the cache (whose parent is created when missing)."""
+        try:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        return os.access(self.cache.parent, os.W_OK)
+
+    def save(self, part: str, save: Any) -> Path:
+        """Write `part` into the cache with `save(directory)`; returns where it is."""
+        target = self.cache / part
+        _save_atomically(target, save)
+        return target
+
+
+def gguf_conversion(resolved: ResolvedModel) -> GgufConversion | None:
+    """Where a local GGUF model's conversion is looked up and cached, or None (not a local GGUF file, or
+    SUBSPEC_GGUF_CONVERSION_CACHE=0: always read the GGUF file). The key is the file's path, size and mtime:
+    a changed file gets a new conversion."""
     if resolved.gguf_file is None or os.environ.get(ENV_GGUF_CONVERSION_CACHE, "1") == "0":
         return None
     gguf = Path(resolved.load_path) / resolved.gguf_file
     if not gguf.is_file():
         return None  # a GGUF file inside a hub repo: transformers resolves it, we do not cache it
+    gguf = gguf.resolve()
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return default_cache_dir() / "converted" / f"{gguf.stem}-{key}"
+    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    name = f"{gguf.stem}-{key}"
+    places = dict.fromkeys((gguf.parent / "converted" / name, default_cache_dir().resolve() / "converted" / name))
+    return GgufConversion(tuple(places))
 
 
 def _save_atomically(target: Path, save: Any) -> None:
@@ -87,6 +129,7 @@ def _save_atomically(target: Path, save: Any) -> None:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         save(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700: a cache is shared data (an image bakes it as root for another user)
         os.replace(tmp, target)
     except OSError:
         if target.exists():
@@ -103,24 +146,20 @@ def load_tokenizer(config: EngineConfig, resolved: ResolvedModel | None = None) 
     if config.tokenizer:
         return AutoTokenizer.from_pretrained(config.tokenizer)
     resolved = resolved or resolve_model(config.model, config.gguf_file, check_hub=True)
-    converted = gguf_conversion_dir(resolved)
-    if converted is not None and (converted / "tokenizer" / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(converted / "tokenizer")
+    conversion = gguf_conversion(resolved)
+    found = None if conversion is None else conversion.find("tokenizer")
+    if found is not None:
+        return AutoTokenizer.from_pretrained(found)
     tokenizer = AutoTokenizer.from_pretrained(resolved.load_path, gguf_file=resolved.gguf_file)
-    if converted is not None:
-        _save_atomically(converted / "tokenizer", tokenizer.save_pretrained)
+    if conversion is not None and conversion.writable():
+        conversion.save("tokenizer", tokenizer.save_pretrained)
     return tokenizer
 
 
-def _converted_weights_dir(resolved: ResolvedModel, dtype: torch.dtype) -> Path | None:
-    """Where the GGUF conversion cache keeps this model's weights in `dtype`, or None (not a local GGUF)."""
-    converted = gguf_conversion_dir(resolved)
-    return None if converted is None else converted / str(dtype).removeprefix("torch.")
-
-
-def _convert_gguf(resolved: ResolvedModel, dtype: torch.dtype, weights_dir: Path) -> None:
-    """Read and dequantise a GGUF model with transformers, and save it as a safetensors checkpoint (this start
-    and later ones read that). The dequantised model is in host memory only while this runs."""
+def convert_gguf(resolved: ResolvedModel, dtype: torch.dtype, conversion: GgufConversion) -> Path:
+    """Read and dequantise a GGUF model with transformers, and save it to the cache as a safetensors checkpoint
+    (this start and later ones read that); returns its directory. The dequantised model is in host memory only
+    while this runs."""
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(resolved.load_path, gguf_file=resolved.gguf_file,
@@ -130,20 +169,36 @@ def _convert_gguf(resolved: ResolvedModel, dtype: torch.dtype, weights_dir: Path
     if hasattr(hf_model.config, "__dict__"):
         hf_model.config.__dict__.pop("quantization_config", None)
     hf_model.hf_quantizer = None
-    _save_atomically(weights_dir, hf_model.save_pretrained)
+    return conversion.save(_dtype_name(dtype), hf_model.save_pretrained)
+
+
+def _unwritable(conversion: GgufConversion) -> str:
+    """The one line that says a conversion cannot be cached, and what to do about it."""
+    return (f"{conversion.cache.parent} is not writable, so the GGUF file is read and dequantised at every start: "
+            "set SUBSPEC_CACHE_DIR to a writable directory to convert it once")
 
 
 _LOAD_KWARGS: dict[str, Any] = dict(device_map="cpu", low_cpu_mem_usage=True)
 
 
-def _load_hf_model(resolved: ResolvedModel, dtype: torch.dtype) -> Any:
-    """transformers' CausalLM on the host, through the GGUF conversion cache when it applies."""
+def load_hf_model(resolved: ResolvedModel, dtype: torch.dtype) -> Any:
+    """transformers' CausalLM on the host, read through the GGUF conversion when there is one (converted now
+    when the cache is writable)."""
+    conversion = gguf_conversion(resolved)
+    weights_dir = None if conversion is None else conversion.weights(dtype)
+    if conversion is not None and weights_dir is None:
+        if conversion.writable():
+            weights_dir = convert_gguf(resolved, dtype, conversion)
+        else:
+            log.warning(_unwritable(conversion))
+    return _materialise(resolved, dtype, weights_dir)
+
+
+def _materialise(resolved: ResolvedModel, dtype: torch.dtype, weights_dir: Path | None) -> Any:
+    """transformers' CausalLM on the host: from the converted checkpoint when given, else as `resolved` says."""
     from transformers import AutoModelForCausalLM
 
-    weights_dir = _converted_weights_dir(resolved, dtype)
     if weights_dir is not None:
-        if not (weights_dir / "config.json").is_file():
-            _convert_gguf(resolved, dtype, weights_dir)
         return AutoModelForCausalLM.from_pretrained(weights_dir, **_LOAD_KWARGS, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(resolved.load_path, **resolved.from_pretrained_kwargs(),
                                                 **_LOAD_KWARGS, dtype=dtype)
@@ -223,13 +278,18 @@ def open_model(
 
     phases = phases if phases is not None else StartupLog(emit=log.debug)
     resolved = resolved or resolve_model(config.model, config.gguf_file, check_hub=True)
-    weights_dir = _converted_weights_dir(resolved, dtype)
-    if weights_dir is not None and not (weights_dir / "config.json").is_file():
+    conversion = gguf_conversion(resolved)
+    weights_dir = None if conversion is None else conversion.weights(dtype)
+    if conversion is None:
+        phases.skipped("convert", "not a local GGUF file")
+    elif weights_dir is not None:
+        phases.skipped("convert", f"done before: {weights_dir}")
+    elif conversion.writable():
         with phases.phase("convert") as phase:
-            _convert_gguf(resolved, dtype, weights_dir)  # then read back layer by layer, like any checkpoint
+            weights_dir = convert_gguf(resolved, dtype, conversion)  # then read back layer by layer
             phase.detail = f"GGUF dequantised to {_dtype_name(dtype)}, saved to {weights_dir} (once)"
     else:
-        phases.skipped("convert", "not a local GGUF file" if weights_dir is None else f"done before: {weights_dir}")
+        phases.skipped("convert", _unwritable(conversion))
     with phases.phase("load") as phase:
         checkpoint_path: str | Path = weights_dir if weights_dir is not None else resolved.load_path
         store: TensorStore | None = None
@@ -241,7 +301,7 @@ def open_model(
         if store is not None:
             source = "safetensors, layer by layer"
         else:  # transformers materialises the model; its tensors are released as they are placed
-            hf_model = _load_hf_model(resolved, dtype)
+            hf_model = _materialise(resolved, dtype, weights_dir)
             hf_config, generation_config = hf_model.config, getattr(hf_model, "generation_config", None)
             shape = shape_from_hf_config(hf_config, max_model_len=config.max_model_len)
             store = StateDict(dict(hf_model.state_dict()), consume=True)

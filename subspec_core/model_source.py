@@ -283,6 +283,18 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or "\\" in model or model.lower().endswith(".gguf")
 
 
+def offline_hint(model: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """For a hub id that failed to load while HF_HUB_OFFLINE forbids downloads: one line that says how to put
+    it into the local Hugging Face cache (in Docker: the model volume). None when that is not the cause."""
+    env = os.environ if environ is None else environ
+    offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline or model == DEFAULT_MODEL_ALIAS or _looks_like_path(model) or not _HUB_ID.fullmatch(model):
+        return None
+    return (f"{model} is not (completely) in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once "
+            f"with `hf download {model}`; in Docker, into the model volume: `docker compose -f docker/compose.yaml "
+            f"run --rm -e HF_HUB_OFFLINE=0 subspec hf download {model}`")
+
+
 def resolve_model(
     model: str,
     gguf_file: str | None = None,

@@ -8,7 +8,7 @@ import torch
 from subspec_core.architecture import UnsupportedModelError, shape_from_hf_config
 from subspec_core.config import EngineConfig
 from subspec_core.engine import Engine
-from subspec_core.loading import _load_hf_model, load_tokenizer
+from subspec_core.loading import load_hf_model, load_tokenizer
 from subspec_core.model_source import resolve_model
 from subspec_core.startup import StartupLog
 from tests.core.tiny import FAMILIES, TINY_VOCAB, tiny_engine, tiny_hf_config, tiny_hf_model
@@ -52,7 +52,7 @@ def test_default_model_logits_match_transformers(default_engines, default_tokeni
     engine = default_engines("vanilla")
     text = "The SubSpec method streams the target's weights while a 4-bit draft proposes a token tree."
     ids = default_tokenizer(text)["input_ids"]
-    hf = _load_hf_model(resolve_model("default", progress=False), torch.float32)
+    hf = load_hf_model(resolve_model("default", progress=False), torch.float32)
     with torch.no_grad():
         reference = hf(torch.tensor([ids])).logits[0].float()
     ours = engine.prompt_logits(ids)

@@ -23,6 +23,7 @@ from subspec_core.model_source import (
     default_cache_dir,
     default_served_name,
     ensure_default_model,
+    offline_hint,
     resolve_model,
 )
 
@@ -243,3 +244,13 @@ def test_default_served_name(tmp_path):
     assert default_served_name(str(tmp_path), "m.Q4_0.gguf") == "m.Q4_0"
     assert default_served_name(str(tmp_path / "Llama-3.1-8B")) == "Llama-3.1-8B"
     assert default_served_name("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_offline_hint_only_for_hub_ids_while_offline():
+    offline = {"HF_HUB_OFFLINE": "1"}
+    hint = offline_hint("Qwen/Qwen2.5-7B-Instruct", offline)
+    assert "`hf download Qwen/Qwen2.5-7B-Instruct`" in hint and "\n" not in hint
+    assert "run --rm -e HF_HUB_OFFLINE=0 subspec hf download Qwen/Qwen2.5-7B-Instruct`" in hint
+    assert offline_hint("Qwen/Qwen2.5-7B-Instruct", {}) is None  # online: the download itself failed
+    for model in ("default", "/models/x.gguf", "./model-dir"):
+        assert offline_hint(model, offline) is None

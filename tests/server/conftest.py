@@ -15,8 +15,10 @@ import pytest
 from tests.server.server_harness import REPO_ROOT, ServeProcess
 
 API_KEY = "sk-subspec-test"
-# A Hermes-style template that gives the default model tool support (its own template has none).
-HERMES_TEMPLATE = REPO_ROOT / "tests" / "server" / "data" / "hermes_tools.jinja"
+# The README's start command for its tool-call examples, after `subspec serve` (test_readme_examples checks
+# the README gives exactly these): the Hermes-style template that gives the default model tool support (its
+# own has none), a path relative to the repository root, where the servers run.
+TOOLS_SERVE_ARGS = ("--chat-template", "configs/templates/hermes-tools.jinja")
 # The default model as the paper runs big ones (every layer streamed, 4-bit substitute draft), with a
 # small tree and context so each iteration is cheap on a CPU.
 REAL_ENGINE = {
@@ -63,5 +65,5 @@ def real_server_deadline(tmp_path_factory: pytest.TempPathFactory, default_model
 
 @pytest.fixture(scope="session")
 def real_server_tools(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Iterator[ServeProcess]:
-    """No API key, and the Hermes-style test template (`--chat-template`): tool calls and the README examples."""
-    yield from _serve(tmp_path_factory, "tools", {}, "--chat-template", str(HERMES_TEMPLATE))
+    """No API key, and the README's tool-call start command: tool calls and the README examples."""
+    yield from _serve(tmp_path_factory, "tools", {}, *TOOLS_SERVE_ARGS)

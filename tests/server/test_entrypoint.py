@@ -1,19 +1,27 @@
-"""docker/entrypoint.sh turns SUBSPEC_* variables into a `subspec serve` command line.
+"""docker/entrypoint.sh turns SUBSPEC_* variables into a `subspec serve` command line and tells
+docker/healthcheck.py the port served.
 
 A fake `subspec` first on PATH prints its argv, one argument a line, so the test reads exactly
-what the container would run. The script is run by dash (/bin/sh) and bash alike.
+what the container would run. The script is run by dash (/bin/sh) and bash alike. (test_container.py runs
+the real server through it, as the image does.)
 """
 
 from __future__ import annotations
 
+import http.server
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 ENTRYPOINT = Path(__file__).resolve().parents[2] / "docker" / "entrypoint.sh"
+HEALTHCHECK = ENTRYPOINT.with_name("healthcheck.py")
 SHELLS = [s for s in ("sh", "bash") if shutil.which(s)]
 
 
@@ -31,6 +39,7 @@ def run_entrypoint(fake_bin: Path, shell: str, env: dict[str, str], *args: str) 
     """The argv the entry point ends up exec'ing."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SUBSPEC_") and k != "PORT"}
     base["PATH"] = f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+    base["SUBSPEC_PORT_FILE"] = str(fake_bin.parent / "subspec.port")
     result = subprocess.run(
         [shell, str(ENTRYPOINT), *args], env={**base, **env}, capture_output=True, text=True, timeout=30, check=True
     )
@@ -105,3 +114,58 @@ def test_extra_arguments_come_last(fake_bin, shell):
 def test_other_commands_run_as_given(fake_bin, shell):
     assert run_entrypoint(fake_bin, shell, {"SUBSPEC_MODEL": "x"}, "subspec", "--help") == ["subspec", "--help"]
     assert run_entrypoint(fake_bin, shell, {}, "echo", "hello world") == ["hello world"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("env, args, port", [
+    ({}, (), "8000"), ({"PORT": "9001"}, (), "9001"), ({}, ("--port", "9000"), "9000"),
+    ({"PORT": "9001"}, ("--port=9002",), "9002"), ({}, ("--port", "9000", "--max-queue", "4", "--port", "9003"), "9003"),
+])
+def test_the_served_port_is_written_for_the_health_check(fake_bin, shell, env, args, port):
+    """`docker run IMAGE --port 9000` serves on 9000: the health check must ask there, not at $PORT."""
+    run_entrypoint(fake_bin, shell, env, *args)
+    assert (fake_bin.parent / "subspec.port").read_text() == port + "\n"
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[int, dict]]:
+    """A stand-in /health on a loopback port; set `answer["status"]` and `answer["code"]`."""
+    answer = {"code": 200, "status": "ok"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"status": answer["status"]}).encode()
+            self.send_response(answer["code"] if self.path == "/health" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], answer
+    server.shutdown()
+    server.server_close()
+
+
+def test_health_check_ready_and_live(health_server, tmp_path, monkeypatch):
+    """Docker's HEALTHCHECK passes on 200 only; `--live` (a Kubernetes liveness probe) also passes a 503 from a
+    server at work (loading, restarting, stalled, draining), and fails a `failed` one or no answer."""
+    spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK)
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    port, answer = health_server
+    (tmp_path / "port").write_text(f"{port}\n")
+    monkeypatch.setenv("SUBSPEC_PORT_FILE", str(tmp_path / "port"))
+    monkeypatch.setenv("PORT", "1")  # the file wins
+    assert healthcheck.main([]) == 0 and healthcheck.main(["--live"]) == 0
+    for status in ("loading", "restarting", "stalled", "draining"):
+        answer.update(code=503, status=status)
+        assert healthcheck.main([]) == 1 and healthcheck.main(["--live"]) == 0, status
+    answer.update(code=503, status="failed")
+    assert healthcheck.main(["--live"]) == 1
+    (tmp_path / "port").write_text("1\n")  # nothing listens there
+    assert healthcheck.main(["--live"]) == 1

@@ -1,7 +1,8 @@
-"""The README's logprobs and tool-call examples, run as written against the real server (the default model
-with the Hermes-style test template, which gives it tool support): each code block after a
-`<!-- README example: ... -->` marker. curl commands are replayed with httpx (same URL, headers and body);
-Python blocks run in a subprocess with only the server's address replaced."""
+"""The README's logprobs and tool-call examples, run as written against the real server started with the
+README's flags for them (`<!-- README server: ... -->`: the default model with configs/templates/
+hermes-tools.jinja, which gives it tool support; the test preset's small draft tree changes no output token):
+each code block after a `<!-- README example: ... -->` marker. curl commands are replayed with httpx (same
+URL, headers and body); Python blocks run in a subprocess with only the server's address replaced."""
 
 from __future__ import annotations
 
@@ -14,18 +15,20 @@ import sys
 import httpx
 import pytest
 
+from tests.server.conftest import TOOLS_SERVE_ARGS
 from tests.server.server_harness import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 README_URL = "http://127.0.0.1:8000"
 MARKER = "<!-- README example:"
+SERVER_MARKER = "<!-- README server:"
 
 
-def examples(language: str) -> list[str]:
-    """Code blocks of `language` that follow a README example marker."""
+def examples(language: str, marker: str = MARKER) -> list[str]:
+    """Code blocks of `language` that follow a README marker."""
     text = (REPO_ROOT / "README.md").read_text()
-    pattern = re.escape(MARKER) + r"[^\n]*\n```" + language + r"\n(.*?)```"
+    pattern = re.escape(marker) + r"[^\n]*\n```" + language + r"\n(.*?)```"
     return re.findall(pattern, text, flags=re.S)
 
 
@@ -57,6 +60,13 @@ def replay(args: list[str], base_url: str) -> httpx.Response:
 
 def test_readme_has_the_examples():
     assert len(examples("bash")) == 1 and len(examples("python")) == 1
+
+
+def test_the_examples_server_is_started_as_the_readme_says():
+    """real_server_tools (conftest) passes the README's flags; its template path exists from the repo root."""
+    [start] = examples("bash", SERVER_MARKER)
+    assert shlex.split(start) == ["subspec", "serve", *TOOLS_SERVE_ARGS]
+    assert (REPO_ROOT / TOOLS_SERVE_ARGS[1]).is_file()
 
 
 def test_readme_curl_examples(real_server_tools):

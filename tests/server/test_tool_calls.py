@@ -12,7 +12,7 @@ from server.api.tool_calls import (
     HERMES, LLAMA3_JSON, HermesParser, Llama3JsonParser, Parsed, ToolCall, ToolCallParser, tool_format_for_template,
 )
 
-DATA = Path(__file__).parent / "data"
+TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "templates"
 
 
 def call(name: str, **arguments) -> ToolCall:
@@ -112,13 +112,32 @@ def test_llama3_json_streams_plain_replies_at_once():
 
 
 def test_format_is_chosen_from_the_chat_template(default_tokenizer):
-    assert tool_format_for_template((DATA / "hermes_tools.jinja").read_text()) is HERMES
+    assert tool_format_for_template((TEMPLATES / "hermes-tools.jinja").read_text()) is HERMES
+    assert tool_format_for_template((TEMPLATES / "llama3.1-json-tools.jinja").read_text()) is LLAMA3_JSON
     llama31 = ('{%- if tools is not none %}{{- "<|start_header_id|>ipython<|end_header_id|>" }}{%- endif %}'
                '{{- \'{"name": function name, "parameters": dictionary of argument name and its value}\' }}'
                '{{- "<|python_tag|>" + tool_call.name }}')
     assert tool_format_for_template(llama31) is LLAMA3_JSON
     assert tool_format_for_template(default_tokenizer.chat_template) is None  # SmolLM2: no tool support
     assert tool_format_for_template(None) is None
+
+
+@pytest.mark.parametrize("name, fmt, reply_start", [("hermes-tools", HERMES, "<|im_start|>assistant\n"),
+                                                    ("llama3.1-json-tools", LLAMA3_JSON, "<|end_header_id|>\n\n")],
+                         ids=["hermes", "llama3.1"])
+def test_shipped_templates_render_tools_as_their_parser_reads_them(default_tokenizer, name, fmt, reply_start):
+    """configs/templates: the tools are shown to the model, and an earlier call is rendered in the format the
+    parser of the template's format reads back."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    earlier = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Tokyo"}}}]}
+    rendered = default_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Weather in Tokyo?"}, earlier], tools=tools, tokenize=False,
+        chat_template=(TEMPLATES / f"{name}.jinja").read_text())
+    assert json.dumps(tools[0]) in rendered
+    reply = rendered[rendered.rindex(reply_start) + len(reply_start):].removesuffix("\n")
+    reply = reply.removesuffix("<|im_end|>").removesuffix("<|eot_id|>")
+    assert parse(fmt.parser(), [reply]) == Parsed("", (call("get_weather", city="Tokyo"),))
 
 
 def test_forced_prefixes_start_a_call_the_parser_reads():
