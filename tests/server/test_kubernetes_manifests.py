@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from server.settings import ServerSettings
-from server.telemetry import ServerMetrics
+from server.worker.telemetry import ServerMetrics
 from tests.server.server_harness import REPO_ROOT
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
