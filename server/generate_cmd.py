@@ -42,7 +42,7 @@ def prompt_token_ids(tokenizer: Any, text: str, *, chat: bool, system: str | Non
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from subspec_core.engine import Engine
+    from subspec_core.build import build_engine
     from subspec_core.startup import quiet_third_party_warnings
     from subspec_core.types import GenerationRequest, SamplingParams
 
@@ -58,7 +58,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with contextlib.redirect_stdout(sys.stderr):  # loaders print progress; keep stdout for the answer
-        engine = Engine.from_config(config)
+        engine = build_engine(config)
     ids = prompt_token_ids(engine.tokenizer, args.prompt, chat=args.chat, system=args.system)
     request = GenerationRequest(request_id="cli", prompt_token_ids=tuple(ids), sampling=sampling)
     token_ids: list[int] = []
