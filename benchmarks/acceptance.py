@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataclasses import replace
 
     from server.engine_args import OFFLOAD_PRESET, add_engine_arguments, engine_config_from_args
-    from subspec_core.engine import Engine
+    from subspec_core.build import build_engine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-prompts", type=int, default=10)
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     # Acceptance is a property of the draft: measure it in mode subspec, whatever mode the config names.
     config = replace(engine_config_from_args(args, default_preset=OFFLOAD_PRESET), mode="subspec")
-    engine = Engine.from_config(config)
+    engine = build_engine(config)
     reference = None
     if args.check_vanilla:
-        reference = Engine.from_config(replace(config, mode="vanilla"))
+        reference = build_engine(replace(config, mode="vanilla"))
     prompts = first_turn_prompts(engine.tokenizer, limit=args.num_prompts)
     report = measure_acceptance(engine, prompts, max_tokens=args.max_tokens, reference=reference)
     for entry in report.per_prompt:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from subspec_core.stopwatch import Stopwatch
+
 CPU_NOTE = "n/a on CPU (no CUDA device: nothing is copied over a bus)"
 
 
@@ -33,16 +35,16 @@ def measure_pinned_h2d(device: torch.device, *, nbytes: int = 1 << 30, repeats: 
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # a power of two: no pinned-allocator rounding waste
     dest = torch.empty(nbytes, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device=device)
+    watch = Stopwatch(device)
     samples = []
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream):  # the watch marks the current stream: this side stream
         dest.copy_(host, non_blocking=True)  # warm-up: first-touch mappings, DMA engine wake-up
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
+            start = watch.mark()
             dest.copy_(host, non_blocking=True)
-            end.record(stream)
-            end.synchronize()
-            samples.append(nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+            end = watch.mark()
+            watch.wait(end)
+            samples.append(nbytes / watch.seconds(start, end) / 1e9)
     del host, dest
     torch.cuda.empty_cache()
     return PinnedBandwidth(

@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
+from subspec_core.stopwatch import Stopwatch
+
 
 class CopyWaitProbe:
     """Events around every streamed-layer wait; `seconds_since(mark)` sums the stalls recorded after `mark`."""
 
     def __init__(self, streamer: Any) -> None:
         self.streamer = streamer
+        self._watch = Stopwatch(streamer.device)
         self._pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._acquire = streamer.acquire
         streamer.acquire = self._timed_acquire
@@ -33,13 +36,9 @@ class CopyWaitProbe:
         return cls(streamer) if streamer is not None and streamer.on_cuda else None
 
     def _timed_acquire(self, layer_id: int) -> dict[str, torch.Tensor]:
-        stream = torch.cuda.current_stream(self.streamer.device)
-        before = torch.cuda.Event(enable_timing=True)
-        before.record(stream)
-        views = self._acquire(layer_id)  # stream.wait_event(filled[slot])
-        after = torch.cuda.Event(enable_timing=True)
-        after.record(stream)
-        self._pairs.append((before, after))
+        before = self._watch.mark()
+        views = self._acquire(layer_id)  # the compute stream waits on filled[slot]
+        self._pairs.append((before, self._watch.mark()))
         return views
 
     def mark(self) -> int:
@@ -51,8 +50,8 @@ class CopyWaitProbe:
         pairs = self._pairs[mark:]
         if not pairs:
             return 0.0
-        pairs[-1][1].synchronize()
-        return sum(before.elapsed_time(after) for before, after in pairs) / 1e3
+        self._watch.wait(pairs[-1][1])
+        return sum(self._watch.seconds(before, after) for before, after in pairs)
 
     def clear(self) -> None:
         self._pairs.clear()

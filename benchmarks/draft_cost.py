@@ -3,7 +3,7 @@
     python -m benchmarks.draft_cost [--json] [--quant-types int4,nf4] [--qwen-layers 2] [--repeats 20]
 
 A draft step is launch-bound (a few rows through every layer), so its cost is counted in ops, not FLOPs.
-On random-weight engines built with the engine's own code (`Engine.from_weights`), it measures:
+On random-weight engines built with the engine's own code (`engine_from_weights`), it measures:
 - `dispatches_per_layer`: aten ops one level step's draft forward dispatches per decoder layer, views
   included (the difference between a 4-layer and a 2-layer model of the same shape, halved, so embedding
   and logits are not counted), in the GPU's dtype (bfloat16);
@@ -32,12 +32,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.stopwatch import time_call
-from benchmarks.synthetic import build_engine
+from benchmarks.synthetic import synthetic_engine
 from benchmarks.synthetic_weights import QWEN25_7B, TINY, random_weights
+from subspec_core.build import InMemoryWeights, resolve_device, resolve_dtype
 from subspec_core.config import EngineConfig, SpeculationConfig
-from subspec_core.engine import Engine, resolve_device
+from subspec_core.engine import Engine
+from subspec_core.loading import load_tokenizer
 from subspec_core.quant import int4_kernel_name
+from subspec_core.stopwatch import time_call
 from subspec_core.types import GenerationRequest, SamplingParams
 from subspec_core.weights import ModelShape
 
@@ -125,11 +127,9 @@ def random_engine(shape: ModelShape, *, quant_type: str, dtype: str, mode: str =
         prefill_chunk_size=64, speculation=SpeculationConfig(topk=topk, max_depth=max_depth, quant_type=quant_type),
     )
     torch_device = resolve_device(config)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    shared, layers = random_weights(shape, dtype=torch_dtype, device=torch_device, seed=0)
-    from subspec_core.loading import load_tokenizer
-
-    return build_engine(config, mode, shape, shared, layers, load_tokenizer(EngineConfig()), torch_device, torch_dtype)
+    shared, layers = random_weights(shape, dtype=resolve_dtype(config, torch_device), device=torch_device, seed=0)
+    weights = InMemoryWeights(shape=shape, shared=shared, layer_linears=layers, tokenizer=load_tokenizer(EngineConfig()))
+    return synthetic_engine(config, mode, weights, torch_device)
 
 
 def _prefill(engine: Engine, length: int) -> None:

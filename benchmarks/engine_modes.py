@@ -17,7 +17,8 @@ from benchmarks.copy_wait import CopyWaitProbe
 from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
 from benchmarks.mode_result import ModeResult, PromptRun, pooled
 from subspec_core.config import EngineConfig
-from subspec_core.engine import Engine, resolve_device
+from subspec_core.build import build_engine, resolve_device
+from subspec_core.engine import Engine
 from subspec_core.planner import BudgetTooSmallError
 from subspec_core.types import GenerationRequest, SamplingParams
 
@@ -61,7 +62,7 @@ def run_engine_mode(
     free_device_memory()
     reset_peak(device)
     try:
-        engine = Engine.from_config(replace(config, mode=mode), progress=False)  # only the mode differs
+        engine = build_engine(replace(config, mode=mode), progress=False)  # only the mode differs
     except (BudgetTooSmallError, torch.cuda.OutOfMemoryError) as exc:
         free_device_memory()
         return ModeResult(mode=mode, status="skipped", reason=f"does not fit: {exc}")

@@ -20,12 +20,11 @@ from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
 from benchmarks.mode_result import ModeResult, PromptRun, pooled
 from subspec_core import loading
 from subspec_core.architecture import shape_from_hf_config
+from subspec_core.build import resolve_device, resolve_dtype
 from subspec_core.config import EngineConfig
-from subspec_core.engine import resolve_device, resolve_dtype
 from subspec_core.loading import eos_token_ids
 from subspec_core.model_source import resolve_model
-from subspec_core.planner import BudgetTooSmallError, MemoryPlan, device_budget, plan_memory
-from subspec_core.weights import shared_nbytes
+from subspec_core.planner import BudgetTooSmallError, MemoryPlan, device_budget, plan_for
 
 MODE = "hf-accelerate"
 
@@ -56,15 +55,10 @@ def load_hf_model(config: EngineConfig, dtype: torch.dtype) -> Any:
 
 
 def vanilla_plan(config: EngineConfig, hf_model: Any, dtype: torch.dtype, device: torch.device) -> MemoryPlan:
-    """The plan `Engine.from_config` makes for mode 'vanilla' (same inputs, same default budget rule)."""
-    budget = device_budget(config.budget_bytes, device)
+    """The plan `build_engine` makes for mode 'vanilla' (same inputs, same default budget rule)."""
     shape = shape_from_hf_config(hf_model.config, max_model_len=config.max_model_len)
-    return plan_memory(
-        shape=shape, dtype=dtype, mode="vanilla", speculation=config.speculation,
-        max_model_len=config.max_model_len, prefill_chunk_size=config.prefill_chunk_size,
-        stream_slots=config.stream_slots, budget_bytes=budget, max_resident_layers=config.max_resident_layers,
-        shared_bytes=shared_nbytes(shape, dtype), device_type=device.type,
-    )
+    return plan_for(config, shape, dtype=dtype, device_type=device.type,
+                    budget_bytes=device_budget(config.budget_bytes, device), mode="vanilla")
 
 
 def device_map_for(plan: MemoryPlan, num_layers: int, device: torch.device) -> dict[str, Any]:

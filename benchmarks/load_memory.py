@@ -6,10 +6,10 @@ Writes a synthetic checkpoint of the shape (random bf16 weights, sharded safeten
 config.json and the default model's tokenizer) to a temporary directory, then loads it in a fresh
 subprocess per path, on the CPU in mode subspec with every layer streamed, and reads the subprocess's peak
 resident set (VmHWM, the kernel's high-water mark of its address space):
-- `one-pass`: the real loading path, `Engine.from_config` (each layer read once into the host arena, its
+- `one-pass`: the real loading path, `build_engine` (each layer read once into the host arena, its
   substitute quantized from there);
 - `transformers`: the previous path, for comparison: transformers materialises the whole model, its layers
-  are fused (`loading.extract_weights`), then packed and quantized (`Engine.from_weights`).
+  are fused (`loading.extract_weights`), then packed and quantized (`engine_from_weights`).
 The bound is 1.15 x what must exist once loaded plus one layer: the process before any weight is read (its
 RSS when the `load` phase ends: interpreter, torch, tokenizer, the quantization library), the arena, the
 largest layer, the shared weights, and on a CPU the buffers a GPU would hold (substitutes, streaming ring,
@@ -144,7 +144,7 @@ def _engine_config(directory: Path, quant_type: str) -> Any:
 
 def _load_one_pass(directory: Path, quant_type: str) -> tuple[Any, int]:
     """The real loading path; the baseline is the RSS when the `load` phase (config, tokenizer) has ended."""
-    from subspec_core.engine import Engine
+    from subspec_core.build import build_engine
     from subspec_core.startup import StartupLog
 
     baseline: list[int] = []
@@ -153,7 +153,7 @@ def _load_one_pass(directory: Path, quant_type: str) -> tuple[Any, int]:
         if line.startswith("start-up: load"):
             baseline.append(_vm_rss())
 
-    engine = Engine.from_config(_engine_config(directory, quant_type), progress=False, phases=StartupLog(emit=on_line))
+    engine = build_engine(_engine_config(directory, quant_type), progress=False, phases=StartupLog(emit=on_line))
     return engine, baseline[0]
 
 
@@ -162,9 +162,8 @@ def _load_transformers(directory: Path, quant_type: str) -> tuple[Any, int]:
     from transformers import AutoModelForCausalLM
 
     from subspec_core.architecture import shape_from_hf_config
-    from subspec_core.engine import Engine
+    from subspec_core.build import InMemoryWeights, engine_from_weights
     from subspec_core.loading import extract_weights, load_tokenizer
-    from subspec_core.planner import plan_memory
 
     config = _engine_config(directory, quant_type)
     tokenizer = load_tokenizer(config)
@@ -174,13 +173,8 @@ def _load_transformers(directory: Path, quant_type: str) -> tuple[Any, int]:
     shape = shape_from_hf_config(hf_model.config, max_model_len=config.max_model_len)
     shared, layer_linears = extract_weights(hf_model, shape, consume=True)
     del hf_model
-    plan = plan_memory(shape=shape, dtype=torch.bfloat16, mode="subspec", speculation=config.speculation,
-                       max_model_len=config.max_model_len, prefill_chunk_size=config.prefill_chunk_size,
-                       stream_slots=config.stream_slots, budget_bytes=None, max_resident_layers=0,
-                       shared_bytes=shared.nbytes(), device_type="cpu")
-    engine = Engine.from_weights(config=config, shape=shape, shared=shared, layer_linears=layer_linears, plan=plan,
-                                 tokenizer=tokenizer, eos_token_ids=frozenset(), device=torch.device("cpu"),
-                                 model_name="synthetic")
+    weights = InMemoryWeights(shape=shape, shared=shared, layer_linears=layer_linears, tokenizer=tokenizer)
+    engine = engine_from_weights(config, weights, device=torch.device("cpu"), model_name="synthetic")
     return engine, baseline
 
 

@@ -1,13 +1,8 @@
-"""The pieces of one decoding iteration, run on an engine one at a time, so each can be timed on its own.
+"""The tree side of one decoding iteration, for timing its pieces one at a time on a built engine.
 
-What is called (subspec_core's public functions, plus one private engine method):
-- `model.forward_hidden` + `model.compute_logits` with `engine.target_layers` (the streamed target) and
-  `engine.kv_cache`: the target forward of `Engine._plain_step` (one token) and of `Engine._speculative_step`
-  (a tree with its mask), without the greedy choice, the accepted-path walk and the KV compaction.
-- `engine.drafter.grow` (the 4-bit substitute draft's static-shape tree growth): the draft phase of
-  `_speculative_step`, exactly.
-- `tree.select_verify_nodes` / `tree.subtree` / `tree.tree_attention_mask`: the verify-set pruning and mask.
-- `Engine.prompt_logits`: a chunked prefill filling the KV cache for the prefix.
+The target forwards are the engine's own (`Engine.step_logits`, `Engine.verify_logits`), and the draft is
+`engine.drafter.grow` exactly; this module only shapes their inputs: a drafted tree at a fixed prefix, and the
+verify set `max_verify_tokens` keeps of it (or a beam-shaped tree when more nodes are asked for than were drafted).
 """
 
 from __future__ import annotations
@@ -16,27 +11,7 @@ from typing import Any
 
 import torch
 
-from subspec_core.model import attention_bias, compute_logits, forward_hidden
-from subspec_core.tree import TokenTree, select_verify_nodes, subtree, tree_attention_mask
-
-
-def target_logits(
-    engine: Any, *, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_length: int,
-    mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """One streamed target forward over `tokens` (n,) and its float32 logits (n, V); `mask` bool (n, kv_length)."""
-    bias = None if mask is None else attention_bias(mask, engine.shared.embed.dtype)
-    hidden = forward_hidden(
-        shape=engine.shape, shared=engine.shared, layers=engine.target_layers, kv_cache=engine.kv_cache, tokens=tokens,
-        positions=positions, slots=slots, kv_length=kv_length, bias=bias,
-    )
-    return compute_logits(engine.shape, engine.shared, hidden)
-
-
-def one_token_forward(engine: Any, *, root: torch.Tensor, prefix_length: int) -> torch.Tensor:
-    """The vanilla decoding forward: the last token (1,) at slot and position N, attending to N + 1 slots."""
-    slot = torch.tensor([prefix_length], dtype=torch.long, device=engine.device)
-    return target_logits(engine, tokens=root, positions=slot, slots=slot, kv_length=prefix_length + 1, mask=None)
+from subspec_core.tree import TokenTree, select_verify_nodes, subtree
 
 
 def draft_tree(engine: Any, *, root: torch.Tensor, prefix_length: int, depth: int) -> TokenTree:
@@ -69,13 +44,3 @@ def beam_tree(size: int, *, topk: int, vocab_size: int, device: torch.device) ->
     ancestors |= (index[None, :] == level_heads) & (depths[None, :] < depths[:, None]) & (depths[None, :] >= 1)
     tokens = torch.randint(vocab_size, (size,), generator=torch.Generator().manual_seed(size)).to(device)
     return TokenTree(tokens=tokens, parents=parents, depths=depths, scores=-depths.float(), ancestors=ancestors)
-
-
-def verify_forward(engine: Any, *, tree: TokenTree, prefix_length: int) -> torch.Tensor:
-    """The verification forward: every node at slot N + j, position N + depth, seeing the prefix and its ancestors."""
-    slots = prefix_length + torch.arange(tree.size, device=engine.device)
-    mask = tree_attention_mask(ancestors=tree.ancestors, prefix_length=prefix_length)
-    return target_logits(
-        engine, tokens=tree.tokens, positions=prefix_length + tree.depths, slots=slots,
-        kv_length=prefix_length + tree.size, mask=mask,
-    )

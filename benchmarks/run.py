@@ -41,7 +41,7 @@ from benchmarks.synthetic_weights import PRESETS
 from server.engine_args import OFFLOAD_PRESET, add_engine_arguments, engine_config_from_args, engine_overrides
 from subspec_core.agreement import compare_generations
 from subspec_core.config import EngineConfig, config_as_dict, resolve_engine_config
-from subspec_core.engine import Engine, resolve_device, resolve_dtype
+from subspec_core.build import build_engine, resolve_device, resolve_dtype
 from subspec_core.loading import load_tokenizer
 from subspec_core.model_source import default_served_name
 from subspec_core.quant import int4_kernel_name
@@ -161,7 +161,7 @@ def agreement(config: EngineConfig, prompts: list[list[int]], results: list[Mode
     differing = [i for i, (_, ref, got) in enumerate(pairs) if ref != got]
     entries: list[dict[str, Any]] = []
     if differing:
-        engine = Engine.from_config(replace(config, mode="vanilla"), progress=False)
+        engine = build_engine(replace(config, mode="vanilla"), progress=False)
         try:
             for i in differing:
                 prompt, ref, got = pairs[i]

@@ -18,33 +18,23 @@ import torch
 
 from benchmarks.copy_wait import CopyWaitProbe
 from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
-from benchmarks.mechanics import draft_tree, one_token_forward, verify_forward, verify_set
-from benchmarks.stopwatch import time_call
+from benchmarks.mechanics import draft_tree, verify_set
 from benchmarks.synthetic_weights import SHAPES, random_weights
+from subspec_core.build import InMemoryWeights, engine_from_weights, resolve_device, resolve_dtype
 from subspec_core.config import EngineConfig
-from subspec_core.engine import Engine, resolve_device, resolve_dtype
-from subspec_core.planner import BudgetTooSmallError, device_budget, plan_memory
-from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
+from subspec_core.engine import Engine
+from subspec_core.planner import BudgetTooSmallError
+from subspec_core.stopwatch import time_call
+from subspec_core.weights import LayerLayout, ModelShape
 
 PAPER_TAU = 28.35  # Qwen2.5-7B, MT-Bench, 8 GB, tree decoding (the paper's table)
 VERIFY_SIZES = (64, 193, 289)  # 289 = 48 x 6 + 1 (the paper's trees), 193 = 32 x 6 + 1
 PREFIX_TOKENS = 128  # committed context the decoding forwards attend to
 
 
-def build_engine(config: EngineConfig, mode: str, shape: ModelShape, shared: SharedWeights,
-           layer_linears: list[dict[str, torch.Tensor]], tokenizer: Any, device: torch.device, dtype: torch.dtype) -> Engine:
-    """Plan under the run's budget and place the random weights, as `Engine.from_config` does for real ones."""
-    config = replace(config, mode=mode)
-    budget = device_budget(config.budget_bytes, device)
-    plan = plan_memory(
-        shape=shape, dtype=dtype, mode=mode, speculation=config.speculation, max_model_len=config.max_model_len,
-        prefill_chunk_size=config.prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=budget,
-        max_resident_layers=config.max_resident_layers, shared_bytes=shared.nbytes(), device_type=device.type,
-    )
-    return Engine.from_weights(
-        config=config, shape=shape, shared=shared, layer_linears=layer_linears, plan=plan, tokenizer=tokenizer,
-        eos_token_ids=frozenset(), device=device, model_name=f"synthetic-{mode}",
-    )
+def synthetic_engine(config: EngineConfig, mode: str, weights: InMemoryWeights, device: torch.device) -> Engine:
+    """The random weights placed under the run's budget in `mode`, as `build_engine` places real ones."""
+    return engine_from_weights(replace(config, mode=mode), weights, device=device, model_name=f"synthetic-{mode}")
 
 
 def _timed(fn: Callable[[], Any], *, probe: CopyWaitProbe | None, device: torch.device, repeats: int) -> dict[str, Any]:
@@ -63,6 +53,7 @@ def _measure_engine(engine: Engine, mode: str, *, prefix: list[int], device: tor
     """Time what `mode` does per iteration on an engine whose KV holds nothing yet."""
     p = len(prefix)
     root = torch.tensor(prefix[-1:], dtype=torch.long, device=device)
+    position = torch.tensor([p], dtype=torch.long, device=device)
     probe = CopyWaitProbe.attach(engine)
     try:
         with torch.inference_mode():
@@ -73,7 +64,7 @@ def _measure_engine(engine: Engine, mode: str, *, prefix: list[int], device: tor
             measured: dict[str, Any] = {f"{mode}_prefill_ms": (time.perf_counter() - started) * 1e3}
             if mode == "vanilla":
                 measured["vanilla_token"] = _timed(
-                    lambda: one_token_forward(engine, root=root, prefix_length=p), probe=probe, device=device, repeats=repeats
+                    lambda: engine.step_logits(root, position, prefix_length=p), probe=probe, device=device, repeats=repeats
                 )
                 return measured
             spec = engine.config.speculation
@@ -90,7 +81,7 @@ def _measure_engine(engine: Engine, mode: str, *, prefix: list[int], device: tor
             for n in sizes:
                 nodes = verify_set(tree, n, topk=spec.topk, vocab_size=engine.shape.vocab_size)
                 measured["verify"][str(n)] = _timed(
-                    lambda nodes=nodes: verify_forward(engine, tree=nodes, prefix_length=p), probe=probe, device=device,
+                    lambda nodes=nodes: engine.verify_logits(nodes, prefix_length=p), probe=probe, device=device,
                     repeats=repeats,
                 )
             return measured
@@ -153,8 +144,10 @@ def run_synthetic(
     if name != "tiny" and device.type != "cuda":
         raise RuntimeError(f"--synthetic {name} draws a full-size model and needs a CUDA device (on the CPU: --synthetic tiny)")
     started = time.perf_counter()
-    shared, layer_linears = random_weights(shape, dtype=dtype, device=device, seed=config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    seed = config.seed or 0  # the same random model in every run unless a seed is asked for
+    shared, layer_linears = random_weights(shape, dtype=dtype, device=device, seed=seed)
+    weights = InMemoryWeights(shape=shape, shared=shared, layer_linears=layer_linears, tokenizer=tokenizer)
+    generator = torch.Generator().manual_seed(seed)
     prefix = torch.randint(shape.vocab_size, (PREFIX_TOKENS,), generator=generator).tolist()
     spec = config.speculation
     report: dict[str, Any] = {
@@ -169,7 +162,7 @@ def run_synthetic(
         free_device_memory()
         reset_peak(device)
         try:
-            engine = build_engine(config, mode, shape, shared, layer_linears, tokenizer, device, dtype)
+            engine = synthetic_engine(config, mode, weights, device)
         except (BudgetTooSmallError, torch.cuda.OutOfMemoryError) as exc:
             report["engines"][mode] = {"status": "skipped", "reason": f"does not fit: {exc}"}
             continue
@@ -184,7 +177,7 @@ def run_synthetic(
             engine.close()
             del engine
             free_device_memory()
-    del shared, layer_linears
+    del shared, layer_linears, weights
     free_device_memory()
     if "draft_tree" in report["measured"]:
         report["measured"]["draft_step_ms"] = report["measured"]["draft_tree"]["ms"] / spec.max_depth

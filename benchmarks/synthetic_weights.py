@@ -1,7 +1,7 @@
 """Random-weight models of a given shape, generated fast, for measuring mechanics at paper scale.
 
 Layer linears are drawn on the compute device one fused tensor at a time (a GPU draws a 7B model's
-~15 GB in well under a second) and moved to host memory; `Engine.from_weights` then packs the streamed
+~15 GB in well under a second) and moved to host memory; `build.engine_from_weights` then packs the streamed
 layers into its page-locked arena, exactly as for real weights. Shared weights (embeddings, lm_head,
 norms) are drawn where they will live: on the compute device. Acceptance is meaningless with random
 weights; timings of forwards, copies and the draft are not.

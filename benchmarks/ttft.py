@@ -70,7 +70,7 @@ def measure(engine: Any, *, num_prompts: int, max_tokens: int) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     from server.engine_args import OFFLOAD_PRESET, add_engine_arguments, engine_config_from_args
-    from subspec_core.engine import Engine
+    from subspec_core.build import build_engine
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ttft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
     # the default model without --config runs the offload preset: every prefill chunk streams the weights
-    engine = Engine.from_config(engine_config_from_args(args, default_preset=OFFLOAD_PRESET), progress=False)
+    engine = build_engine(engine_config_from_args(args, default_preset=OFFLOAD_PRESET), progress=False)
     result = measure(engine, num_prompts=args.num_prompts, max_tokens=args.max_tokens)
     print(json.dumps(result))
     return 0 if result["all_identical"] else 1

@@ -39,7 +39,7 @@ _HELP = {
     "stream_slots": "GPU layer buffers in the weight-streaming ring (>= 2)",
     "max_model_len": "prompt + completion tokens",
     "prefill_chunk_size": "prompt tokens per prefill forward (default: the largest the memory budget allows)",
-    "seed": "seed for requests that give none",
+    "seed": "seed for requests that give none (default: a fresh random seed per request)",
     "topk": "draft tree width (nodes kept per depth)",
     "max_depth": "draft steps per iteration (tree depth)",
     "max_verify_tokens": "tree nodes verified per iteration (default: the whole tree)",

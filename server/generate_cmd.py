@@ -42,7 +42,7 @@ def prompt_token_ids(tokenizer: Any, text: str, *, chat: bool, system: str | Non
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from subspec_core.engine import Engine
+    from subspec_core.build import build_engine
     from subspec_core.model_source import ModelSourceError
     from subspec_core.startup import quiet_third_party_warnings
     from subspec_core.types import GenerationRequest, SamplingParams
@@ -60,7 +60,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return 2
     try:
         with contextlib.redirect_stdout(sys.stderr):  # loaders print progress; keep stdout for the answer
-            engine = Engine.from_config(config)
+            engine = build_engine(config)
     except ModelSourceError as exc:  # a model that cannot be read: one line that says what to do
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """Server settings (the HTTP side; the engine's are `subspec_core.config.EngineConfig`).
 
 One frozen dataclass, validated once. Precedence, lowest first: defaults < the YAML's `server:` section <
-SUBSPEC_SERVER_<FIELD> environment variables < CLI flags; `resolve_server_settings` is the only merge.
+SUBSPEC_SERVER_<FIELD> environment variables < CLI flags, the engine's rule (`subspec_core.config.merge_sources`).
 The CLI flags are derived from the fields (`add_settings_arguments`), so the dataclass is the one place a
 setting is declared.
 """
@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from subspec_core.config import check_keys, environment_values, merge_sources
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 MIB = 1 << 20
@@ -149,33 +151,26 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"server.{name} must be {kind.__name__}, got {value!r}") from None
 
 
-def _known(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
-    return dict(data)
+def _coerced(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: _coerce(name, value) for name, value in data.items()}
 
 
 def resolve_server_settings(*, yaml_section: Mapping[str, Any] | None = None,
                             environ: Mapping[str, str] | None = None,
                             cli_overrides: Mapping[str, Any] | None = None) -> ServerSettings:
-    """Merge defaults < YAML `server:` section < SUBSPEC_SERVER_* env < CLI into one ServerSettings.
+    """Merge defaults < YAML `server:` section < SUBSPEC_SERVER_* env < CLI into one ServerSettings
+    (subspec_core.config.merge_sources: the engine's precedence).
 
     CLI overrides whose value is None mean 'not given'. The API key is also read from SUBSPEC_API_KEY.
     """
-    merged: dict[str, Any] = {}
-    for name, value in _known("the server: section", yaml_section or {}).items():
-        merged[name] = _coerce(name, value)
-    if environ is not None and environ.get(API_KEY_ENV, "") != "":
-        merged["api_key"] = environ[API_KEY_ENV]  # SUBSPEC_SERVER_API_KEY, below, wins if both are set
-    for name in _FIELDS:
-        key = f"SUBSPEC_SERVER_{name.upper()}"
-        if environ is not None and environ.get(key, "") != "":  # an empty variable means 'not set'
-            merged[name] = _coerce(name, environ[key])
-    for name, value in _known("CLI overrides", cli_overrides or {}).items():
-        if value is not None:
-            merged[name] = _coerce(name, value)
-    return ServerSettings(**merged)
+    yaml_data, flags, environ = yaml_section or {}, cli_overrides or {}, environ or {}
+    check_keys(yaml_data, _FIELDS, "the server: section")
+    check_keys(flags, _FIELDS, "CLI overrides")
+    env = environment_values(environ, "SUBSPEC_SERVER_", _FIELDS)
+    if "api_key" not in env and environ.get(API_KEY_ENV, "") != "":
+        env["api_key"] = environ[API_KEY_ENV]
+    given = {name: value for name, value in flags.items() if value is not None}
+    return ServerSettings(**merge_sources(yaml_data=_coerced(yaml_data), env=_coerced(env), flags=_coerced(given)))
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,8 @@
 """Stopping a generation part-way through an engine step.
 
-A caller passes `cancelled`, a cheap `() -> bool`, to `Engine.generate`. The engine asks it between draft
-levels and before every decoder layer of a target forward (prefill chunks and verification), so an abort
-lands within one level or one layer instead of after a whole speculative step (seconds for a streamed
-model). The check raises `GenerationCancelled`, which `generate` turns into a plain return: no exception
-reaches the caller.
+`Engine.generate` asks the caller's `cancelled`, a cheap `() -> bool`, between draft levels and before every
+decoder layer of a target forward, so an abort lands within one level or one layer, not after a whole step
+(seconds when layers stream). A true answer raises `GenerationCancelled`, which `generate` turns into a return.
 """
 
 from __future__ import annotations
@@ -32,9 +30,6 @@ class CancellableLayers:
     def __init__(self, layers: LayerSource, cancelled: CancelCheck) -> None:
         self._layers = layers
         self._cancelled = cancelled
-
-    def begin_forward(self) -> None:
-        self._layers.begin_forward()
 
     def acquire(self, layer: int) -> Linears:
         raise_if_cancelled(self._cancelled)

@@ -1,7 +1,7 @@
 """Engine configuration: frozen dataclasses, validated once, resolved in one place.
 
-Precedence, lowest first: dataclass defaults < YAML preset < environment (SUBSPEC_*) < CLI overrides.
-`resolve_engine_config` is the only function that merges them.
+Precedence, lowest first: dataclass defaults < YAML preset < environment (SUBSPEC_*) < CLI overrides, defined
+once in `merge_sources`; the server's settings (server/settings.py) resolve through it too.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -96,7 +96,7 @@ class EngineConfig:
     stream_slots: int = 2  # GPU layer buffers in the streaming ring (>= 2: copy of layer i+1 overlaps compute of i)
     max_model_len: int = 2048  # prompt + completion tokens
     prefill_chunk_size: int | None = None  # None: the planner picks the largest chunk the memory budget allows
-    seed: int = 0  # seed for requests that give none
+    seed: int | None = None  # for requests that give none; None: each such request draws a fresh one
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
@@ -122,31 +122,28 @@ class EngineConfig:
         return None if self.gpu_memory_budget is None else parse_byte_size(self.gpu_memory_budget)
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    """Instantiate a (possibly nested) config dataclass from a mapping, rejecting unknown keys."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
+def check_keys(data: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    """Reject keys that name no setting: a misspelt key must fail, not be ignored."""
+    known = list(known)
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(known)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if name == "speculation" and cls is EngineConfig:
-            value = value if isinstance(value, SpeculationConfig) else _build(SpeculationConfig, value or {}, f"{where}.speculation")
-        kwargs[name] = value
-    return cls(**kwargs)
 
 
-def _coerce_env(value: str) -> Any:
-    """Environment values are strings; read them as YAML scalars ('8', 'null', '0.2', 'nf4')."""
-    return yaml.safe_load(value)
+def environment_values(environ: Mapping[str, str], prefix: str, names: Iterable[str]) -> dict[str, str]:
+    """The PREFIX<NAME> variables that are set, keyed by name; an empty variable (e.g. from compose) is not set."""
+    return {name: environ[key] for name in names if environ.get(key := f"{prefix}{name.upper()}", "") != ""}
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a preset file; it must be a mapping of plain data."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping at the top level")
-    return data
+def merge_sources(*, yaml_data: Mapping[str, Any] | None = None, env: Mapping[str, Any] | None = None,
+                  flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The one precedence rule of every setting, defaults < YAML < environment < flags: each source overrides
+    the ones before it key by key (nested mappings merge); a flag left unset (None, at any depth) overrides
+    nothing; a key no source gives is absent, so the dataclass's default applies."""
+    merged: dict[str, Any] = {}
+    for source in (yaml_data or {}, env or {}, _drop_none(flags or {})):
+        merged = _deep_merge(merged, source)
+    return merged
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,31 +156,43 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def engine_env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """SUBSPEC_<FIELD> and SUBSPEC_SPECULATION_<FIELD> environment variables as a config mapping."""
-    overrides: dict[str, Any] = {}
-    spec_fields = {f.name for f in dataclasses.fields(SpeculationConfig)}
-    for f in dataclasses.fields(EngineConfig):
-        if f.name == "speculation":
-            continue
-        key = f"SUBSPEC_{f.name.upper()}"
-        if environ.get(key, "") != "":  # an empty variable (e.g. from compose) means 'not set'
-            overrides[f.name] = _coerce_env(environ[key])
-    for name in spec_fields:
-        key = f"SUBSPEC_SPECULATION_{name.upper()}"
-        if environ.get(key, "") != "":
-            overrides.setdefault("speculation", {})[name] = _coerce_env(environ[key])
-    for key in ("model", "tokenizer", "gguf_file", "gpu_memory_budget", "served_model_name"):
-        if key in overrides and overrides[key] is not None:
+def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _drop_none(v) if isinstance(v, Mapping) else v for k, v in mapping.items() if v is not None}
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a preset file; it must be a mapping of plain data."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping at the top level")
+    return data
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Instantiate a (possibly nested) config dataclass from a mapping, rejecting unknown keys."""
+    check_keys(data, (f.name for f in dataclasses.fields(cls)), where)
+    kwargs = dict(data)
+    if cls is EngineConfig and "speculation" in kwargs and not isinstance(kwargs["speculation"], SpeculationConfig):
+        kwargs["speculation"] = _build(SpeculationConfig, kwargs["speculation"] or {}, f"{where}.speculation")
+    return cls(**kwargs)
+
+
+_TEXT_FIELDS = ("model", "tokenizer", "gguf_file", "gpu_memory_budget", "served_model_name")
+
+
+def _engine_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """SUBSPEC_<FIELD> and SUBSPEC_SPECULATION_<FIELD> variables as a config mapping, each read as a YAML scalar
+    ('8', 'null', '0.2', 'nf4'); a name field stays text even when it looks like a number."""
+    names = [f.name for f in dataclasses.fields(EngineConfig) if f.name != "speculation"]
+    overrides: dict[str, Any] = {k: yaml.safe_load(v) for k, v in environment_values(environ, "SUBSPEC_", names).items()}
+    spec_names = [f.name for f in dataclasses.fields(SpeculationConfig)]
+    speculation = environment_values(environ, "SUBSPEC_SPECULATION_", spec_names)
+    if speculation:
+        overrides["speculation"] = {k: yaml.safe_load(v) for k, v in speculation.items()}
+    for key in _TEXT_FIELDS:
+        if overrides.get(key) is not None:
             overrides[key] = str(overrides[key])
     return overrides
-
-
-def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """CLI flags left unset arrive as None, at any nesting level: they must not override anything."""
-    return {
-        k: _drop_none(v) if isinstance(v, Mapping) else v for k, v in mapping.items() if v is not None
-    }
 
 
 def resolve_engine_config(
@@ -192,19 +201,13 @@ def resolve_engine_config(
     environ: Mapping[str, str] | None = None,
     cli_overrides: Mapping[str, Any] | None = None,
 ) -> EngineConfig:
-    """Merge defaults < YAML < env < CLI into one validated EngineConfig.
+    """Merge defaults < YAML < env (default: os.environ) < CLI into one validated EngineConfig.
 
-    `yaml_data` may hold other sections (e.g. `server:`); only engine keys are read here.
-    CLI overrides whose value is None are treated as 'not given'.
+    `yaml_data` may hold a `server:` section, which is the server's (server/settings.py).
     """
-    merged: dict[str, Any] = {}
-    engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
-    if yaml_data:
-        merged = _deep_merge(merged, {k: v for k, v in yaml_data.items() if k in engine_keys or k not in ("server",)})
-    merged = _deep_merge(merged, engine_env_overrides(environ if environ is not None else os.environ))
-    if cli_overrides:
-        merged = _deep_merge(merged, _drop_none(cli_overrides))
-    return _build(EngineConfig, merged, "config")
+    engine_yaml = {k: v for k, v in (yaml_data or {}).items() if k != "server"}
+    env = _engine_env(environ if environ is not None else os.environ)
+    return _build(EngineConfig, merge_sources(yaml_data=engine_yaml, env=env, flags=cli_overrides), "config")
 
 
 def config_as_dict(config: EngineConfig) -> dict[str, Any]:

@@ -1,61 +1,63 @@
-"""The engine: load, plan, place, and the generation loop, written once as a generator of token events.
+"""Decoding: the generation loop, written once as a generator of token events (build.py builds the engine).
 
-One iteration of `subspec` mode is three calls: draft a tree with the substitute (`grow_tree`), verify it
-with one streamed target forward (`_verify_tree`), commit the accepted path (`_emit`). `vanilla` and
-`resident` run the same loop with a plain one-token target step instead.
+One iteration of `subspec` mode is three calls: draft a tree with the substitute (`TreeDrafter.grow`), verify
+it with one streamed target forward (`verify_logits`), commit the accepted path (`accepted_path`, then the KV
+compaction). `vanilla` and `resident` run the same loop with the plain one-token forward (`step_logits`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from subspec_core.cancel import CancelCheck, CancellableLayers, GenerationCancelled
-from subspec_core.config import EngineConfig, config_as_dict
+from subspec_core.config import EngineConfig
 from subspec_core.detokenize import IncrementalDetokenizer
 from subspec_core.drafting import TreeDrafter
-from subspec_core.kv_cache import KVCache, kv_capacity
-from subspec_core.loading import open_model
+from subspec_core.kv_cache import KVCache
 from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
-from subspec_core.model_source import resolve_model
-from subspec_core.offload import TargetLayers, place_layers
-from subspec_core.planner import MemoryPlan, choose_mode, device_budget, plan_memory
-from subspec_core.quant import DraftLayers, QuantizedLinears
+from subspec_core.offload import TargetLayers
+from subspec_core.planner import MemoryPlan
+from subspec_core.quant import DraftLayers
 from subspec_core.sampling import PROMPT_SCORE_ROWS, choose_tokens, token_logprobs
-from subspec_core.startup import StartupLog
-from subspec_core.timing import PhaseClock
-from subspec_core.tree import causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
+from subspec_core.stopwatch import Stopwatch
+from subspec_core.tree import TokenTree, causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
 from subspec_core.types import (
     FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent, TokenLogprob,
 )
 from subspec_core.verify import accepted_path, emitted_tokens
-from subspec_core.weights import LayerFiller, LayerLayout, ModelShape, SharedWeights, shared_nbytes, tensors_filler
+from subspec_core.weights import ModelShape, SharedWeights
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What build.py hands the engine: the weights where `plan` put them, the KV cache, the tokenizer's side."""
+
+    shape: ModelShape
+    shared: SharedWeights
+    target_layers: TargetLayers
+    draft_layers: DraftLayers | None  # mode subspec only
+    kv_cache: KVCache
+    plan: MemoryPlan
+    device: torch.device
+    tokenizer: Any
+    eos_token_ids: frozenset[int]
+    model_name: str
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
-    """cuda when asked or available (auto), else cpu; asking for cuda without one is an error."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device (install a CUDA build of torch)")
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on the GPU (fp16's range is risky for cumulative activations), float32 on the CPU."""
-    if config.dtype != "auto":
-        return _DTYPES[config.dtype]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def _request_seed(requested: int | None, configured: int | None) -> int:
+    """A request's own seed, else the operator's (`EngineConfig.seed`), else a fresh one: unseeded sampling is
+    not repeatable (OpenAI's semantics). Greedy decoding never reads it."""
+    if requested is not None:
+        return requested
+    return configured if configured is not None else secrets.randbits(63)
 
 
 @dataclass
@@ -69,7 +71,7 @@ class _Decoding:
     eos: frozenset[int]
     detokenizer: IncrementalDetokenizer
     stats: RequestStats
-    cancelled: CancelCheck | None = None  # asked between draft levels and before each target layer
+    cancelled: CancelCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,8 @@ def _step_logprobs(dec: _Decoding, logits: torch.Tensor, tokens: torch.Tensor) -
 
 @dataclass
 class _Cursor:
-    """Where decoding stands, on the device: the next step reads it without any host-to-device copy.
-
-    The host keeps its own count of committed rows (it learns each step's length from the step's one read);
-    the device copy lets the next step start before the host has looked at anything.
-    """
+    """Where decoding stands, on the device, so a step starts before the host has read the last one (the host
+    keeps its own count of committed rows, learnt from each step's one read)."""
 
     length: torch.Tensor  # (1,) long: committed KV rows N
     root: torch.Tensor  # (1,) long: the last chosen token, not yet in the KV cache
@@ -103,171 +102,31 @@ class _Cursor:
 class Engine:
     """A loaded model ready to generate, one request at a time (batch size 1, as in the paper)."""
 
-    def __init__(
-        self,
-        *,
-        config: EngineConfig,
-        shape: ModelShape,
-        shared: SharedWeights,
-        target_layers: TargetLayers,
-        draft_layers: DraftLayers | None,
-        kv_cache: KVCache,
-        tokenizer: Any,
-        eos_token_ids: frozenset[int],
-        device: torch.device,
-        model_name: str,
-        plan: MemoryPlan | None = None,
-    ) -> None:
+    def __init__(self, config: EngineConfig, model: LoadedModel) -> None:
         self.config = config
-        self.shape = shape
-        self.shared = shared
-        self.target_layers = target_layers
-        self.draft_layers = draft_layers
-        self.kv_cache = kv_cache
-        self.tokenizer = tokenizer
-        self.eos_token_ids = eos_token_ids
-        self.device = device
-        self.model_name = model_name
-        self.plan = plan
+        self.shape = model.shape
+        self.shared = model.shared
+        self.target_layers = model.target_layers
+        self.draft_layers = model.draft_layers
+        self.kv_cache = model.kv_cache
+        self.plan = model.plan
+        self.device = model.device
+        self.tokenizer = model.tokenizer
+        self.eos_token_ids = model.eos_token_ids
+        self.model_name = model.model_name
         self.max_model_len = config.max_model_len
-        # the plan's chunk: the config's, or the largest the budget allows when the config leaves it unset
-        self.prefill_chunk_size = plan.prefill_chunk_size if plan is not None else (config.prefill_chunk_size or 256)
-        self._dtype = shared.embed.dtype
-        self._clock = PhaseClock(device)
+        self.prefill_chunk_size = model.plan.prefill_chunk_size
+        self._dtype = model.shared.embed.dtype
+        self._clock = Stopwatch(model.device)
         spec = config.speculation
-        self.drafter = None if draft_layers is None else TreeDrafter(
-            draft_logits=self.draft_logits, topk=spec.topk, max_depth=spec.max_depth, capacity=kv_cache.capacity,
-            temperature=spec.draft_temperature, dtype=shared.embed.dtype, device=device,
+        self.drafter = None if model.draft_layers is None else TreeDrafter(
+            draft_logits=self.draft_logits, topk=spec.topk, max_depth=spec.max_depth, capacity=model.kv_cache.capacity,
+            temperature=spec.draft_temperature, dtype=self._dtype, device=model.device,
         )
 
-    # ----------------------------------------------------------------------------------------- building
-    @classmethod
-    def from_config(cls, config: EngineConfig, *, progress: bool = True, phases: StartupLog | None = None) -> "Engine":
-        """Open the target, choose the mode (resolving `auto`) and plan device memory from its config alone, then
-        read its weights in one pass: the shared weights, then each decoder layer straight into its resident
-        buffer or its slot of the host arena, its 4-bit substitute quantized from there. Host memory peaks at
-        about the arena plus one layer plus the shared weights. Each start-up phase is reported in one line to
-        `phases`."""
-        log.info("engine config: %s", config_as_dict(config))
-        phases = phases if phases is not None else StartupLog()
-        device = resolve_device(config)
-        dtype = resolve_dtype(config, device)
-        with phases.phase("fetch") as phase:
-            resolved = resolve_model(config.model, config.gguf_file, progress=progress, check_hub=True)
-            phase.detail = resolved.describe()
-        reader = open_model(config, dtype, resolved, phases)
-        shape = reader.shape
-        # Mode and memory plan: `choose_mode` resolves mode auto (an explicit mode is kept as asked).
-        budget = device_budget(config.budget_bytes, device)
-        plan_for = functools.partial(
-            plan_memory, shape=shape, dtype=dtype, speculation=config.speculation,
-            max_model_len=config.max_model_len, prefill_chunk_size=config.prefill_chunk_size,
-            stream_slots=config.stream_slots, max_resident_layers=config.max_resident_layers,
-            shared_bytes=shared_nbytes(shape, dtype), device_type=device.type,
-        )
-        choice = choose_mode(requested=config.mode, device_type=device.type, num_layers=shape.num_layers,
-                             max_resident_layers=config.max_resident_layers, budget_bytes=budget, plan_for=plan_for)
-        phases.note(choice.line())
-        config = dataclasses.replace(config, mode=choice.mode)
-        plan = plan_for(mode=config.mode, budget_bytes=budget)
-        log.info("memory plan (%s on %s, %s):\n%s", config.mode, device, dtype, plan.table())
-        return cls._build(
-            config=config, shape=shape, read_shared=lambda: reader.read_shared(dtype, device),
-            fill_layer=reader.fill_layer, dtype=dtype, plan=plan, tokenizer=reader.tokenizer,
-            eos_token_ids=reader.eos_token_ids, device=device,
-            model_name=config.served_model_name or resolved.display_name, progress=progress, phases=phases,
-            source=reader.source,
-        )
-
-    @classmethod
-    def from_weights(
-        cls,
-        *,
-        config: EngineConfig,
-        shape: ModelShape,
-        shared: SharedWeights,
-        layer_linears: list[dict[str, torch.Tensor]],
-        plan: MemoryPlan,
-        tokenizer: Any,
-        eos_token_ids: frozenset[int],
-        device: torch.device,
-        model_name: str,
-        progress: bool = False,
-        phases: StartupLog | None = None,
-    ) -> "Engine":
-        """Place weights already in host memory according to `plan` (tests and benchmarks with random weights)."""
-        return cls._build(
-            config=config, shape=shape, read_shared=lambda: shared.to(device), fill_layer=tensors_filler(layer_linears),
-            dtype=layer_linears[0]["qkv_weight"].dtype, plan=plan, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
-            device=device, model_name=model_name, progress=progress, phases=phases, source="memory",
-        )
-
-    @classmethod
-    def _build(
-        cls,
-        *,
-        config: EngineConfig,
-        shape: ModelShape,
-        read_shared: Callable[[], SharedWeights],
-        fill_layer: LayerFiller,
-        dtype: torch.dtype,
-        plan: MemoryPlan,
-        tokenizer: Any,
-        eos_token_ids: frozenset[int],
-        device: torch.device,
-        model_name: str,
-        progress: bool,
-        phases: StartupLog | None,
-        source: str,
-    ) -> "Engine":
-        """One pass over the layers: each is written once where `plan` puts it, and in mode subspec a streamed
-        layer's substitute is quantized from its arena slot right away, so no second host copy exists."""
-        phases = phases if phases is not None else StartupLog(emit=log.debug)
-        speculative = config.mode == "subspec"
-        if speculative and not plan.streamed_layers:
-            log.warning("every layer is resident: the draft equals the target; mode 'resident' is faster")
-        spec = config.speculation
-        substitutes: dict[int, QuantizedLinears] = {}
-        quantize_s = 0.0
-
-        def quantize(layer: int, weights: dict[str, torch.Tensor]) -> None:
-            nonlocal quantize_s
-            started = time.perf_counter()
-            substitutes[layer] = QuantizedLinears(weights, quant_type=spec.quant_type, block_size=spec.quant_block_size,
-                                                  device=device)
-            quantize_s += time.perf_counter() - started
-
-        started = time.perf_counter()
-        shared = read_shared()
-        target_layers = place_layers(
-            fill_layer=fill_layer, num_layers=shape.num_layers, layout=LayerLayout.for_shape(shape), dtype=dtype,
-            resident_ids=plan.resident_layers, device=device, num_slots=config.stream_slots,
-            on_streamed=quantize if speculative else None, progress=progress,
-        )
-        phases.record("place", time.perf_counter() - started - quantize_s,
-                      f"shared weights and {shape.num_layers} layers read once from {source}: "
-                      f"{len(plan.resident_layers)} resident on {device.type}, {len(plan.streamed_layers)} streamed")
-        draft_layers = None
-        if speculative:
-            phases.record("quantize", quantize_s,
-                          f"{spec.quant_type} substitutes of {len(substitutes)} streamed layers (the draft)")
-            draft_layers = DraftLayers(resident=target_layers.resident, substitutes=substitutes)
-        else:
-            phases.skipped("quantize", f"mode {config.mode} has no draft")
-        tree_slots = spec.tree_size if speculative else 1
-        kv_cache = KVCache(
-            num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-            capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=tree_slots), dtype=dtype, device=device,
-        )
-        engine = cls(
-            config=config, shape=shape, shared=shared, target_layers=target_layers, draft_layers=draft_layers,
-            kv_cache=kv_cache, tokenizer=tokenizer, eos_token_ids=eos_token_ids, device=device, model_name=model_name, plan=plan,
-        )
-        if engine.drafter is not None and config.cuda_graphs and device.type == "cuda":
-            with torch.inference_mode(), phases.phase("graphs") as phase:
-                graphed = engine.drafter.capture_cuda_graphs()
-                phase.detail = "draft root and level steps captured" if graphed else "capture failed: eager drafting"
-        return engine
+    def close(self) -> None:
+        """Release what dropping the engine would not: the page-locked registration of the host arena."""
+        self.target_layers.close()
 
     # ----------------------------------------------------------------------------------------- forwards
     def _forward(
@@ -288,15 +147,21 @@ class Engine:
                 self.target_layers.streamer.reset()  # a forward stopped mid-way leaves the ring out of step
             raise
 
-    def _decoding_logits(self, dec: _Decoding, tokens, positions, slots, kv_length, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        """A decoding step's target forward (verify, or the plain one-token step) and its float32 logits.
+    def step_logits(self, token: torch.Tensor, position: torch.Tensor, *, prefix_length: int,
+                    cancelled: CancelCheck | None = None) -> torch.Tensor:
+        """The plain decoding forward: `token` (1,) at slot and position N, seeing slots [0, N]; float32 logits (1, V).
+        N comes twice: `position` (1,) on the device, read without a host-to-device copy, and `prefix_length`."""
+        hidden = self._target_forward(token, position, position, prefix_length + 1, None, cancelled)
+        return compute_logits(self.shape, self.shared, hidden)
 
-        Counts the weight bytes copied while it ran: the ring's prefetch of its first layers, issued while the
-        draft ran, is not part of it.
-        """
-        h2d_before = self.target_layers.h2d_bytes
-        hidden = self._target_forward(tokens, positions, slots, kv_length, bias, dec.cancelled)
-        dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d_before
+    def verify_logits(self, tree: TokenTree, *, prefix_length: int,
+                      cancelled: CancelCheck | None = None) -> torch.Tensor:
+        """The verification forward: node j at slot N + j and position N + depth(j), seeing the prefix [0, N)
+        and its own ancestors; float32 logits (size, V)."""
+        n = prefix_length
+        slots = n + torch.arange(tree.size, device=self.device)
+        bias = attention_bias(tree_attention_mask(ancestors=tree.ancestors, prefix_length=n), self._dtype)
+        hidden = self._target_forward(tree.tokens, n + tree.depths, slots, n + tree.size, bias, cancelled)
         return compute_logits(self.shape, self.shared, hidden)
 
     def draft_logits(self, tokens, positions, slots, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -310,9 +175,8 @@ class Engine:
                         reuse: int = 0) -> Iterator[torch.Tensor]:
         """Fill KV slots [reuse, n) chunk by chunk with the target, yielding each chunk's hidden states.
 
-        Rows [0, reuse) must already hold token_ids[:reuse] (KVCache.reusable_prefix). Each chunk is recorded
-        in the cache's `token_ids` once its forward has run, so an interrupted prefill leaves only whole
-        chunks marked reusable.
+        Rows [0, reuse) must already hold token_ids[:reuse] (KVCache.reusable_prefix). A chunk is recorded in the
+        cache's `token_ids` once its forward has run, so an interrupted prefill leaves only whole chunks reusable.
         """
         cache = self.kv_cache
         del cache.token_ids[reuse:]
@@ -351,15 +215,9 @@ class Engine:
         assert hidden is not None
         return compute_logits(self.shape, self.shared, hidden[-1:]), None if scored is None else tuple(scored)
 
-    def close(self) -> None:
-        """Release what dropping the engine would not: the page-locked registration of the host arena."""
-        self.target_layers.close()
-
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Target logits (n, V) float32 at every position of `token_ids`, computed by chunked prefill.
-
-        For scoring, tests and benchmarks; it overwrites the KV cache like any request.
-        """
+        """Target logits (n, V) float32 at every position of `token_ids`, by chunked prefill (it overwrites the
+        KV cache like any request)."""
         with torch.inference_mode():
             return torch.cat([compute_logits(self.shape, self.shared, h) for h in self._prefill_chunks(token_ids)])
 
@@ -373,7 +231,9 @@ class Engine:
     def _plain_step(self, cursor: _Cursor, committed: int, dec: _Decoding) -> _Step:
         """One target forward over the last token: the baseline's decoding step (vanilla and resident)."""
         start = self._clock.mark()
-        logits = self._decoding_logits(dec, cursor.root, cursor.length, cursor.length, committed + 1, None)
+        h2d = self.target_layers.h2d_bytes
+        logits = self.step_logits(cursor.root, cursor.length, prefix_length=committed, cancelled=dec.cancelled)
+        dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d
         token = choose_tokens(
             logits=logits, params=dec.params, seed=dec.seed, positions=cursor.length + 1, first_position=committed + 1,
             num_positions=1,
@@ -389,20 +249,21 @@ class Engine:
     def _speculative_step(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> _Step:
         """Draft a tree, verify it in one target forward, keep the accepted rows."""
         assert self.drafter is not None
-        spec = self.config.speculation
         n = committed
         draft_start = self._clock.mark()
         tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, depth=depth, cancelled=dec.cancelled)
         verify_start = self._clock.mark()
-        if spec.verify_size < tree.size:
-            tree = subtree(tree, select_verify_nodes(scores=tree.scores, budget=spec.verify_size))
+        verify_size = self.config.speculation.verify_size
+        if verify_size < tree.size:
+            tree = subtree(tree, select_verify_nodes(scores=tree.scores, budget=verify_size))
         size = tree.size
-        slots = n + torch.arange(size, device=self.device)
-        positions = n + tree.depths
-        bias = attention_bias(tree_attention_mask(ancestors=tree.ancestors, prefix_length=n), self._dtype)
-        logits = self._decoding_logits(dec, tree.tokens, positions, slots, n + size, bias)  # (size, V)
+        # weight bytes copied during the verify itself: the ring's prefetch, issued while the draft ran, is not
+        h2d = self.target_layers.h2d_bytes
+        logits = self.verify_logits(tree, prefix_length=n, cancelled=dec.cancelled)  # (size, V)
+        dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d
         target_tokens = choose_tokens(
-            logits=logits, params=dec.params, seed=dec.seed, positions=positions + 1, first_position=n + 1, num_positions=depth + 1
+            logits=logits, params=dec.params, seed=dec.seed, positions=tree.depths + (n + 1), first_position=n + 1,
+            num_positions=depth + 1,
         )
         path = accepted_path(
             tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors,
@@ -420,17 +281,16 @@ class Engine:
         dec.stats.iterations += 1
         dec.stats.drafted_tokens += size - 1
         dec.stats.accepted_tokens += len(values) - 1
-        # each emitted token was chosen by the verify logits row of its path node (the bonus: the last one's);
+        # each emitted token was chosen by the verify row of its path node (the bonus: the last one's);
         # asked-for logprobs cost a second read, requests without them keep the one
         nodes = path.nodes[: len(values)]
         return _Step(values, size - 1, _step_logprobs(dec, logits.index_select(0, nodes), emitted[: len(values)]))
 
     def _emit(self, dec: _Decoding, step: _Step, *, accept_length: int | None) -> TokenEvent:
         """Apply EOS, max_tokens and stop strings to newly chosen tokens, in order, and make their event."""
-        new_tokens = step.tokens
         kept: list[int] = []
         finish = None
-        for token in new_tokens:
+        for token in step.tokens:
             if token in dec.eos:
                 finish = FINISH_STOP
                 break
@@ -467,12 +327,11 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
     def generate(self, request: GenerationRequest, *, cancelled: CancelCheck | None = None) -> Iterator[TokenEvent]:
-        """Generate for one request; yields an event per target forward, the last one with finish_reason and stats.
+        """Generate for one request: an event per target forward, the last with finish_reason and stats.
 
-        Closing the generator between events aborts the request; nothing needs cleaning up, since the next
-        request overwrites the KV cache from slot 0. `cancelled` stops it inside a step: it is asked between
-        draft levels and before each decoder layer of a target forward, and once it returns True the
-        generator returns (without a final event) within one level or one layer.
+        Closing the generator between events aborts (the next request overwrites the KV cache from slot 0).
+        `cancelled` is asked between draft levels and before each decoder layer of a target forward; once it
+        returns True the generator returns, without a final event, within one level or one layer.
         """
         try:
             yield from self._events(request, cancelled)
@@ -486,7 +345,7 @@ class Engine:
         dec = _Decoding(
             request_id=request.request_id,
             params=params,
-            seed=self.config.seed if params.seed is None else params.seed,
+            seed=_request_seed(params.seed, self.config.seed),
             budget=min(params.max_tokens, self.max_model_len - len(prompt)),
             eos=frozenset() if params.ignore_eos else self.eos_token_ids,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids=prompt, stop=params.stop),

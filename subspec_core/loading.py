@@ -221,7 +221,7 @@ def extract_weights(
     hf_model: Any, shape: ModelShape, *, consume: bool = False
 ) -> tuple[SharedWeights, list[dict[str, torch.Tensor]]]:
     """Take a transformers CausalLM of a supported family apart into shared weights and fused per-layer linears
-    (on the host, in the model's dtype): what tests and benchmarks pass to `Engine.from_weights`.
+    (on the host, in the model's dtype): what tests and benchmarks place with `build.engine_from_weights`.
 
     With `consume`, each of the model's tensors is released from the returned state as it is fused (the caller
     must drop the model too for that to free memory).

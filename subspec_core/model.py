@@ -47,7 +47,6 @@ class Linears(Protocol):
 class LayerSource(Protocol):
     """Hands out each layer's linears in order during one forward (a streamer waits for copies here)."""
 
-    def begin_forward(self) -> None: ...
     def acquire(self, layer: int) -> Linears: ...
     def release(self, layer: int) -> None: ...
 
@@ -143,7 +142,6 @@ def forward_hidden(
     # so every row of a kv head's block needs token i's mask row
     mask = None if bias is None else bias.repeat_interleave(group, dim=0)[None, None]  # (1, 1, n*group, kv_length)
     eps = shape.rms_norm_eps
-    layers.begin_forward()
     for i in range(shape.num_layers):
         norms = shared.layer_norms[i]
         linears = layers.acquire(i)

@@ -71,10 +71,6 @@ class ResolvedModel:
     gguf_file: str | None
     display_name: str
 
-    @property
-    def is_gguf(self) -> bool:
-        return self.gguf_file is not None
-
     def describe(self) -> str:
         """Where the weights are read from, for the start-up log."""
         if self.gguf_file is None:

@@ -167,9 +167,6 @@ class TargetLayers:
         self.resident = {i: DenseLinears(w) for i, w in resident.items()}
         self.streamer = streamer
 
-    def begin_forward(self) -> None:
-        pass  # the streamer's ring is already primed with this forward's first streamed layers
-
     def acquire(self, layer: int) -> Linears:
         linears = self.resident.get(layer)
         if linears is not None:

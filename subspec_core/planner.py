@@ -6,7 +6,8 @@ CPU, where host memory is the compute memory and nothing would be streamed), `su
 stream. `plan_memory` then places the chosen mode: fixed costs first (shared modules, the draft's
 substitutes, the KV cache, activation and tree buffers, the streaming ring); then as many full-precision
 decoder layers as still fit stay resident (beyond the paper, which streams them all). A resident layer
-needs no substitute: the draft uses the target's own weights there.
+needs no substitute: the draft uses the target's own weights there. `plan_for` is how callers plan: the
+builder and the benchmarks pass their EngineConfig whole.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from typing import Callable
 
 import torch
 
-from subspec_core.config import SpeculationConfig
+from subspec_core.config import EngineConfig, SpeculationConfig
 from subspec_core.kv_cache import KVCache, kv_capacity
 from subspec_core.quant import substitute_bytes_per_layer
 from subspec_core.sampling import PROMPT_SCORE_ROWS, top_p_workspace_bytes
-from subspec_core.weights import LayerLayout, ModelShape
+from subspec_core.weights import LayerLayout, ModelShape, shared_nbytes
 
 DEVICE, HOST = "device", "host"  # PlanRow locations: the compute device's memory, or (pinned) host memory
 
@@ -109,8 +110,8 @@ def choose_mode(
 ) -> ModeChoice:
     """Resolve `mode: auto`; any other mode is returned as asked (an explicit mode always wins).
 
-    `plan_for(mode=..., budget_bytes=None)` is `plan_memory` with every other argument bound: auto asks it
-    what the whole model needs on the device in mode `resident` and compares that with `budget_bytes`.
+    `plan_for(mode=..., budget_bytes=None)` is `plan_for` with the config and shape bound: auto asks it what
+    the whole model needs on the device in mode `resident` and compares that with `budget_bytes`.
     """
     if requested != "auto":
         return ModeChoice(requested, requested, "set by --mode, SUBSPEC_MODE or the config file")
@@ -269,6 +270,25 @@ def plan_memory(
     plan = MemoryPlan(resident_layers=resident_ids, streamed_layers=streamed_ids, rows=tuple(rows), budget_bytes=budget_bytes,
                       device_type=device_type, prefill_chunk_size=chunk)
     return dataclasses.replace(plan, host_ram_bytes=host_ram_at_load(plan, layer_bytes=layer_bytes, shared_bytes=shared_bytes))
+
+
+def plan_for(
+    config: EngineConfig, shape: ModelShape, *, dtype: torch.dtype, device_type: str, budget_bytes: int | None,
+    mode: str | None = None,
+) -> MemoryPlan:
+    """`plan_memory` for `config` on a model of `shape`: how the engine builder and every benchmark plan.
+
+    `mode` defaults to the config's, which must be chosen by then (`choose_mode` asks about other modes).
+    """
+    mode = config.mode if mode is None else mode
+    if mode == "auto":
+        raise ValueError("mode auto has no plan: choose_mode picks the mode first")
+    return plan_memory(
+        shape=shape, dtype=dtype, mode=mode, speculation=config.speculation, max_model_len=config.max_model_len,
+        prefill_chunk_size=config.prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=budget_bytes,
+        max_resident_layers=config.max_resident_layers, shared_bytes=shared_nbytes(shape, dtype),
+        device_type=device_type,
+    )
 
 
 def host_ram_at_load(plan: MemoryPlan, *, layer_bytes: int, shared_bytes: int) -> int:

@@ -96,11 +96,6 @@ class Int4Matrix:
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 (out, in) weight this matrix multiplies by (for tests and error measurements)."""
-        eye = torch.eye(self.scales_and_zeros.shape[0] * self.group_size, dtype=INT4_COMPUTE_DTYPE, device=self.packed.device)
-        return self._matmul(eye).float().t().contiguous()  # x = I: row i of the result is column i of the weight
-
 
 def _inner_k_tiles(in_features: int) -> int:
     """tinygemm's K tiling: the largest of 8, 4, 2 whose tile (16 inputs each) divides `in_features`."""
@@ -196,9 +191,6 @@ class DraftLayers:
     def __init__(self, *, resident: dict[int, DenseLinears], substitutes: dict[int, QuantizedLinears]) -> None:
         self.resident = resident
         self.substitutes = substitutes
-
-    def begin_forward(self) -> None:
-        pass
 
     def acquire(self, layer: int) -> Linears:
         linears = self.resident.get(layer)

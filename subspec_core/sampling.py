@@ -89,13 +89,6 @@ def choose_tokens(
     return torch.argmax(process_logits(logits, params) + noise[positions - first_position], dim=-1)
 
 
-def target_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution `choose_tokens` samples from (for tests and diagnostics)."""
-    if params.greedy:
-        return torch.nn.functional.one_hot(torch.argmax(logits, -1), logits.shape[-1]).float()
-    return torch.softmax(process_logits(logits, params), dim=-1)
-
-
 def token_logprobs(*, logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> tuple[TokenLogprob, ...]:
     """Each row's chosen token's log-probability and its `num_top` most likely tokens.
 

@@ -1,7 +1,5 @@
-"""The engine's public data types: what a request asks for and what generation emits.
-
-These are plain, picklable dataclasses: the server sends them between processes unchanged.
-"""
+"""The engine's public data types, what a request asks for and what generation emits: plain, picklable
+dataclasses that the server sends between processes unchanged."""
 
 from __future__ import annotations
 
@@ -9,7 +7,6 @@ from dataclasses import dataclass, field
 
 FINISH_STOP = "stop"  # EOS token or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context limit
-FINISH_ABORT = "abort"  # the caller stopped consuming (client gone, deadline)
 
 MAX_LOGPROBS = 20  # most alternatives per position a request may ask for (OpenAI's chat limit)
 
@@ -22,7 +19,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: disabled
-    seed: int | None = None  # None: the engine's default seed
+    seed: int | None = None  # None: EngineConfig.seed when the operator set one, else a fresh random seed
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     # Log-probabilities under the target: None is off (and costs nothing); n reports each token's logprob
@@ -117,18 +114,16 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """What one engine step emits: new tokens and their text, and on the last event why it finished.
+    """What one engine step emits: new tokens and their text; the last event also why it finished, and `stats`.
 
-    `accept_length` is the number of tokens this target forward produced (None for the prefill's token);
     `text` is the newly final text: held-back pieces (an incomplete UTF-8 sequence, a possible stop-string
-    prefix) arrive in a later event. The last event has `finish_reason` set and carries `stats`. With
-    `SamplingParams.logprobs` set, `logprobs` has one entry per token in `token_ids`.
+    prefix) arrive in a later event.
     """
 
     request_id: str
     token_ids: tuple[int, ...]
     text: str
-    accept_length: int | None = None
+    accept_length: int | None = None  # tokens this target forward produced (None for the prefill's token)
     drafted_tokens: int = 0
     finish_reason: str | None = None
     stats: RequestStats | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -79,12 +79,6 @@ class LayerLayout:
         """Named views into a flat layer buffer (no copies)."""
         return {name: flat[off : off + math.prod(dims)].view(dims) for name, off, dims in self.entries}
 
-    def pack(self, tensors: dict[str, torch.Tensor], out: torch.Tensor) -> None:
-        """Copy a layer's named tensors into the flat buffer `out`."""
-        views = self.views(out)
-        for name, view in views.items():
-            view.copy_(tensors[name])
-
     def nbytes(self, dtype: torch.dtype) -> int:
         return self.numel * torch.empty((), dtype=dtype).element_size()
 
@@ -92,16 +86,6 @@ class LayerLayout:
 # Writes decoder layer i's fused linears into `out`, named views (LINEAR_NAMES) of where the layer lives: its
 # slot of the host arena or its device buffer. Loading fills each layer once, straight from its source.
 LayerFiller = Callable[[int, dict[str, torch.Tensor]], None]
-
-
-def tensors_filler(layer_linears: Sequence[dict[str, torch.Tensor]]) -> LayerFiller:
-    """A LayerFiller over fused layers already in memory (tests and benchmarks with random weights)."""
-
-    def fill(layer: int, out: dict[str, torch.Tensor]) -> None:
-        for name, view in out.items():
-            view.copy_(layer_linears[layer][name])
-
-    return fill
 
 
 @dataclass

@@ -37,7 +37,7 @@ def default_engines() -> Any:
     speculation; "resident" streams nothing. `default_engines("subspec", "nf4")` uses another substitute format.
     """
     from subspec_core.config import load_yaml, resolve_engine_config
-    from subspec_core.engine import Engine
+    from subspec_core.build import build_engine
 
     preset = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "default-offload.yaml")
     built: dict[str, Any] = {}
@@ -51,7 +51,7 @@ def default_engines() -> Any:
             if quant_type is not None:
                 overrides["speculation"] = {**preset.get("speculation", {}), "quant_type": quant_type}
             config = resolve_engine_config(yaml_data={**preset, **overrides}, environ={})
-            built[key] = Engine.from_config(config, progress=False)
+            built[key] = build_engine(config, progress=False)
         return built[key]
 
     return get

@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 def load_engine(config: EngineConfig) -> EngineLike:
     """Build the real engine and warm it up (runs in the worker process: imports torch, may initialise CUDA).
     Each start-up phase is logged in one line with its duration."""
-    from subspec_core.engine import Engine
+    from subspec_core.build import build_engine
     from subspec_core.startup import StartupLog, warm_up
 
     phases = StartupLog()
-    engine = Engine.from_config(config, progress=False, phases=phases)
+    engine = build_engine(config, progress=False, phases=phases)
     with phases.phase("warm up") as phase:
         phase.detail = warm_up(engine)
     phases.note(f"engine ready in {phases.elapsed_s:.1f} s")

@@ -1,7 +1,7 @@
 """Loading in one pass per layer: host memory peaks at about the arena plus one layer plus the shared weights.
 
 The benchmark's own instruments (benchmarks/load_memory.py): a synthetic sharded safetensors checkpoint, loaded
-by the real path (`Engine.from_config`, mode subspec, every layer streamed, CPU) in a fresh process whose peak
+by the real path (`build_engine`, mode subspec, every layer streamed, CPU) in a fresh process whose peak
 RSS is read from the kernel.
 """
 

@@ -389,3 +389,14 @@ def test_seeded_subspec_output_equals_vanilla(family, speculation, llama, tiny_t
             assert spec_ids == plain_ids, f"seed {seed} {case}"
             accepted += stats.accepted_tokens
     assert accepted > 10, "speculation accepted drafted tokens, so the equality is not trivial"
+
+
+def test_an_unseeded_request_takes_the_configured_seed_else_a_fresh_one(llama, tiny_tokenizer):
+    """seed=None: the operator's EngineConfig.seed when set (repeatable), else a fresh seed per request, so
+    unseeded sampling is not repeatable (OpenAI's semantics)."""
+    sampling = dict(max_tokens=8, temperature=4.0)  # nearly flat: two independent draws of 8 tokens differ
+    unseeded = tiny_engine(llama, tiny_tokenizer, mode="vanilla")
+    assert len({tuple(generate_ids(unseeded, PROMPT, **sampling)[0]) for _ in range(3)}) > 1
+    configured = tiny_engine(llama, tiny_tokenizer, mode="vanilla", seed=7)
+    first = generate_ids(configured, PROMPT, **sampling)[0]
+    assert generate_ids(configured, PROMPT, **sampling)[0] == first == generate_ids(unseeded, PROMPT, seed=7, **sampling)[0]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from subspec_core.architecture import UnsupportedModelError, shape_from_hf_config
+from subspec_core.build import build_engine
 from subspec_core.config import EngineConfig
-from subspec_core.engine import Engine
 from subspec_core.loading import load_hf_model, load_tokenizer
 from subspec_core.model_source import resolve_model
 from subspec_core.startup import StartupLog
@@ -113,7 +113,7 @@ def tokenizer_dir(tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("family, storage", [(f, "shards") for f in FAMILIES]
                          + [("tied", "one file"), ("qwen3", "one file"), ("phi3", "bin")])
 def test_checkpoint_loads_layer_by_layer_to_transformers_logits(family, storage, tokenizer_dir, tmp_path) -> None:
-    """The real loading path (Engine.from_config on a saved checkpoint: safetensors shards with their index, one
+    """The real loading path (build_engine on a saved checkpoint: safetensors shards with their index, one
     safetensors file, or a pytorch_model.bin that transformers must materialise first) reads each family's tensor
     names into our layout: Phi-3's fused q/k/v and gate/up, Qwen3's q/k norms, tied embeddings without an
     lm_head tensor."""
@@ -130,7 +130,7 @@ def test_checkpoint_loads_layer_by_layer_to_transformers_logits(family, storage,
     config = EngineConfig(model=str(tmp_path), tokenizer=str(tokenizer_dir), device="cpu", dtype="float32",
                           mode="vanilla", max_resident_layers=1, max_model_len=256, prefill_chunk_size=8)
     lines: list[str] = []
-    engine = Engine.from_config(config, progress=False, phases=StartupLog(emit=lines.append))
+    engine = build_engine(config, progress=False, phases=StartupLog(emit=lines.append))
     load = next(line for line in lines if line.startswith("start-up: load"))
     assert ("materialised first" in load) == (storage == "bin") and ("layer by layer" in load) == (storage != "bin")
     assert engine.plan.resident_layers == (0,) and engine.plan.streamed_layers == (1, 2)

@@ -167,7 +167,7 @@ def test_resolve_gguf_file_path(tmp_path):
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
     resolved = resolve_model(str(gguf))
     assert resolved == ResolvedModel(str(gguf.parent), gguf.name, "Qwen2.5-7B-Instruct-Q4_K_M")
-    assert resolved.is_gguf and resolved.from_pretrained_kwargs() == {"gguf_file": gguf.name}
+    assert resolved.from_pretrained_kwargs() == {"gguf_file": gguf.name}  # what loading passes on
     assert resolve_model(str(gguf), gguf.name) == resolved
     with pytest.raises(ModelSourceError, match="conflicts"):
         resolve_model(str(gguf), "other.gguf")
@@ -198,7 +198,7 @@ def test_resolve_hf_checkpoint_directory(tmp_path, monkeypatch):
     (model_dir / "config.json").write_text("{}")
     resolved = resolve_model(str(model_dir))
     assert resolved == ResolvedModel(str(model_dir.resolve()), None, "Llama-3.1-8B-Instruct")
-    assert not resolved.is_gguf and resolved.from_pretrained_kwargs() == {}
+    assert resolved.from_pretrained_kwargs() == {}
     monkeypatch.chdir(tmp_path)  # a relative path works too
     assert resolve_model("Llama-3.1-8B-Instruct") == resolved
     assert resolve_model("./Llama-3.1-8B-Instruct/") == resolved

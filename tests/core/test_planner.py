@@ -16,7 +16,9 @@ from benchmarks import synthetic_weights as synthetic
 from benchmarks.synthetic_weights import QWEN25_1_5B, TINY, TINY_QWEN3, random_weights
 from subspec_core.architecture import shape_from_hf_config
 from subspec_core.config import SpeculationConfig, load_yaml, resolve_engine_config
-from subspec_core.planner import DEVICE, BudgetTooSmallError, MemoryPlan, choose_mode, device_budget, plan_memory
+from subspec_core.planner import (
+    DEVICE, BudgetTooSmallError, MemoryPlan, choose_mode, device_budget, plan_for, plan_memory,
+)
 from subspec_core.quant import substitute_bytes_per_layer
 from subspec_core.weights import LayerLayout, ModelShape, shared_nbytes
 
@@ -312,11 +314,7 @@ def _preset_shapes() -> dict[str, ModelShape]:
 def preset_plan(name: str, shape: ModelShape, **overrides) -> MemoryPlan:
     config = resolve_engine_config(yaml_data={**load_yaml(CONFIG_DIR / name), **overrides}, environ={})
     dtype = {"bfloat16": torch.bfloat16}[config.dtype]
-    return plan_memory(
-        shape=shape, dtype=dtype, mode=config.mode, speculation=config.speculation, max_model_len=config.max_model_len,
-        prefill_chunk_size=config.prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=config.budget_bytes,
-        max_resident_layers=config.max_resident_layers, shared_bytes=shared_nbytes(shape, dtype),
-    )
+    return plan_for(config, shape, dtype=dtype, device_type="cuda", budget_bytes=config.budget_bytes)
 
 
 @pytest.mark.parametrize("name", sorted(_preset_shapes()))

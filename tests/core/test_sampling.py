@@ -17,7 +17,6 @@ from subspec_core.sampling import (
     gumbel_noise,
     position_seed,
     process_logits,
-    target_probabilities,
 )
 from subspec_core.types import SamplingParams
 
@@ -31,6 +30,11 @@ P_THRESHOLD = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------- statistics helpers
+def target_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `choose_tokens` samples from: softmax of the processed logits (n, V)."""
+    return torch.softmax(process_logits(logits, params), dim=-1)
+
+
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, *, min_expected: float = 5.0) -> float:
     """Pearson chi-square goodness-of-fit p-value of category `counts` (K,) against `probs` (K,).
 
@@ -152,10 +156,11 @@ def test_top_p_keeps_the_token_that_crosses_the_threshold():
     assert torch.isfinite(process_logits(logits, SamplingParams(top_p=0.49))).tolist() == [[True, False, False, False]]
 
 
-def test_greedy_probabilities_are_one_hot_argmax():
+def test_greedy_chooses_the_argmax():
     logits = torch.tensor([[0.1, 3.0, -1.0], [2.0, 1.0, 0.0]])
-    probs = target_probabilities(logits, SamplingParams(temperature=0.0))
-    assert probs.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    tokens = choose_tokens(logits=logits, params=SamplingParams(temperature=0.0), seed=0, positions=torch.tensor([5, 6]),
+                           first_position=5, num_positions=2)
+    assert tokens.tolist() == [1, 0]
 
 
 # ----------------------------------------------------------------------------------------------- gumbel_noise

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from subspec_core.config import SpeculationConfig
 from subspec_core.offload import HostLayerStore, LayerStreamer, TargetLayers, place_layers
-from subspec_core.weights import LayerLayout, ModelShape, tensors_filler
+from subspec_core.weights import LayerLayout, ModelShape
 from tests.core.tiny import generate_ids, tiny_engine, tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -30,10 +30,17 @@ def layer_tensors(layer: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def fill_layer(layer: int, out: dict[str, torch.Tensor]) -> None:
+    """A weights.LayerFiller over `layer_tensors`."""
+    tensors = layer_tensors(layer)
+    for name, view in out.items():
+        view.copy_(tensors[name])
+
+
 def make_store(layer_ids: list[int]) -> HostLayerStore:
     store = HostLayerStore(layout=LAYOUT, layer_ids=layer_ids, dtype=torch.float32, pin=False)
     for layer in layer_ids:
-        LAYOUT.pack(layer_tensors(layer), store.layer(layer))
+        fill_layer(layer, LAYOUT.views(store.layer(layer)))
     return store
 
 
@@ -144,7 +151,6 @@ def test_host_store_packs_layers_contiguously():
 def forward_outputs(layers: TargetLayers, x: torch.Tensor) -> list[torch.Tensor]:
     """Apply each layer's four linears in order (acquire/release around each), as forward_hidden does."""
     outs = []
-    layers.begin_forward()
     for i in range(SHAPE.num_layers):
         lin = layers.acquire(i)
         outs.append(torch.cat([lin.qkv(x), lin.o(x[:, : SHAPE.q_size]), lin.gate_up(x), lin.down(torch.ones(x.shape[0], SHAPE.intermediate_size))], dim=-1))
@@ -166,7 +172,7 @@ def expected_outputs(x: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.parametrize("resident_ids", [[0, 2], [], [0, 1, 2, 3, 4], [4], [1, 2, 3]])
 def test_target_layers_mix_resident_and_streamed(resident_ids):
     layers = place_layers(
-        fill_layer=tensors_filler([layer_tensors(i) for i in range(SHAPE.num_layers)]), num_layers=SHAPE.num_layers,
+        fill_layer=fill_layer, num_layers=SHAPE.num_layers,
         layout=LAYOUT, dtype=torch.float32, resident_ids=resident_ids, device=CPU, num_slots=2, progress=False,
     )
     streamed = [i for i in range(SHAPE.num_layers) if i not in resident_ids]

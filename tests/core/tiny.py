@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from subspec_core.architecture import shape_from_hf_config
+from subspec_core.build import InMemoryWeights, engine_from_weights
 from subspec_core.config import EngineConfig, SpeculationConfig
 from subspec_core.engine import Engine
-from subspec_core.architecture import shape_from_hf_config
 from subspec_core.loading import extract_weights
-from subspec_core.planner import plan_memory
 
 TINY_VOCAB = 512
 
@@ -87,6 +87,7 @@ def tiny_engine(
     quant_type: str = "int4",
     eos_token_ids: frozenset[int] = frozenset(),
     dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
 ) -> Engine:
     """An engine over a tiny model's weights on the CPU (streamed layers by default, like the paper)."""
     speculation = speculation or SpeculationConfig(topk=3, max_depth=6)
@@ -94,19 +95,13 @@ def tiny_engine(
     config = EngineConfig(
         model="tiny", mode=mode, device="cpu", dtype=str(dtype).removeprefix("torch."),
         max_resident_layers=max_resident_layers, max_model_len=max_model_len, prefill_chunk_size=prefill_chunk_size,
-        speculation=speculation,
+        speculation=speculation, seed=seed,
     )
     shape = shape_from_hf_config(hf_model.config, max_model_len=max_model_len)
     shared, layer_linears = extract_weights(hf_model.to(dtype), shape)
-    plan = plan_memory(
-        shape=shape, dtype=dtype, mode=mode, speculation=speculation, max_model_len=max_model_len,
-        prefill_chunk_size=prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=None,
-        max_resident_layers=max_resident_layers, shared_bytes=shared.nbytes(),
-    )
-    return Engine.from_weights(
-        config=config, shape=shape, shared=shared, layer_linears=layer_linears, plan=plan, tokenizer=tokenizer,
-        eos_token_ids=eos_token_ids, device=torch.device("cpu"), model_name="tiny",
-    )
+    weights = InMemoryWeights(shape=shape, shared=shared, layer_linears=layer_linears, tokenizer=tokenizer,
+                              eos_token_ids=eos_token_ids)
+    return engine_from_weights(config, weights, device=torch.device("cpu"))
 
 
 def generate_ids(engine: Engine, prompt: list[int], **sampling: Any) -> tuple[list[int], Any]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from subspec_core.agreement import compare_generations
+from subspec_core.build import build_engine
 from subspec_core.config import resolve_engine_config
 from subspec_core.engine import Engine
 from subspec_core.types import GenerationRequest, SamplingParams
@@ -32,7 +33,7 @@ PROMPTS = [
 def _engine(mode: str, **overrides) -> Engine:
     model = os.environ.get("SUBSPEC_DEVICE_MODEL", "default")
     data = {"model": model, "mode": mode, "device": "cuda", "max_resident_layers": 0, "gpu_memory_budget": "4GiB", **overrides}
-    return Engine.from_config(resolve_engine_config(yaml_data=data, environ={}), progress=False)
+    return build_engine(resolve_engine_config(yaml_data=data, environ={}), progress=False)
 
 
 @pytest.fixture(scope="module")
