@@ -62,9 +62,9 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.info("engine config: %s", json.dumps(config_as_dict(engine_config)))
     logger.info("server settings: %s", json.dumps(settings.redacted()))
 
-    # The API process needs the tokenizer (chat template, prompt lengths) but never the weights or CUDA.
+    # The API process needs the tokenizer (chat template, prompt lengths) but never the weights, torch or CUDA.
     # It fetches the model first (the download, on a first start), so the worker finds it cached.
-    from subspec_core.loading import load_tokenizer
+    from subspec_core.api_tokenizer import api_tokenizer
     from subspec_core.model_source import ModelSourceError, offline_hint, resolve_model
     from subspec_core.startup import StartupLog, quiet_third_party_warnings
 
@@ -75,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
             resolved = resolve_model(engine_config.model, engine_config.gguf_file, check_hub=True)
             phase.detail = resolved.describe()
         with phases.phase("tokenizer") as phase:
-            tokenizer = load_tokenizer(engine_config, resolved)
+            tokenizer = api_tokenizer(engine_config, resolved)
             phase.detail = f"{len(tokenizer)} tokens, for chat templates and prompt lengths in the API process"
     except (OSError, ModelSourceError) as exc:  # a model that cannot be read: one line that says what to do
         lines = str(exc).strip().splitlines()

@@ -11,12 +11,8 @@ are released as they are taken.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +24,8 @@ from subspec_core.checkpoint import (
     SAFETENSORS_FILE, SAFETENSORS_INDEX, SafetensorsCheckpoint, StateDict, TensorStore, fill_layer, read_shared,
 )
 from subspec_core.config import EngineConfig
-from subspec_core.model_source import ResolvedModel, default_cache_dir, resolve_model
+from subspec_core.conversion_cache import GgufConversion, dtype_name, gguf_conversion, unwritable_message
+from subspec_core.model_source import ResolvedModel, resolve_model
 from subspec_core.startup import StartupLog
 from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
 
@@ -61,84 +58,6 @@ class ModelReader:
         fill_layer(self.store, self.shape, layer, out)
 
 
-ENV_GGUF_CONVERSION_CACHE = "SUBSPEC_GGUF_CONVERSION_CACHE"
-
-
-@dataclass(frozen=True)
-class GgufConversion:
-    """A local GGUF model's one-time conversion to a Hugging Face checkpoint: `tokenizer/` and one directory of
-    weights per dtype (`bfloat16/`, ...).
-
-    Parsing GGUF metadata (the whole vocabulary) and dequantising takes seconds each time; the converted
-    checkpoint loads in a fraction of that. A part is read from the first of `places` that holds it, and written
-    to the last one, the cache directory (`$SUBSPEC_CACHE_DIR/converted`). The first is `converted/` beside the
-    GGUF file, where a cache directory keeps the conversions of its own files: a read-only one baked into an
-    image (`subspec prepare`) is read there, and never written.
-    """
-
-    places: tuple[Path, ...]
-
-    @property
-    def cache(self) -> Path:
-        return self.places[-1]
-
-    def find(self, part: str) -> Path | None:
-        """The complete directory of `part` ('tokenizer' or a dtype name), or None when none holds it yet."""
-        marker = "tokenizer_config.json" if part == "tokenizer" else "config.json"
-        return next((place / part for place in self.places if (place / part / marker).is_file()), None)
-
-    def weights(self, dtype: torch.dtype) -> Path | None:
-        """The converted checkpoint in `dtype`, or None."""
-        return self.find(_dtype_name(dtype))
-
-    def writable(self) -> bool:
-        """Whether a part can be written to the cache (whose parent is created when missing)."""
-        try:
-            self.cache.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            return False
-        return os.access(self.cache.parent, os.W_OK)
-
-    def save(self, part: str, save: Any) -> Path:
-        """Write `part` into the cache with `save(directory)`; returns where it is."""
-        target = self.cache / part
-        _save_atomically(target, save)
-        return target
-
-
-def gguf_conversion(resolved: ResolvedModel) -> GgufConversion | None:
-    """Where a local GGUF model's conversion is looked up and cached, or None (not a local GGUF file, or
-    SUBSPEC_GGUF_CONVERSION_CACHE=0: always read the GGUF file). The key is the file's path, size and mtime:
-    a changed file gets a new conversion."""
-    if resolved.gguf_file is None or os.environ.get(ENV_GGUF_CONVERSION_CACHE, "1") == "0":
-        return None
-    gguf = Path(resolved.load_path) / resolved.gguf_file
-    if not gguf.is_file():
-        return None  # a GGUF file inside a hub repo: transformers resolves it, we do not cache it
-    gguf = gguf.resolve()
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    name = f"{gguf.stem}-{key}"
-    places = dict.fromkeys((gguf.parent / "converted" / name, default_cache_dir().resolve() / "converted" / name))
-    return GgufConversion(tuple(places))
-
-
-def _save_atomically(target: Path, save: Any) -> None:
-    """Write a directory with `save(tmpdir)`, then rename it into place (a crash leaves no half-written cache)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        save(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700: a cache is shared data (an image bakes it as root for another user)
-        os.replace(tmp, target)
-    except OSError:
-        if target.exists():
-            return  # another process converted the same model concurrently
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def load_tokenizer(config: EngineConfig, resolved: ResolvedModel | None = None) -> Any:
     """The model's tokenizer (no weights, no CUDA): usable by the API process."""
     from transformers import AutoTokenizer
@@ -169,13 +88,7 @@ def convert_gguf(resolved: ResolvedModel, dtype: torch.dtype, conversion: GgufCo
     if hasattr(hf_model.config, "__dict__"):
         hf_model.config.__dict__.pop("quantization_config", None)
     hf_model.hf_quantizer = None
-    return conversion.save(_dtype_name(dtype), hf_model.save_pretrained)
-
-
-def _unwritable(conversion: GgufConversion) -> str:
-    """The one line that says a conversion cannot be cached, and what to do about it."""
-    return (f"{conversion.cache.parent} is not writable, so the GGUF file is read and dequantised at every start: "
-            "set SUBSPEC_CACHE_DIR to a writable directory to convert it once")
+    return conversion.save(dtype_name(dtype), hf_model.save_pretrained)
 
 
 _LOAD_KWARGS: dict[str, Any] = dict(device_map="cpu", low_cpu_mem_usage=True)
@@ -190,7 +103,7 @@ def load_hf_model(resolved: ResolvedModel, dtype: torch.dtype) -> Any:
         if conversion.writable():
             weights_dir = convert_gguf(resolved, dtype, conversion)
         else:
-            log.warning(_unwritable(conversion))
+            log.warning(unwritable_message(conversion))
     return _materialise(resolved, dtype, weights_dir)
 
 
@@ -287,9 +200,9 @@ def open_model(
     elif conversion.writable():
         with phases.phase("convert") as phase:
             weights_dir = convert_gguf(resolved, dtype, conversion)  # then read back layer by layer
-            phase.detail = f"GGUF dequantised to {_dtype_name(dtype)}, saved to {weights_dir} (once)"
+            phase.detail = f"GGUF dequantised to {dtype_name(dtype)}, saved to {weights_dir} (once)"
     else:
-        phases.skipped("convert", _unwritable(conversion))
+        phases.skipped("convert", unwritable_message(conversion))
     with phases.phase("load") as phase:
         checkpoint_path: str | Path = weights_dir if weights_dir is not None else resolved.load_path
         store: TensorStore | None = None
@@ -310,10 +223,8 @@ def open_model(
         tokenizer = load_tokenizer(config, resolved)
         inv_freq, scaling = rotary_from_config(hf_config)
         phase.detail = (f"{resolved.display_name}: {shape.architecture}, {shape.num_layers} layers, "
-                        f"{_dtype_name(dtype)}, weights read from {source}")
+                        f"{dtype_name(dtype)}, weights read from {source}")
     return ModelReader(shape=shape, tokenizer=tokenizer, eos_token_ids=eos_token_ids(tokenizer, generation_config),
                        store=store, inv_freq=inv_freq, attention_scaling=scaling, source=source)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -1,6 +1,6 @@
 """Turn chat messages or a completion prompt into prompt token ids, with the model's own tokenizer.
 
-Runs in the API process with a weights-free tokenizer (`subspec_core.loading.load_tokenizer`), so a bad
+Runs in the API process with a weights-free tokenizer (`subspec_core.api_tokenizer`), so a bad
 or too-long prompt is rejected before it is queued. Chat uses the tokenizer's chat template (or the one the
 server was given with `--chat-template`), which also renders tools, assistant tool calls and tool results;
 the templated text already holds any BOS token, so it is encoded without adding special tokens again.

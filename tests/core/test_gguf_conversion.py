@@ -1,4 +1,4 @@
-"""Where a GGUF file's one-time conversion is read and written (subspec_core.loading.GgufConversion): beside
+"""Where a GGUF file's one-time conversion is read and written (subspec_core.conversion_cache.GgufConversion): beside
 the file first (a read-only cache baked into an image), then the writable cache, which is the one written."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from subspec_core.loading import gguf_conversion
+from subspec_core.conversion_cache import gguf_conversion
 from subspec_core.model_source import ResolvedModel
 
 

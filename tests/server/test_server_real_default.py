@@ -98,3 +98,14 @@ def test_ready_message_names_a_url_a_client_can_call():
     assert message.startswith("SubSpec Server ready in 3.2 s: SmolLM2 at http://127.0.0.1:8000/v1")
     assert "curl http://127.0.0.1:8000/v1/chat/completions" in message and "Bearer $YOUR_KEY" in message
     assert "Bearer" not in ready_message("127.0.0.1", 1, "m", 0, api_key=False)
+
+
+def test_the_api_process_never_loads_torch(default_server):
+    """The API process serves with the model's tokenizer but never imports torch (so it can never touch
+    CUDA): no torch library is mapped into it; only the worker process has one."""
+    with open(f"/proc/{default_server.process.pid}/maps") as maps:
+        mapped = maps.read()
+    assert "libtorch" not in mapped and "torch/_C" not in mapped
+    worker = httpx.get(f"{default_server.base_url}/health").json()["worker_pid"]
+    with open(f"/proc/{worker}/maps") as maps:
+        assert "libtorch" in maps.read()  # the check can see torch where it is
