@@ -60,7 +60,7 @@ def json_shape_error(body: bytes) -> APIError | None:
                                          f"most {MAX_NAME_CHARS} are accepted", code="field_name_too_long")
                 if isinstance(child, (dict, list)):
                     pending.append((child, depth + 1))
-        else:
+        elif isinstance(item, list):
             pending.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
     return None
 

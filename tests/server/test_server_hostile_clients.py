@@ -155,6 +155,12 @@ def test_deep_json_is_a_400_naming_the_limit_with_one_short_log_line(http, caplo
     assert sum(len(r.getMessage()) for r in logged) < 400, [r.getMessage() for r in logged]
 
 
+@pytest.mark.parametrize("body", [b"null", b"1", b'"x"', b"[]", b"[1, null]"])
+def test_json_that_is_not_an_object_is_a_400_not_a_500(http, body):
+    response = http.post(CHAT, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"], response.text
+
+
 def test_64_levels_are_still_accepted(http):
     body = {"messages": MSGS, "max_tokens": 2, "x_extra": json.loads(nested(62))}  # 64 with the top object
     assert http.post(CHAT, json=body).status_code == 200

@@ -87,7 +87,7 @@ def test_request_id_reaches_the_worker_log(default_server):
     response = httpx.post(f"{default_server.base_url}/v1/chat/completions", headers={"X-Request-Id": "newcomer-1"},
                           json={"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4}, timeout=120)
     assert response.status_code == 200 and response.headers["X-Request-Id"] == "newcomer-1"
-    wait_for_line(default_server, rf"\[worker\] server\.engine_loop: request {response.json()['id']} finished .*"
+    wait_for_line(default_server, rf"\[worker\] server\.worker\.loop: request {response.json()['id']} finished .*"
                                   r"\[X-Request-Id newcomer-1\]")
 
 

@@ -218,9 +218,11 @@ class HealthPoller:
 
 
 def test_a_maximal_request_does_not_stall_health_and_a_larger_one_is_a_413(http, real_server):
-    """The body limit here is 1 MiB (max_model_len 512). A request just under it is parsed, templated and
-    tokenized (~0.4 M tokens, about a second of CPU) while /health keeps answering at once; a 10 MB body
-    is refused with 413 before it is read."""
+    """The body limit here is 1 MiB (max_model_len 512). A request just under it is parsed and templated, then
+    refused by its length alone: its ~1 M characters cannot fit 512 tokens even at the vocabulary's longest
+    token, so the ~0.4 M tokens are never counted (that took about a second of CPU); /health keeps answering
+    at once throughout; a 10 MB body is refused with 413 before it is read. (A burst of prompts that must
+    be tokenized is test_server_hostile_clients' job.)"""
     limit = 1 << 20
     content = "The quick brown fox jumps over the lazy dog. " * ((limit - 1000) // 45)
     with HealthPoller(real_server.base_url) as poller:
@@ -228,7 +230,8 @@ def test_a_maximal_request_does_not_stall_health_and_a_larger_one_is_a_413(http,
         started = time.monotonic()
         response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
         prepared_in = time.monotonic() - started
-        assert error(response, 400)["code"] == "context_length_exceeded"  # tokenized: it counted the tokens
+        assert error(response, 400)["code"] == "context_length_exceeded"
+        assert "characters" in error(response, 400)["message"]  # refused by its length, not by counting tokens
         with socket.create_connection(("127.0.0.1", real_server.port)) as sock:
             sock.settimeout(10)
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -243,7 +246,7 @@ def test_a_maximal_request_does_not_stall_health_and_a_larger_one_is_a_413(http,
     worst = max(poller.latencies)
     print(f"\nmaximal request prepared in {prepared_in:.2f} s; /health: {len(poller.latencies)} answers, "
           f"median {statistics.median(poller.latencies) * 1000:.0f} ms, worst {worst * 1000:.0f} ms")
-    assert prepared_in > 0.2 and len(poller.latencies) >= 10
+    assert prepared_in < 1.0 and len(poller.latencies) >= 10
     assert statistics.median(poller.latencies) < 0.1 and worst < 0.3
     ok_after(http)
 
