@@ -10,11 +10,12 @@ and a failure after the 200 becomes an `{"error": ...}` event followed by `[DONE
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
-from server.api.endpoint import Endpoint, EventStream, Prepared, created_now
+from server.api.endpoint import Endpoint, EventStream, Prepared
 from server.api.errors import APIError
 from server.api.sse import DONE_FRAME, sse_frame
 from server.worker.runner import Completion, Job
@@ -66,7 +67,7 @@ class ChoicesEndpoint(Endpoint):
         for event in result.events:
             builder.on_event(event)
         builder.closing(result.finish_reason)
-        return {"id": job.request_id, "object": self.body_object, "created": created_now(),
+        return {"id": job.request_id, "object": self.body_object, "created": int(time.time()),
                 "model": self.context.model_name, "choices": [builder.whole()],
                 "usage": usage(len(job.prompt_ids), result.completion_tokens, result.stats),
                 "system_fingerprint": None}
@@ -84,7 +85,7 @@ class _ChoiceStream(EventStream):
         self._builder = builder
         self._include_usage = include_usage
         self._continuous_usage = continuous_usage
-        self._created = created_now()
+        self._created = int(time.time())
         self._tokens = 0
 
     def _chunk(self, choice: dict[str, Any] | None, usage_value: dict[str, Any] | None = None,

@@ -15,7 +15,6 @@ Responses API in server/api/responses.py).
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -248,7 +247,3 @@ def sampling_params(request: SamplingFields, *, prompt_len: int, max_model_len: 
         )
     except ValueError as exc:
         raise bad_request(str(exc), code="invalid_value") from exc
-
-
-def created_now() -> int:
-    return int(time.time())

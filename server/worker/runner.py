@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, TypeVar
 
@@ -144,14 +145,15 @@ class JobRunner:
         tokens = 0
         finish_reason = "stop"
         stats = None
-        async for event in self.events(job):
-            collected.append(event)
-            tokens += len(event.token_ids)
-            if event.finished:
-                finish_reason = event.finish_reason or "stop"
-                stats = event.stats
-                if stats is not None and stats.completion_tokens:
-                    tokens = stats.completion_tokens
+        async with aclosing(self.events(job)) as events:  # cancelled: the job is aborted at once, not at GC
+            async for event in events:
+                collected.append(event)
+                tokens += len(event.token_ids)
+                if event.finished:
+                    finish_reason = event.finish_reason or "stop"
+                    stats = event.stats
+                    if stats is not None and stats.completion_tokens:
+                        tokens = stats.completion_tokens
         return Completion(tuple(collected), finish_reason, tokens, stats)
 
 
