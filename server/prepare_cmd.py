@@ -18,7 +18,7 @@ from server.engine_args import engine_config_from_args
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Download (the default model) and convert (a local GGUF file) into the cache; 1 if that cannot be done."""
-    from subspec_core.engine import resolve_device, resolve_dtype
+    from subspec_core.build import resolve_device, resolve_dtype
     from subspec_core.loading import convert_gguf, gguf_conversion, load_tokenizer
     from subspec_core.model_source import ModelSourceError, resolve_model
 
