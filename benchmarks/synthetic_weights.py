@@ -14,53 +14,21 @@ from typing import Any
 
 import torch
 
+from subspec_core.shapes import (
+    LLAMA31_8B, MISTRAL_7B, PHI3_MEDIUM, QWEN3_8B, QWEN3_14B, QWEN25_1_5B, QWEN25_7B, QWEN25_14B, QWEN25_32B,
+)
 from subspec_core.weights import LayerNorms, ModelShape, SharedWeights
 
-# Qwen2.5-7B-Instruct's decoder (config.json of the hub model): the SubSpec paper's headline setting.
-QWEN25_7B = ModelShape(
-    architecture="qwen2", num_layers=28, hidden_size=3584, intermediate_size=18944, num_heads=28, num_kv_heads=4,
-    head_dim=128, vocab_size=152064, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=False,
-)
-# A few-layer stand-in of the same family, small enough for a CPU smoke test.
+# A few-layer stand-in of Qwen2.5-7B's family (QWEN25_7B, the paper's headline setting), small enough for a CPU
+# smoke test.
 TINY = ModelShape(
     architecture="qwen2", num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
     head_dim=16, vocab_size=512, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=False,
 )
 # The same stand-in in Qwen3's form: no q/k/v biases, an RMSNorm over each q and k head.
 TINY_QWEN3 = dataclasses.replace(TINY, architecture="qwen3", qkv_bias=False, qk_norm=True)
-# The decoders of the presets in configs/ (each hub model's config.json), and a 1.5B one (load_memory's).
-QWEN25_1_5B = ModelShape(
-    architecture="qwen2", num_layers=28, hidden_size=1536, intermediate_size=8960, num_heads=12, num_kv_heads=2,
-    head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=True,
-)
-QWEN25_14B = ModelShape(
-    architecture="qwen2", num_layers=48, hidden_size=5120, intermediate_size=13824, num_heads=40, num_kv_heads=8,
-    head_dim=128, vocab_size=152064, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=False,
-)
-QWEN25_32B = ModelShape(
-    architecture="qwen2", num_layers=64, hidden_size=5120, intermediate_size=27648, num_heads=40, num_kv_heads=8,
-    head_dim=128, vocab_size=152064, rms_norm_eps=1e-6, qkv_bias=True, o_bias=False, tie_embeddings=False,
-)
-LLAMA31_8B = ModelShape(
-    architecture="llama", num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
-    head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, qkv_bias=False, o_bias=False, tie_embeddings=False,
-)
-QWEN3_8B = ModelShape(
-    architecture="qwen3", num_layers=36, hidden_size=4096, intermediate_size=12288, num_heads=32, num_kv_heads=8,
-    head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, qkv_bias=False, o_bias=False, tie_embeddings=False, qk_norm=True,
-)
-QWEN3_14B = ModelShape(
-    architecture="qwen3", num_layers=40, hidden_size=5120, intermediate_size=17408, num_heads=40, num_kv_heads=8,
-    head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, qkv_bias=False, o_bias=False, tie_embeddings=False, qk_norm=True,
-)
-MISTRAL_7B = ModelShape(  # Mistral-7B-Instruct-v0.3 (sliding_window null)
-    architecture="mistral", num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
-    head_dim=128, vocab_size=32768, rms_norm_eps=1e-5, qkv_bias=False, o_bias=False, tie_embeddings=False,
-)
-PHI3_MEDIUM = ModelShape(  # Phi-3-medium-128k-instruct (4k-instruct has the same decoder)
-    architecture="phi3", num_layers=40, hidden_size=5120, intermediate_size=17920, num_heads=40, num_kv_heads=10,
-    head_dim=128, vocab_size=32064, rms_norm_eps=1e-5, qkv_bias=False, o_bias=False, tie_embeddings=False,
-)
+# The presets' decoders, a 1.5B one (load_memory's) and Qwen3-14B live in subspec_core.shapes (`subspec plan`
+# reads them).
 SHAPES = {
     "qwen2.5-7b": QWEN25_7B, "tiny": TINY, "tiny-qwen3": TINY_QWEN3, "qwen2.5-1.5b": QWEN25_1_5B, "qwen2.5-14b": QWEN25_14B,
     "qwen2.5-32b": QWEN25_32B, "llama-3.1-8b": LLAMA31_8B, "qwen3-8b": QWEN3_8B, "qwen3-14b": QWEN3_14B,

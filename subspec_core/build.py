@@ -18,6 +18,7 @@ import torch
 
 from subspec_core.config import EngineConfig, config_as_dict
 from subspec_core.engine import Engine, LoadedModel
+from subspec_core.fit import fit_device
 from subspec_core.kv_cache import KVCache, kv_capacity
 from subspec_core.loading import open_model
 from subspec_core.model_source import resolve_model
@@ -104,6 +105,7 @@ def build_engine(config: EngineConfig, *, progress: bool = True, phases: Startup
     phases.note(choice.line())
     config = dataclasses.replace(config, mode=choice.mode)
     plan = plan_for(config, reader.shape, dtype=dtype, device_type=device.type, budget_bytes=budget)
+    plan = fit_device(config, reader.shape, plan, dtype=dtype, device=device, note=phases.note)
     log.info("memory plan (%s on %s, %s):\n%s", config.mode, device, dtype, plan.table())
     name = config.served_model_name or resolved.display_name
     return _place(config, reader, plan=plan, dtype=dtype, device=device, model_name=name, progress=progress,
@@ -115,6 +117,7 @@ def engine_from_weights(config: EngineConfig, weights: InMemoryWeights, *, devic
     """Plan for `config` (its mode chosen, not auto) under the device's budget and place `weights` by that plan."""
     plan = plan_for(config, weights.shape, dtype=weights.dtype, device_type=device.type,
                     budget_bytes=device_budget(config.budget_bytes, device))
+    plan = fit_device(config, weights.shape, plan, dtype=weights.dtype, device=device, note=log.info)
     return _place(config, weights, plan=plan, dtype=weights.dtype, device=device,
                   model_name=model_name or config.served_model_name or config.model, progress=progress,
                   phases=StartupLog(emit=log.debug))
@@ -145,6 +148,8 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
         resident_ids=plan.resident_layers, device=device, num_slots=config.stream_slots,
         on_streamed=quantize if speculative else None, progress=progress,
     )
+    if device.type == "cuda":  # give the quantization temporaries back before the ring and KV cache are allocated
+        torch.cuda.empty_cache()
     phases.record("place", time.perf_counter() - started - quantize_s,
                   f"shared weights and {shape.num_layers} layers read once from {weights.source}: "
                   f"{len(plan.resident_layers)} resident on {device.type}, {len(plan.streamed_layers)} streamed")

@@ -19,6 +19,7 @@ MODES = ("auto", "subspec", "vanilla", "resident")  # auto: the planner picks re
 QUANT_TYPES = ("int4", "nf4", "fp4", "int8")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
+PRESET_ONLY_KEYS = ("server", "card")  # top-level preset keys that are not engine settings
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -203,9 +204,10 @@ def resolve_engine_config(
 ) -> EngineConfig:
     """Merge defaults < YAML < env (default: os.environ) < CLI into one validated EngineConfig.
 
-    `yaml_data` may hold a `server:` section, which is the server's (server/settings.py).
+    `yaml_data` may hold a `server:` section, which is the server's (server/settings.py), and `card:`, the card
+    class a preset is sized for (checked by its tests and `subspec plan`; fit.py).
     """
-    engine_yaml = {k: v for k, v in (yaml_data or {}).items() if k != "server"}
+    engine_yaml = {k: v for k, v in (yaml_data or {}).items() if k not in PRESET_ONLY_KEYS}
     env = _engine_env(environ if environ is not None else os.environ)
     return _build(EngineConfig, merge_sources(yaml_data=engine_yaml, env=env, flags=cli_overrides), "config")
 

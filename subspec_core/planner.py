@@ -4,10 +4,11 @@
 step, i.e. when weights must cross PCIe. So `resident` when the whole model fits the device (always on a
 CPU, where host memory is the compute memory and nothing would be streamed), `subspec` when layers must
 stream. `plan_memory` then places the chosen mode: fixed costs first (shared modules, the draft's
-substitutes, the KV cache, activation and tree buffers, the streaming ring); then as many full-precision
-decoder layers as still fit stay resident (beyond the paper, which streams them all). A resident layer
-needs no substitute: the draft uses the target's own weights there. `plan_for` is how callers plan: the
-builder and the benchmarks pass their EngineConfig whole.
+substitutes, the KV cache, activation and tree buffers, the streaming ring, and the reserves of `reserves.py`:
+the CUDA context, library workspaces, the draft's graph pool, the sampling peak, load temporaries and a
+fragmentation margin); then as many full-precision decoder layers as still fit stay resident (beyond the
+paper, which streams them all). A resident layer needs no substitute: the draft uses the target's own weights
+there. `plan_for` is how callers plan: the builder and the benchmarks pass their EngineConfig whole.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from typing import Callable
 import torch
 
 from subspec_core.config import EngineConfig, SpeculationConfig
-from subspec_core.kv_cache import KVCache, kv_capacity
-from subspec_core.quant import substitute_bytes_per_layer
-from subspec_core.sampling import PROMPT_SCORE_ROWS, top_p_workspace_bytes
-from subspec_core.weights import LayerLayout, ModelShape, shared_nbytes
+from subspec_core.kv_cache import kv_capacity
+from subspec_core.reserves import (
+    CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, WORKING_SET_FRAGMENTATION, MiB, PlanSizes, logits_buffer_bytes,
+    plan_sizes,
+)
+from subspec_core.sampling import sampling_peak_bytes
+from subspec_core.weights import ModelShape, shared_nbytes
 
 DEVICE, HOST = "device", "host"  # PlanRow locations: the compute device's memory, or (pinned) host memory
+CUDA_CONTEXT_ROW = "CUDA context"
 
 
 class BudgetTooSmallError(ValueError):
@@ -37,6 +42,7 @@ class PlanRow:
     location: str  # DEVICE or HOST
     nbytes: int
     detail: str = ""
+    reserve: bool = False  # not the model's tensors: the CUDA context, workspaces, peaks and margins (reserves.py)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,16 @@ class MemoryPlan:
         return sum(r.nbytes for r in self.rows if r.location == DEVICE)
 
     @property
+    def reserve_bytes(self) -> int:
+        """The device bytes that are not the model's tensors or buffers (the reserve rows)."""
+        return sum(r.nbytes for r in self.rows if r.location == DEVICE and r.reserve)
+
+    @property
+    def context_bytes(self) -> int:
+        """The CUDA context's reserve: it exists once `torch.cuda.mem_get_info` answers, so free memory excludes it."""
+        return sum(r.nbytes for r in self.rows if r.component == CUDA_CONTEXT_ROW)
+
+    @property
     def host_bytes(self) -> int:
         return sum(r.nbytes for r in self.rows if r.location == HOST)
 
@@ -72,8 +88,9 @@ class MemoryPlan:
             where = label if r.location == DEVICE else HOST
             lines.append(f"{r.component:<34} {where:<6} {r.nbytes / 2**20:>10.1f}  {r.detail}")
         lines.append("-" * 78)
-        budget = "" if self.budget_bytes is None else f"budget {self.budget_bytes / 2**20:.1f} MiB"
-        lines.append(f"{'device total':<34} {label:<6} {self.device_bytes / 2**20:>10.1f}  {budget}".rstrip())
+        budget = "" if self.budget_bytes is None else f"budget {self.budget_bytes / 2**20:.1f} MiB, "
+        total = f"{budget}reserves {self.reserve_bytes / 2**20:.1f} MiB"
+        lines.append(f"{'device total':<34} {label:<6} {self.device_bytes / 2**20:>10.1f}  {total}")
         streamed = "per target forward" if self.streamed_layers else "nothing streamed"
         lines.append(f"{'streamed from host':<34} {HOST:<6} {self.host_bytes / 2**20:>10.1f}  {streamed}")
         what = "all of the above + one layer" if self.device_type != "cuda" else "streamed layers + one layer + shared"
@@ -95,13 +112,14 @@ class ModeChoice:
 
 
 def device_budget(configured: int | None, device: torch.device) -> int | None:
-    """The memory budget that applies: on a GPU the configured one, else 90% of its free memory; none on a
-    CPU, where host memory is the compute memory (streaming there only demonstrates the mechanism)."""
+    """The memory budget that applies: on a GPU the configured one, else its free memory with the CUDA context's
+    reserve (the context exists once `mem_get_info` answers, and the plan counts it); none on a CPU, where host
+    memory is the compute memory (streaming there only demonstrates the mechanism)."""
     if device.type != "cuda":
         return None
     if configured is not None:
         return configured
-    return int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    return int(torch.cuda.mem_get_info(device)[0]) + CUDA_CONTEXT_BYTES
 
 
 def choose_mode(
@@ -124,38 +142,26 @@ def choose_mode(
                           "that computes, so nothing is streamed and speculation cannot pay for its draft")
     need = plan_for(mode="resident", budget_bytes=None).device_bytes
     if budget_bytes is not None and need > budget_bytes:
-        return ModeChoice("subspec", requested, f"the whole model needs {_format_bytes(need)} on the GPU with its KV "
-                          f"cache, over the {_format_bytes(budget_bytes)} budget: layers stream from host memory and "
-                          "the 4-bit substitute draft makes each streamed forward verify many tokens")
-    return ModeChoice("resident", requested, f"the whole model fits on the GPU ({_format_bytes(need)} with its KV "
-                      f"cache{'' if budget_bytes is None else f', budget {_format_bytes(budget_bytes)}'}), so nothing "
-                      "is streamed and plain decoding is fastest")
+        return ModeChoice("subspec", requested, f"the whole model needs {format_bytes(need)} on the GPU with its KV "
+                          f"cache and reserves, over the {format_bytes(budget_bytes)} budget: layers stream from host "
+                          "memory and the 4-bit substitute draft makes each streamed forward verify many tokens")
+    budget = "" if budget_bytes is None else f", budget {format_bytes(budget_bytes)}"
+    return ModeChoice("resident", requested, f"the whole model fits on the GPU ({format_bytes(need)} with its KV "
+                      f"cache and reserves{budget}), so nothing is streamed and plain decoding is fastest")
 
 
-def _format_bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Bytes as GiB from 1 GiB, else MiB (the plan's messages)."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def activation_bytes(*, shape: ModelShape, dtype: torch.dtype, rows: int, kv_length: int, logit_rows: int | None = None) -> int:
-    """Rough peak working memory of one forward over `rows` tokens attending to `kv_length` slots, of which
-    `logit_rows` (default: all) get logits at once."""
-    b = _dtype_bytes(dtype)
-    logit_rows = rows if logit_rows is None else logit_rows
-    hidden = rows * (shape.hidden_size * 4 + shape.q_size + 2 * shape.kv_size + 3 * shape.intermediate_size) * b
-    scores = rows * shape.num_heads * kv_length * 4  # attention scores if the math kernel materialises them
-    # the additive mask, repeated per query head of a kv head (GQA folded into rows): built once per forward
-    mask = rows * (shape.num_heads // shape.num_kv_heads) * kv_length * b
-    return hidden + scores + mask + logits_bytes(rows=logit_rows, vocab_size=shape.vocab_size)
-
-
-def logits_bytes(*, rows: int, vocab_size: int) -> int:
-    """Choosing tokens from `rows` rows of logits: float32 logits, processed logits and sampling noise, each
-    (rows, V), plus top-p's sorting workspace (sampling.py sorts a bounded number of rows at a time)."""
-    return rows * vocab_size * 4 * 3 + top_p_workspace_bytes(vocab_size)
+def logits_bytes(*, rows: int, vocab_size: int, positions: int | None = None) -> int:
+    """Choosing tokens from `rows` rows of logits at `positions` positions (default: as many as rows): the logits
+    (lm_head's output and its float32 copy) and what sampling and logprobs take beyond them (sampling.py sorts
+    a bounded number of rows at a time for top-p)."""
+    positions = rows if positions is None else positions
+    return logits_buffer_bytes(rows=rows, vocab_size=vocab_size) + sampling_peak_bytes(
+        rows=rows, positions=positions, vocab_size=vocab_size)
 
 
 # Prefill chunks the planner picks from when the config leaves the size unset: each chunk streams every offloaded
@@ -177,99 +183,115 @@ def plan_memory(
     max_resident_layers: int | None,
     shared_bytes: int,
     device_type: str = "cuda",
+    cuda_graphs: bool = True,
 ) -> MemoryPlan:
     """Choose resident and streamed layers; raise BudgetTooSmallError when even the fixed part does not fit.
 
+    The budget holds everything the process keeps on the device: tensors and the reserves (`reserves.py`).
     `prefill_chunk_size` None: after the layers are placed with the smallest chunk, the chunk grows (powers of
     two, up to max_model_len and MAX_AUTO_PREFILL_CHUNK) as far as the budget's remaining slack allows: a
     larger chunk never costs a resident layer.
     """
-    b = _dtype_bytes(dtype)
-    layout = LayerLayout.for_shape(shape)
-    layer_bytes = layout.numel * b
     speculative = mode == "subspec"
-    tree_rows = speculation.verify_size if speculative else 1
     capacity = kv_capacity(max_model_len=max_model_len, tree_slots=speculation.tree_size if speculative else 1)
-    kv_bytes = KVCache.bytes_needed(
-        num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, capacity=capacity, dtype=dtype
-    )
-    def work_bytes_for(chunk: int) -> int:
-        return max(
-            activation_bytes(shape=shape, dtype=dtype, rows=tree_rows, kv_length=capacity),
-            # a prefill chunk's logits: its last row, or PROMPT_SCORE_ROWS at a time for prompt logprobs
-            activation_bytes(shape=shape, dtype=dtype, rows=min(chunk, max_model_len), kv_length=capacity,
-                             logit_rows=min(chunk, max_model_len, PROMPT_SCORE_ROWS)),
-        )
+
+    def sizes_for(chunk: int) -> PlanSizes:
+        return plan_sizes(shape=shape, dtype=dtype, mode=mode, speculation=speculation, capacity=capacity, chunk=chunk,
+                          max_model_len=max_model_len, stream_slots=stream_slots, shared_bytes=shared_bytes,
+                          device_type=device_type, cuda_graphs=cuda_graphs)
 
     chunk = prefill_chunk_size or min(MIN_AUTO_PREFILL_CHUNK, max_model_len)
-    work_bytes = work_bytes_for(chunk)
-    tree_bytes = tree_rows * tree_rows + speculation.tree_size**2 if speculative else 0  # ancestor matrices
-    out_rows = shape.q_size + 2 * shape.kv_size + shape.hidden_size + 2 * shape.intermediate_size + shape.hidden_size
-    sub_bytes = (
-        substitute_bytes_per_layer(
-            shape.linear_params_per_layer, out_rows, quant_type=speculation.quant_type, block_size=speculation.quant_block_size
-        )
-        if speculative
-        else 0
-    )
-    fixed = shared_bytes + kv_bytes + work_bytes + tree_bytes
+    sizes = sizes_for(chunk)
     num_layers = shape.num_layers
     cap = num_layers if max_resident_layers is None else min(num_layers, max_resident_layers)
     if mode == "resident":
         cap = num_layers
 
-    def device_total(resident: int) -> int:
-        streamed = num_layers - resident
-        ring = stream_slots * layer_bytes if streamed else 0
-        return fixed + resident * layer_bytes + streamed * sub_bytes + ring
+    def device_total(resident: int, s: PlanSizes) -> int:
+        return s.device_total(resident, num_layers - resident, device_type=device_type)
 
     resident = cap
     if budget_bytes is not None:
-        while resident > 0 and device_total(resident) > budget_bytes:
+        while resident > 0 and device_total(resident, sizes) > budget_bytes:
             resident -= 1
-        if device_total(resident) > budget_bytes or (mode == "resident" and resident < num_layers):
+        if device_total(resident, sizes) > budget_bytes or (mode == "resident" and resident < num_layers):
             # the cheapest plan is not always all-streamed: the ring is only needed while a layer streams
-            need = device_total(num_layers) if mode == "resident" else min(device_total(r) for r in range(cap + 1))
+            need = (device_total(num_layers, sizes) if mode == "resident"
+                    else min(device_total(r, sizes) for r in range(cap + 1)))
             raise BudgetTooSmallError(
-                f"gpu_memory_budget {_format_bytes(budget_bytes)} is too small for mode {mode!r}: it needs at least "
-                f"{_format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len}, buffers"
-                f"{', 4-bit substitutes' if speculative else ''}); raise the budget or lower max_model_len"
+                f"gpu_memory_budget {format_bytes(budget_bytes)} is too small for mode {mode!r}: it needs at least "
+                f"{format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len}, buffers"
+                f"{', 4-bit substitutes' if speculative else ''}, reserves); raise the budget or lower max_model_len"
             )
     if prefill_chunk_size is None:
         largest = min(max_model_len, MAX_AUTO_PREFILL_CHUNK)
         candidates = sorted({largest} | {c for c in (2**p for p in range(8, 13)) if chunk < c < largest})
         for bigger in candidates:
-            extra = work_bytes_for(bigger) - work_bytes
-            if budget_bytes is not None and device_total(resident) + extra > budget_bytes:
+            bigger_sizes = sizes_for(bigger)
+            if budget_bytes is not None and device_total(resident, bigger_sizes) > budget_bytes:
                 break
-            chunk, work_bytes, fixed = bigger, work_bytes + extra, fixed + extra
-    host_memory = "pinned" if device_type == "cuda" else "copied in per forward"
-    resident_ids = tuple(range(resident))
+            chunk, sizes = bigger, bigger_sizes
     streamed_ids = tuple(range(resident, num_layers))
+    rows = _rows(sizes, resident=resident, streamed_ids=streamed_ids, shape=shape, mode=mode, speculation=speculation,
+                 capacity=capacity, chunk=chunk, chunk_auto=prefill_chunk_size is None, device_type=device_type)
+    plan = MemoryPlan(resident_layers=tuple(range(resident)), streamed_layers=streamed_ids, rows=tuple(rows),
+                      budget_bytes=budget_bytes, device_type=device_type, prefill_chunk_size=chunk)
+    host_ram = host_ram_at_load(plan, layer_bytes=sizes.layer, shared_bytes=shared_bytes)
+    return dataclasses.replace(plan, host_ram_bytes=host_ram)
+
+
+def _rows(s: PlanSizes, *, resident: int, streamed_ids: tuple[int, ...], shape: ModelShape, mode: str,
+          speculation: SpeculationConfig, capacity: int, chunk: int, chunk_auto: bool,
+          device_type: str) -> list[PlanRow]:
+    """The plan's table rows: tensors first, then the reserves (PlanRow.reserve)."""
+    speculative = mode == "subspec"
+    streamed = len(streamed_ids)
+    num_layers = shape.num_layers
+    tree_rows = speculation.verify_size if speculative else 1
     rows = [
-        PlanRow("shared: embeddings, norms, lm_head", DEVICE, shared_bytes, "shared by target and draft"),
-        PlanRow("KV cache", DEVICE, kv_bytes, f"{capacity} slots = max_model_len + tree (aligned), shared" if speculative
+        PlanRow("shared: embeddings, norms, lm_head", DEVICE, s.shared, "shared by target and draft"),
+        PlanRow("KV cache", DEVICE, s.kv, f"{capacity} slots = max_model_len + tree (aligned), shared" if speculative
                 else f"{capacity} slots = max_model_len + 1 (aligned)"),
-        PlanRow("activations + logits buffers", DEVICE, work_bytes,
+        PlanRow("activations + logits buffers", DEVICE, s.work,
                 f"{'verify' if speculative else 'decode'} {tree_rows} row{'s' * (tree_rows != 1)} / prefill chunk "
-                f"{chunk}{' (auto)' if prefill_chunk_size is None else ''}"),
+                f"{chunk}{' (auto)' if chunk_auto else ''}"),
     ]
     if speculative:
-        rows.append(PlanRow("tree masks", DEVICE, tree_bytes, f"depth {speculation.max_depth} x topk {speculation.topk}"))
-        rows.append(
-            PlanRow(
-                f"draft substitutes ({speculation.quant_type})", DEVICE, len(streamed_ids) * sub_bytes,
-                f"{len(streamed_ids)} streamed layers, block {speculation.quant_block_size}",
-            )
-        )
-    rows.append(PlanRow("resident decoder layers", DEVICE, resident * layer_bytes, f"{resident} of {num_layers} layers, full precision"))
+        rows.append(PlanRow("tree masks", DEVICE, s.tree, f"depth {speculation.max_depth} x topk {speculation.topk}"))
+        rows.append(PlanRow(f"draft substitutes ({speculation.quant_type})", DEVICE, streamed * s.substitute,
+                            f"{streamed} streamed layers, block {speculation.quant_block_size}"))
+    rows.append(PlanRow("resident decoder layers", DEVICE, resident * s.layer,
+                        f"{resident} of {num_layers} layers, full precision"))
+    if streamed:
+        rows.append(PlanRow("streaming ring", DEVICE, s.ring, f"{s.ring // s.layer} layer slots"))
+    cuda = device_type == "cuda"
+    if cuda:
+        rows.append(PlanRow(CUDA_CONTEXT_ROW, DEVICE, s.context, "driver, kernels, lazy module loading", reserve=True))
+        streams = s.workspaces // CUBLAS_WORKSPACE_BYTES
+        rows.append(PlanRow("library workspaces", DEVICE, s.workspaces,
+                            f"cuBLAS {CUBLAS_WORKSPACE_BYTES // MiB} MiB x {streams} stream{'s' * (streams != 1)}",
+                            reserve=True))
+        if s.graph_pool:
+            rows.append(PlanRow("draft CUDA-graph pool", DEVICE, s.graph_pool,
+                                f"level step ({speculation.topk} rows over {capacity} slots) + its warm-up",
+                                reserve=True))
+    rows.append(PlanRow("sampling + logprobs peak", DEVICE, s.sampling,
+                        f"beyond the logits: {tree_rows} row{'s' * (tree_rows != 1)} sampled / prompt logprobs",
+                        reserve=True))
+    if speculative and streamed:
+        working = s.quantize / MiB
+        rows.append(PlanRow("load temporaries", DEVICE, s.load_temporaries(streamed),
+                            f"quantizing {s.quantized} one linear at a time: {working:.0f} MiB, less what the ring, KV "
+                            "cache and working rows reuse", reserve=True))
+    if cuda:
+        rows.append(PlanRow("fragmentation margin", DEVICE, s.fragmentation(resident, streamed, device_type=device_type),
+                            f"segment rounding + {WORKING_SET_FRAGMENTATION:.1%} of the working rows",
+                            reserve=True))
     if streamed_ids:
-        rows.append(PlanRow("streaming ring", DEVICE, stream_slots * layer_bytes, f"{stream_slots} layer slots"))
-        rows.append(PlanRow("streamed decoder layers", HOST, len(streamed_ids) * layer_bytes,
-                               f"layers {streamed_ids[0]}..{streamed_ids[-1]}, {host_memory}"))
-    plan = MemoryPlan(resident_layers=resident_ids, streamed_layers=streamed_ids, rows=tuple(rows), budget_bytes=budget_bytes,
-                      device_type=device_type, prefill_chunk_size=chunk)
-    return dataclasses.replace(plan, host_ram_bytes=host_ram_at_load(plan, layer_bytes=layer_bytes, shared_bytes=shared_bytes))
+        host_memory = "pinned" if cuda else "copied in per forward"
+        rows.append(PlanRow("streamed decoder layers", HOST, streamed * s.layer,
+                            f"layers {streamed_ids[0]}..{streamed_ids[-1]}, {host_memory}"))
+    return rows
 
 
 def plan_for(
@@ -287,7 +309,7 @@ def plan_for(
         shape=shape, dtype=dtype, mode=mode, speculation=config.speculation, max_model_len=config.max_model_len,
         prefill_chunk_size=config.prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=budget_bytes,
         max_resident_layers=config.max_resident_layers, shared_bytes=shared_nbytes(shape, dtype),
-        device_type=device_type,
+        device_type=device_type, cuda_graphs=config.cuda_graphs,
     )
 
 

@@ -28,32 +28,48 @@ def position_seed(seed: int, position: int) -> int:
 
 
 def gumbel_noise(*, seed: int, positions: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """Gumbel(0, 1) noise (len(positions), vocab), one reproducible row per absolute position."""
-    rows = []
+    """Gumbel(0, 1) noise (len(positions), vocab), one reproducible row per absolute position, made in place
+    (one (positions, V) array: the planner counts no more)."""
+    noise = torch.empty(len(positions), vocab_size, device=device)
     generator = torch.Generator(device=device)
-    for position in positions:
+    for row, position in zip(noise, positions):
         generator.manual_seed(position_seed(seed, position))
-        rows.append(torch.rand(vocab_size, generator=generator, device=device))
-    uniform = torch.stack(rows)
-    return -torch.log(-torch.log(uniform))  # u = 0 gives -inf: that token is never chosen, no NaN
+        torch.rand(vocab_size, generator=generator, device=device, out=row)
+    return noise.log_().neg_().log_().neg_()  # -log(-log(u)); u = 0 gives -inf: never chosen, no NaN
 
 
 # Top-p sorts each row's whole vocabulary: its workspace (sorted values, int64 order, probabilities, their
 # running sum, the mask) is about 25 bytes per logit. Over a 193-node verify of a 152k vocabulary that would
 # be ~0.7 GB the memory plan cannot afford, so rows are sorted a few at a time: a fixed number of chunks for a
 # fixed row count (no host sync), the same result per row (each row's nucleus depends on that row alone).
+# `choose_tokens` samples the same number of rows at a time, for the same reason: temperature, top-k and the
+# noise each copy the rows they process.
 TOP_P_ROWS = 16
 TOP_P_BYTES_PER_LOGIT = 4 + 8 + 4 + 4 + 4 + 1
 
 
 # Prompt logprobs need the logits of every prompt row: a prefill chunk's hidden states are scored this many rows
 # at a time, so a large chunk (the planner grows it into spare memory) does not also need (chunk, V) logits.
-PROMPT_SCORE_ROWS = 256
+PROMPT_SCORE_ROWS = 128
 
 
 def top_p_workspace_bytes(vocab_size: int) -> int:
     """Peak extra memory of `process_logits`' top-p over any number of rows (what the planner reserves)."""
     return TOP_P_ROWS * vocab_size * TOP_P_BYTES_PER_LOGIT
+
+
+def sampling_peak_bytes(*, rows: int, positions: int, vocab_size: int) -> int:
+    """Peak memory `choose_tokens` (sampling, with top-k and top-p) and then `token_logprobs` take beyond the
+    float32 logits (rows, V) they read, over `rows` rows at `positions` distinct positions (what the planner
+    reserves). In float32 rows of V: the noise (positions rows) stays while each chunk of at most TOP_P_ROWS
+    rows is processed: temperature and top-k copy it (two copies alive), top-p adds its mask and workspace, and
+    the sum holds the processed chunk, its gathered noise and the result (3 x chunk). Logprobs of the emitted
+    rows (<= positions): a copy and its log-softmax. Greedy decoding takes none of it."""
+    per_row = vocab_size * 4
+    chunk = min(rows, TOP_P_ROWS)
+    choose = (positions + 3 * chunk) * per_row + top_p_workspace_bytes(vocab_size)
+    logprobs = 2 * min(rows, positions) * per_row
+    return max(choose, logprobs)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -80,13 +96,19 @@ def choose_tokens(
     """The target's token (n,) for each row of logits (n, V); row r picks the token at `positions[r]`.
 
     Positions lie in [first_position, first_position + num_positions); the noise for those is drawn once.
+    Sampled rows are processed TOP_P_ROWS at a time (the same token per row: rows are independent).
     """
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     noise = gumbel_noise(
         seed=seed, positions=range(first_position, first_position + num_positions), vocab_size=logits.shape[-1], device=logits.device
     )
-    return torch.argmax(process_logits(logits, params) + noise[positions - first_position], dim=-1)
+    offsets = positions - first_position  # (n,) row of each logits row's noise
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for start in range(0, logits.shape[0], TOP_P_ROWS):
+        rows = slice(start, start + TOP_P_ROWS)
+        tokens[rows] = torch.argmax(process_logits(logits[rows], params) + noise[offsets[rows]], dim=-1)
+    return tokens
 
 
 def token_logprobs(*, logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> tuple[TokenLogprob, ...]:

@@ -17,8 +17,12 @@ from subspec_core.sampling import (
     gumbel_noise,
     position_seed,
     process_logits,
+    sampling_peak_bytes,
+    token_logprobs,
+    top_p_workspace_bytes,
 )
 from subspec_core.types import SamplingParams
+from tests.core.live_bytes import LiveBytes
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -280,3 +284,23 @@ def test_rows_at_different_positions_are_independent(seeded_noise):
     # and the check catches fully correlated draws (noise shared across positions)
     same = torch.argmax(process_logits(logits, params)[None] + seeded_noise[:, :1], dim=-1)
     assert chi_square_pvalue(torch.bincount(same[:, 0] * 8 + same[:, 1], minlength=64), torch.outer(p, p).flatten()) < P_THRESHOLD
+
+
+# ----------------------------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("rows, positions", [(289, 49), (193, 33), (20, 20), (1, 1)])
+def test_sampling_and_logprobs_stay_within_the_peak_the_planner_reserves(rows, positions):
+    """choose_tokens (temperature, top-k, top-p, Gumbel noise) and then the logprobs of the emitted rows allocate
+    at most `sampling_peak_bytes` beyond the logits, and about that much (a bound, not a guess): a sampled verify
+    of a 289-node tree must not hold (n, V) arrays several times over."""
+    vocab = 2_000
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 3
+    depth_of_row = torch.arange(rows) % positions  # each row picks the token at one of `positions` positions
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, logprobs=5)
+    with LiveBytes(logits, depth_of_row) as live:
+        tokens = choose_tokens(logits=logits, params=params, seed=3, positions=depth_of_row + 100,
+                               first_position=100, num_positions=positions)
+        emitted = torch.arange(min(rows, positions))
+        token_logprobs(logits=logits.index_select(0, emitted), tokens=tokens[emitted], num_top=5)
+    bound = sampling_peak_bytes(rows=rows, positions=positions, vocab_size=vocab)
+    assert live.peak <= bound
+    assert live.peak >= bound - top_p_workspace_bytes(vocab)  # the (n, V) arrays it counts are all there
