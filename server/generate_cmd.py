@@ -43,7 +43,7 @@ def prompt_token_ids(tokenizer: Any, text: str, *, chat: bool, system: str | Non
 
 def run_generate(args: argparse.Namespace) -> int:
     from subspec_core.build import build_engine
-    from subspec_core.model_source import ModelSourceError
+    from subspec_core.errors import SetupError
     from subspec_core.startup import quiet_third_party_warnings
     from subspec_core.types import GenerationRequest, SamplingParams
 
@@ -61,7 +61,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # loaders print progress; keep stdout for the answer
             engine = build_engine(config)
-    except ModelSourceError as exc:  # a model that cannot be read: one line that says what to do
+    except SetupError as exc:  # a model that cannot be read, a plan that does not fit: one line, what to do
         print(f"error: {exc}", file=sys.stderr)
         return 1
     ids = prompt_token_ids(engine.tokenizer, args.prompt, chat=args.chat, system=args.system)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from subspec_core.errors import SetupError
 from subspec_core.weights import ModelShape
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -33,7 +34,7 @@ _GEMMA = (
 _REFUSED = {"gemma": _GEMMA, "gemma2": _GEMMA, "gemma3": _GEMMA, "gemma3_text": _GEMMA}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(SetupError, ValueError):
     """The model's architecture or a feature of it is not one our forward implements."""
 
 

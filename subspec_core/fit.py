@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from subspec_core.config import EngineConfig
+from subspec_core.errors import SetupError
 from subspec_core.planner import BudgetTooSmallError, MemoryPlan, format_bytes, plan_for
 from subspec_core.weights import ModelShape
 
@@ -23,7 +24,7 @@ CARD_SHARE = 0.95
 MIN_PREFILL_CHUNK = 32  # the smallest chunk the start-up check shrinks the prefill to
 
 
-class DoesNotFitError(RuntimeError):
+class DoesNotFitError(SetupError, RuntimeError):
     """The GPU has too little free memory for even the smallest plan of this config."""
 
 

@@ -24,6 +24,7 @@ from typing import Mapping
 
 from tqdm import tqdm
 
+from subspec_core.errors import SetupError
 from subspec_core.hub import find_hub_model
 
 DEFAULT_MODEL_ALIAS = "default"
@@ -35,7 +36,7 @@ _CHUNK = 1 << 20  # 1 MiB: streaming reads keep memory flat for any file size
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(SetupError, RuntimeError):
     """The model could not be found, fetched or verified; the message says what to do."""
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from subspec_core.config import EngineConfig, SpeculationConfig
+from subspec_core.errors import SetupError
 from subspec_core.kv_cache import kv_capacity
 from subspec_core.reserves import (
     CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, WORKING_SET_FRAGMENTATION, MiB, PlanSizes, logits_buffer_bytes,
@@ -32,7 +33,7 @@ DEVICE, HOST = "device", "host"  # PlanRow locations: the compute device's memor
 CUDA_CONTEXT_ROW = "CUDA context"
 
 
-class BudgetTooSmallError(ValueError):
+class BudgetTooSmallError(SetupError, ValueError):
     """The budget cannot hold even the parts that must be on the GPU."""
 
 

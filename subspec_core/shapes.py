@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from subspec_core.architecture import shape_from_hf_config
+from subspec_core.errors import SetupError
 from subspec_core.model_source import DEFAULT_MODEL, DEFAULT_MODEL_ALIAS
 from subspec_core.weights import ModelShape
 
@@ -66,7 +67,7 @@ PUBLISHED_SHAPES: dict[str, ModelShape] = {
 }
 
 
-class ShapeNotFoundError(ValueError):
+class ShapeNotFoundError(SetupError, ValueError):
     """No config for the model is at hand without downloading it."""
 
 

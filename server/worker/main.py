@@ -18,7 +18,7 @@ from typing import Callable
 from server.worker import ipc
 from server.worker.loop import EngineLike, EngineLoop
 from subspec_core.config import EngineConfig
-from subspec_core.model_source import ModelSourceError
+from subspec_core.errors import SetupError
 from subspec_core.startup import quiet_third_party_warnings
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, out
 
     try:
         engine = engine_factory()
-    except ModelSourceError as exc:  # the message is the whole story: no traceback
+    except SetupError as exc:  # the message is the whole story: no traceback
         logger.error("engine failed to load: %s", exc)
         outbox.send(ipc.Fatal(str(exc)))
         raise SystemExit(1) from exc
