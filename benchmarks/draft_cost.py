@@ -13,6 +13,8 @@ On random-weight engines built with the engine's own code (`engine_from_weights`
   tensor (bool, int, float, index), ops whose output size depends on data (`nonzero`, boolean-mask
   indexing, ...), and host-to-device copies from Python data (`torch.tensor(..., device=...)`);
 - `static_shapes`: whether two level steps at different N and depth dispatched the same ops on the same shapes;
+- `draft_kv_read`: the KV rows a draft step's attention reads at N = 100 and N = 4000 (its bucket, not the
+  whole cache), with max_model_len 8192 and the paper's tree, and those rows' bytes in a Qwen2.5-7B cache;
 - host time per draft step (the tiny model, and a Qwen2.5-7B-shaped stack of `--qwen-layers` layers where
   memory allows); on CUDA also the GPU time per step (CUDA events).
 The last stdout line is one JSON object (with --json); the lines before it are a readable summary.
@@ -36,7 +38,9 @@ from benchmarks.synthetic import synthetic_engine
 from benchmarks.synthetic_weights import QWEN25_7B, TINY, random_weights
 from subspec_core.build import InMemoryWeights, resolve_device, resolve_dtype
 from subspec_core.config import EngineConfig, SpeculationConfig
+from subspec_core.drafting import DraftBucket
 from subspec_core.engine import Engine
+from subspec_core.kv_cache import KVCache
 from subspec_core.loading import load_tokenizer
 from subspec_core.quant import int4_kernel_name
 from subspec_core.stopwatch import time_call
@@ -138,14 +142,17 @@ def _prefill(engine: Engine, length: int) -> None:
     engine.prompt_logits(ids)
 
 
-def _start_tree(engine: Engine, prefix: int) -> None:
-    """Prefill `prefix` tokens and run the root step: the drafter is ready for level steps."""
+def _start_tree(engine: Engine, prefix: int) -> DraftBucket:
+    """Prefill `prefix` tokens and run the root step in the bucket a full-depth grow picks: the drafter is
+    ready for level steps in that bucket."""
     assert engine.drafter is not None
     _prefill(engine, prefix)
     drafter = engine.drafter
+    bucket = drafter.bucket_for(committed=prefix, depth=drafter.max_depth)
     drafter.root_token.fill_(1)
     drafter.prefix_length.fill_(prefix)
-    drafter.root_step()
+    drafter.root_step(bucket)
+    return bucket
 
 
 def level_step_ops(engine: Engine, *, prefix: int, level: int) -> tuple[list, list]:
@@ -153,9 +160,9 @@ def level_step_ops(engine: Engine, *, prefix: int, level: int) -> tuple[list, li
     drafter = engine.drafter
     assert drafter is not None and 2 <= level <= drafter.max_depth
     with torch.inference_mode():
-        _start_tree(engine, prefix)
+        bucket = _start_tree(engine, prefix)
         for _ in range(level - 2):
-            drafter.level_step()
+            drafter.level_step(bucket)
         recorder = DispatchRecorder()
         marks: list[int] = []
         forward = drafter.draft_logits
@@ -169,7 +176,7 @@ def level_step_ops(engine: Engine, *, prefix: int, level: int) -> tuple[list, li
         drafter.draft_logits = marked
         try:
             with recorder:
-                drafter.level_step()
+                drafter.level_step(bucket)
         finally:
             drafter.draft_logits = forward
     start, end = marks
@@ -193,10 +200,55 @@ def count_dispatches(shape: ModelShape, *, quant_type: str, dtype: str) -> dict[
 
 
 def static_shapes(engine: Engine) -> bool:
-    """Two level steps at different N and depth dispatch identical ops on identical shapes."""
+    """Two level steps at different N and depth (in one bucket) dispatch identical ops on identical shapes."""
     _, first = level_step_ops(engine, prefix=12, level=2)
     _, second = level_step_ops(engine, prefix=47, level=5)
     return first == second
+
+
+def draft_kv_read_bytes(engine: Engine, *, prefix: int) -> int:
+    """Bytes of keys and values one level step's attention reads at N = prefix, over all layers: the KV-cache
+    views its forward asks for (the attention reads every row of them, masked or not)."""
+    drafter, cache = engine.drafter, engine.kv_cache
+    assert drafter is not None
+    views = cache.attention_views
+    elements: list[int] = []
+
+    def recorded(layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = views(layer, length)
+        elements.append(keys.numel() + values.numel())
+        return keys, values
+
+    with torch.inference_mode():
+        bucket = _start_tree(engine, prefix)
+        cache.attention_views = recorded  # type: ignore[method-assign]
+        try:
+            drafter.level_step(bucket)
+        finally:
+            del cache.attention_views
+    return sum(elements) * cache.data.element_size()
+
+
+def kv_read(*, quant_type: str, prefixes: tuple[int, ...] = (100, 4000), max_model_len: int = 8192, topk: int = 6,
+            max_depth: int = 48) -> dict[str, Any]:
+    """KV rows a draft step reads at each N, measured on a tiny engine with the paper's tree (topk 6 x depth 48),
+    and the bytes those rows are in a Qwen2.5-7B-shaped cache in bfloat16 (28 layers, 4 kv heads x 128)."""
+    engine = random_engine(TINY, quant_type=quant_type, dtype="float32", topk=topk, max_depth=max_depth,
+                           max_model_len=max_model_len)
+    assert engine.drafter is not None
+    row = KVCache.bytes_needed(num_layers=TINY.num_layers, num_kv_heads=TINY.num_kv_heads, head_dim=TINY.head_dim,
+                               capacity=1, dtype=engine.kv_cache.data.dtype)
+    qwen_row = KVCache.bytes_needed(num_layers=QWEN25_7B.num_layers, num_kv_heads=QWEN25_7B.num_kv_heads,
+                                    head_dim=QWEN25_7B.head_dim, capacity=1, dtype=torch.bfloat16)
+    try:
+        rows = {str(n): draft_kv_read_bytes(engine, prefix=n) // row for n in prefixes}
+        capacity, buckets = engine.kv_cache.capacity, list(engine.drafter.bucket_lengths)
+    finally:
+        engine.close()
+    return {"max_model_len": max_model_len, "topk": topk, "max_depth": max_depth, "buckets": buckets,
+            "cuda_graphs": 2 * len(buckets), "rows": rows, "whole_cache_rows": capacity,
+            "qwen2.5-7b_bf16_bytes": {n: r * qwen_row for n, r in rows.items()},
+            "qwen2.5-7b_bf16_whole_cache_bytes": capacity * qwen_row}
 
 
 def _next_counting(events: Iterator[Any], counter: SyncCounter) -> Any:
@@ -230,7 +282,7 @@ def draft_step_times(engine: Engine, *, repeats: int) -> dict[str, Any]:
     prefix = torch.full((1,), 32, dtype=torch.long, device=device)
 
     def grow() -> None:
-        drafter.grow(root_token=root, prefix_length=prefix, depth=depth)
+        drafter.grow(root_token=root, prefix_length=prefix, committed=32, depth=depth)
 
     with torch.inference_mode():
         _prefill(engine, 32)
@@ -263,6 +315,11 @@ def measure(*, quant_types: list[str], qwen_layers: int, repeats: int) -> dict[s
               f"{entry['dispatches_per_layer_float32']:.0f} (fp32), bookkeeping {entry['bookkeeping_dispatches_per_level']} "
               f"per level, syncs/iteration {entry['syncs_per_iteration']:.2f}, static shapes {entry['static_shapes']}, "
               f"tiny host {entry['tiny_times']['host_ms_per_step']:.2f} ms/step", file=sys.stderr, flush=True)
+    result["draft_kv_read"] = read = kv_read(quant_type=quant_types[0])
+    print(f"draft KV read per step (Qwen2.5-7B shape, bf16, max_model_len {read['max_model_len']}): "
+          + ", ".join(f"N={n}: {r} rows, {read['qwen2.5-7b_bf16_bytes'][n] / 2**20:.1f} MiB"
+                      for n, r in read["rows"].items())
+          + f"; the whole cache: {read['qwen2.5-7b_bf16_whole_cache_bytes'] / 2**20:.1f} MiB", file=sys.stderr, flush=True)
     vanilla = random_engine(TINY, quant_type=quant_types[0], dtype="float32", mode="vanilla")
     result["syncs_per_vanilla_token"] = syncs_per_step(vanilla)
     vanilla.close()

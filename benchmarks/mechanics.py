@@ -17,7 +17,7 @@ from subspec_core.tree import TokenTree, select_verify_nodes, subtree
 def draft_tree(engine: Any, *, root: torch.Tensor, prefix_length: int, depth: int) -> TokenTree:
     """A draft tree of 1 + depth * topk nodes: `depth` substitute forwards (root, then depth - 1 levels of topk)."""
     prefix = torch.full((1,), prefix_length, dtype=torch.long, device=engine.device)
-    return engine.drafter.grow(root_token=root, prefix_length=prefix, depth=depth)
+    return engine.drafter.grow(root_token=root, prefix_length=prefix, committed=prefix_length, depth=depth)
 
 
 def verify_set(tree: TokenTree, nodes: int, *, topk: int, vocab_size: int) -> TokenTree:

@@ -173,5 +173,7 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
     if engine.drafter is not None and config.cuda_graphs and device.type == "cuda":
         with torch.inference_mode(), phases.phase("graphs") as phase:
             graphed = engine.drafter.capture_cuda_graphs()
-            phase.detail = "draft root and level steps captured" if graphed else "capture failed: eager drafting"
+            lengths = engine.drafter.bucket_lengths
+            phase.detail = (f"draft root and level steps captured for {len(lengths)} attention lengths {list(lengths)}"
+                            if graphed else "capture failed: eager drafting")
     return engine

@@ -93,7 +93,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     gpu_memory_budget: str | None = None  # e.g. '8GiB'; None: the GPU's free memory (no meaning on a CPU)
     max_resident_layers: int | None = None  # cap on full-precision decoder layers kept on the GPU; 0 streams all
-    cuda_graphs: bool = True  # replay the draft step as a captured CUDA graph (CUDA only; eager on a CPU)
+    cuda_graphs: bool = True  # replay the draft steps as CUDA graphs captured at start, per attention length (CUDA only)
     stream_slots: int = 2  # GPU layer buffers in the streaming ring (>= 2: copy of layer i+1 overlaps compute of i)
     max_model_len: int = 2048  # prompt + completion tokens
     prefill_chunk_size: int | None = None  # None: the planner picks the largest chunk the memory budget allows

@@ -3,12 +3,13 @@
 The draft never prefills: it attends to the target's KV rows for the committed prefix [0, N) and writes
 its own rows only at scratch slots N + j (j = tree node index), which the verification forward overwrites.
 
-Static shapes, no host synchronisation. Every tensor a draft step reads or writes is a persistent device
-buffer of fixed shape: N, the root token, the frontier's tokens, positions, slots and scores, and the
-(topk, capacity) attention mask, which covers the WHOLE cache (masked columns cost a little arithmetic,
-and keep the shapes independent of N). So every level step dispatches the same ops on the same shapes
-whatever N and the depth, and nothing in drafting ever reads a device value on the host: a level step can
-be captured once as a CUDA graph and replayed at every depth of every iteration.
+Static shapes within a bucket, no host synchronisation. A grow attends over the first L cache slots: L is
+the shortest bucket (room for a prefix of 256 * 2^i slots and a tree; the last, the capacity) holding N and
+the tree's 1 + depth * topk rows, picked on the host from the engine's own count of N. Every tensor a step
+reads or writes is a persistent device buffer (N, the root token, the frontier, the bucket's (topk, L) mask
+view), so within a bucket every step dispatches the same ops on the same shapes whatever N and the depth,
+and nothing reads a device value on the host: each bucket's root and level steps are captured once as CUDA
+graphs and replayed.
 
     Node numbering (topk = 2, depth 2):        0 (root, slot N, position N)
                                               /          \\
@@ -19,19 +20,48 @@ be captured once as a CUDA graph and replayed at every depth of every iteration.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from subspec_core.cancel import CancelCheck, raise_if_cancelled
+from subspec_core.kv_cache import CAPACITY_ALIGN
 from subspec_core.tree import TokenTree, expand_frontier
 
 log = logging.getLogger(__name__)
 
-# (tokens (n,), positions (n,), slots (n,), bias (n, capacity) additive mask) -> float32 logits (n, V)
+# (tokens (n,), positions (n,), slots (n,), bias (n, L) additive mask over slots [0, L)) -> float32 logits (n, V)
 DraftLogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The shortest prefix a draft bucket holds; longer buckets hold twice the prefix of the one before.
+SMALLEST_BUCKET_PREFIX = 256
+
+
+def draft_buckets(*, capacity: int, tree_size: int, smallest: int = SMALLEST_BUCKET_PREFIX) -> tuple[int, ...]:
+    """Attention lengths a draft step may use: room for a prefix of smallest * 2^i slots and a whole tree,
+    rounded up to CAPACITY_ALIGN (so a mask row stays aligned), while shorter than the cache; then `capacity`
+    (room for the longest prefix: the cache is sized the same way)."""
+    lengths = []
+    prefix = smallest
+    while (length := -(-(prefix + tree_size) // CAPACITY_ALIGN) * CAPACITY_ALIGN) < capacity:
+        lengths.append(length)
+        prefix *= 2
+    return (*lengths, capacity)
+
+
+@dataclass
+class DraftBucket:
+    """One attention length L and the drafter's buffers seen at that length: views with fixed strides, so a
+    step at this length always touches the same addresses (what its captured graphs replay)."""
+
+    length: int  # L: a step attends over cache slots [0, L)
+    columns: torch.Tensor  # (L,) the cache slot of each mask column
+    root_bias: torch.Tensor  # (1, L) the root's additive mask
+    bias: torch.Tensor  # (topk, L) the frontier's mask rows
+    root_graph: torch.cuda.CUDAGraph | None = None  # set by TreeDrafter.capture_cuda_graphs
+    level_graph: torch.cuda.CUDAGraph | None = None
 
 
 class TreeDrafter:
@@ -39,7 +69,7 @@ class TreeDrafter:
 
     def __init__(
         self, *, draft_logits: DraftLogitsFn, topk: int, max_depth: int, capacity: int, temperature: float,
-        dtype: torch.dtype, device: torch.device,
+        dtype: torch.dtype, device: torch.device, smallest_bucket: int = SMALLEST_BUCKET_PREFIX,
     ) -> None:
         self.draft_logits = draft_logits
         self.topk = topk
@@ -67,79 +97,110 @@ class TreeDrafter:
         self.frontier_scores = torch.zeros(k, dtype=torch.float32, device=device)
         self.positions = torch.zeros(k, **long)
         self.slots = torch.zeros(k, **long)
-        self.columns = torch.arange(capacity, **long)  # cache slot of each mask column
-        self.root_bias = torch.zeros(1, capacity, dtype=dtype, device=device)  # (1, C) additive mask
-        self.bias = torch.zeros(k, capacity, dtype=dtype, device=device)  # (k, C) the frontier's mask rows
-        self._root_graph: torch.cuda.CUDAGraph | None = None  # set by capture_cuda_graphs
-        self._level_graph: torch.cuda.CUDAGraph | None = None
+        # The masks: one buffer each, seen by bucket L as a contiguous (rows, L) view of its first rows * L
+        # elements; a grow's root step rewrites its bucket's view whole, so buckets need not agree.
+        columns = torch.arange(capacity, **long)
+        root_bias = torch.zeros(capacity, dtype=dtype, device=device)
+        bias = torch.zeros(k * capacity, dtype=dtype, device=device)
+        self.buckets = tuple(
+            DraftBucket(length, columns[:length], root_bias[:length].view(1, length), bias[: k * length].view(k, length))
+            for length in draft_buckets(capacity=capacity, tree_size=size, smallest=smallest_bucket)
+        )
+
+    @property
+    def bucket_lengths(self) -> tuple[int, ...]:
+        return tuple(bucket.length for bucket in self.buckets)
 
     @property
     def graphed(self) -> bool:
         """Whether grow() replays captured CUDA graphs instead of launching each op."""
-        return self._level_graph is not None
+        return all(bucket.level_graph is not None for bucket in self.buckets)
+
+    def bucket_for(self, *, committed: int, depth: int) -> DraftBucket:
+        """The shortest bucket holding every slot a grow of `depth` levels at N = committed touches: the prefix,
+        the root at N and the 1 + depth * topk tree rows (the last level's slots are written into its mask)."""
+        needed = committed + 1 + depth * self.topk
+        for bucket in self.buckets:
+            if bucket.length >= needed:
+                return bucket
+        raise ValueError(f"a depth-{depth} tree at N = {committed} needs {needed} slots; the cache has "
+                         f"{self.capacity}")
 
     def capture_cuda_graphs(self) -> bool:
-        """Capture the root step and the level step once as CUDA graphs (CUDA only); False, eager, if it fails.
+        """Capture every bucket's root and level steps as CUDA graphs (CUDA only); False, eager, if it fails.
 
-        Possible because every buffer a step touches is persistent and every shape static: the same graph
-        serves every level of every tree. The warm-up runs write draft scratch rows at slot prefix_length (0
-        here), so call it before any request has filled the cache. Cancel checks stay between replays.
+        Possible because every buffer a step touches is persistent and every shape fixed within a bucket: a
+        bucket's graphs serve every level of every tree it is picked for. All graphs share one memory pool,
+        captured longest bucket first so the shorter steps reuse its blocks: replays never overlap and no
+        graph leaves a result in the pool, so the pool holds about one step's temporaries. All are captured
+        here, at build, not on a bucket's first use: a capture synchronises the device, which would cost a
+        request an extra host sync. The warm-up runs write draft scratch rows at slot prefix_length (0 here),
+        so call it before any request has filled the cache. Cancel checks stay between replays.
         """
         device = self.tokens.device
         if device.type != "cuda":
             return False
+        captured = []
         try:
             side = torch.cuda.Stream(device=device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up off the capture: lazy init, cuBLAS workspaces, allocator
-                for _ in range(2):
-                    self.root_step()
-                    self.level_step()
+                for bucket in self.buckets:
+                    for _ in range(2):
+                        self.root_step(bucket)
+                        self.level_step(bucket)
             torch.cuda.current_stream(device).wait_stream(side)
-            root, level = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(root):
-                self.root_step()
-            with torch.cuda.graph(level, pool=root.pool()):
-                self.level_step()
+            pool = None
+            for bucket in sorted(self.buckets, key=lambda b: -b.length):
+                root, level = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+                with torch.cuda.graph(root, pool=pool):
+                    self.root_step(bucket)
+                pool = root.pool()
+                with torch.cuda.graph(level, pool=pool):
+                    self.level_step(bucket)
+                captured.append((bucket, root, level))
         except Exception as exc:  # noqa: BLE001 - the eager path is correct, only slower
             log.warning("capturing the draft step as a CUDA graph failed (%s: %s); drafting eagerly",
                         type(exc).__name__, exc)
             return False
-        self._root_graph, self._level_graph = root, level
+        for bucket, root, level in captured:
+            bucket.root_graph, bucket.level_graph = root, level
         return True
 
-    def grow(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, depth: int,
+    def grow(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, committed: int, depth: int,
              cancelled: CancelCheck | None = None) -> TokenTree:
         """Draft a tree of 1 + depth * topk nodes with `depth` draft forwards (root, then levels 1..depth-1).
 
-        root_token (1,): the last committed token, whose KV is not in the cache yet; prefix_length (1,): N.
-        Both are device tensors; the returned tree's tensors are views of this drafter's buffers, valid
-        until the next grow. `cancelled` is asked before each draft forward (an abort waits at most one
-        level); when it turns true, `GenerationCancelled` is raised.
+        root_token (1,): the last committed token, whose KV is not in the cache yet; prefix_length (1,): N on
+        the device, and `committed`: the same N on the host, which picks the attention bucket (no device read).
+        The returned tree's tensors are views of this drafter's buffers, valid until the next grow. `cancelled`
+        is asked before each draft forward (an abort waits at most one level); when it turns true,
+        `GenerationCancelled` is raised.
         """
         if not 1 <= depth <= self.max_depth:
             raise ValueError(f"depth must be in [1, {self.max_depth}], got {depth}")
+        bucket = self.bucket_for(committed=committed, depth=depth)
         self.root_token.copy_(root_token)
         self.prefix_length.copy_(prefix_length)
         raise_if_cancelled(cancelled)
-        self._run(self.root_step, self._root_graph)
+        self._run(self.root_step, bucket, bucket.root_graph)
         for _ in range(depth - 1):
             raise_if_cancelled(cancelled)
-            self._run(self.level_step, self._level_graph)
+            self._run(self.level_step, bucket, bucket.level_graph)
         return self.tree(depth)
 
     @staticmethod
-    def _run(step, graph: torch.cuda.CUDAGraph | None) -> None:  # type: ignore[no-untyped-def]
+    def _run(step, bucket: DraftBucket, graph: torch.cuda.CUDAGraph | None) -> None:  # type: ignore[no-untyped-def]
         if graph is None:
-            step()
+            step(bucket)
         else:
             graph.replay()
 
-    def root_step(self) -> None:
+    def root_step(self, bucket: DraftBucket) -> None:
         """Draft forward of the root (1 row), then level 1: the root's topk best children."""
         n, k = self.prefix_length, self.topk
-        self.root_bias.fill_(0.0).masked_fill_(self.columns > n, float("-inf"))  # the prefix and the root itself
-        logits = self.draft_logits(self.root_token, n, n, self.root_bias)  # (1, V)
+        bucket.root_bias.fill_(0.0).masked_fill_(bucket.columns > n, float("-inf"))  # the prefix and the root itself
+        logits = self.draft_logits(self.root_token, n, n, bucket.root_bias)  # (1, V)
         logprobs = torch.log_softmax(logits * self.inv_temperature, dim=-1)
         scores, tokens = torch.topk(logprobs.view(-1), k)  # the root's path score is 0
         self.tokens[:1] = self.root_token
@@ -150,11 +211,11 @@ class TreeDrafter:
         self.frontier_scores.copy_(scores)
         self.positions.copy_(n.expand(k)).add_(1)
         torch.add(n, self.level1_nodes, out=self.slots)
-        self.bias.copy_(self.root_bias.expand(k, -1)).scatter_(1, self.slots[:, None], 0.0)  # + each node itself
+        bucket.bias.copy_(bucket.root_bias.expand(k, -1)).scatter_(1, self.slots[:, None], 0.0)  # + each node itself
 
-    def level_step(self) -> None:
+    def level_step(self, bucket: DraftBucket) -> None:
         """Draft forward of the frontier (topk rows), then the next level: the global topk of their children."""
-        logits = self.draft_logits(self.frontier_tokens, self.positions, self.slots, self.bias)  # (k, V)
+        logits = self.draft_logits(self.frontier_tokens, self.positions, self.slots, bucket.bias)  # (k, V)
         logprobs = torch.log_softmax(logits * self.inv_temperature, dim=-1)
         rows, tokens, scores = expand_frontier(parent_scores=self.frontier_scores, logprobs=logprobs, topk=self.topk)
         nodes = self.frontier_nodes + self.topk  # the next level's node indices
@@ -166,7 +227,7 @@ class TreeDrafter:
         self.ancestors.index_copy_(0, nodes, ancestors)
         # the next forward: the new level at the next position, in its own slots, seeing its parents' view + itself
         torch.add(self.prefix_length, nodes, out=self.slots)
-        self.bias.copy_(self.bias.index_select(0, rows).scatter_(1, self.slots[:, None], 0.0))
+        bucket.bias.copy_(bucket.bias.index_select(0, rows).scatter_(1, self.slots[:, None], 0.0))
         self.positions.add_(1)
         self.frontier_nodes.copy_(nodes)
         self.frontier_tokens.copy_(tokens)

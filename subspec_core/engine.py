@@ -123,6 +123,8 @@ class Engine:
             draft_logits=self.draft_logits, topk=spec.topk, max_depth=spec.max_depth, capacity=model.kv_cache.capacity,
             temperature=spec.draft_temperature, dtype=self._dtype, device=model.device,
         )
+        if self.drafter is not None:
+            self.kv_cache.keep_views(self.drafter.bucket_lengths)
 
     def close(self) -> None:
         """Release what dropping the engine would not: the page-locked registration of the host arena."""
@@ -165,10 +167,10 @@ class Engine:
         return compute_logits(self.shape, self.shared, hidden)
 
     def draft_logits(self, tokens, positions, slots, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        """The substitute draft's float32 logits for `tokens`, attending over the whole cache under the additive
-        mask `bias` (rows, capacity): the static shape every draft step has (drafting.DraftLogitsFn)."""
+        """The substitute draft's float32 logits for `tokens`, attending over cache slots [0, L) under the additive
+        mask `bias` (rows, L), L a draft bucket's length (drafting.DraftLogitsFn)."""
         assert self.draft_layers is not None
-        hidden = self._forward(self.draft_layers, tokens, positions, slots, self.kv_cache.capacity, bias)
+        hidden = self._forward(self.draft_layers, tokens, positions, slots, bias.shape[1], bias)
         return compute_logits(self.shape, self.shared, hidden)
 
     def _prefill_chunks(self, token_ids: list[int], cancelled: CancelCheck | None = None,
@@ -251,7 +253,8 @@ class Engine:
         assert self.drafter is not None
         n = committed
         draft_start = self._clock.mark()
-        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, depth=depth, cancelled=dec.cancelled)
+        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, committed=n, depth=depth,
+                                 cancelled=dec.cancelled)
         verify_start = self._clock.mark()
         verify_size = self.config.speculation.verify_size
         if verify_size < tree.size:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-# The capacity is a multiple of this, so a mask over the whole cache (the draft's static-shape attention)
-# has aligned rows for memory-efficient attention (see model.MASK_ALIGN).
+# The capacity is a multiple of this, so a mask over the whole cache (the draft's longest bucket) has
+# aligned rows for memory-efficient attention (see model.MASK_ALIGN).
 CAPACITY_ALIGN = 16
 
 
@@ -35,6 +35,7 @@ class KVCache:
         self._layers = [self.data[layer] for layer in range(num_layers)]  # (2, kvh, capacity, hd)
         self._keys = [self.data[layer, 0][None] for layer in range(num_layers)]  # (1, kvh, capacity, hd)
         self._values = [self.data[layer, 1][None] for layer in range(num_layers)]
+        self._views = {capacity: list(zip(self._keys, self._values))}  # length -> per layer (keys, values)
         # token_ids[i] is the token whose keys/values row i holds, for every row the target has completed
         # (prompt chunks, committed decoding steps); rows past it are scratch or stale
         self.token_ids: list[int] = []
@@ -60,15 +61,21 @@ class KVCache:
         """Keys and values of slots [0, length): each (kv_heads, length, head_dim), views."""
         return self.data[layer, 0, :, :length], self.data[layer, 1, :, :length]
 
+    def keep_views(self, lengths: tuple[int, ...]) -> None:
+        """Make the attention views of slots [0, length) once, for each of `lengths` (the draft's buckets)."""
+        for length in lengths:
+            if length not in self._views:
+                self._views[length] = [(k[:, :, :length], v[:, :, :length]) for k, v in zip(self._keys, self._values)]
+
     def attention_views(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots [0, length) shaped for SDPA, (1, kv_heads, length, head_dim): views.
 
-        The whole cache (length == capacity, the draft's static shape) costs no op at all.
+        The whole cache and the lengths given to keep_views (the draft's buckets) cost no op at all.
         """
-        keys, values = self._keys[layer], self._values[layer]
-        if length == self.capacity:
-            return keys, values
-        return keys[:, :, :length], values[:, :, :length]
+        kept = self._views.get(length)
+        if kept is not None:
+            return kept[layer]
+        return self._keys[layer][:, :, :length], self._values[layer][:, :, :length]
 
     def compact(self, *, dest_start: int, source_slots: torch.Tensor) -> None:
         """Move rows `source_slots` (ascending, all >= dest_start) to [dest_start, dest_start + len) in every layer.

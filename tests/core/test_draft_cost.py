@@ -3,7 +3,8 @@
 - at most 30 aten dispatches per decoder layer per draft step (bfloat16, the GPU's dtype), at most 40 for
   the tree bookkeeping of a level;
 - exactly one host read of device data per speculative iteration and per vanilla token;
-- level steps dispatch the same ops on the same shapes whatever N and the depth (CUDA-graph ready).
+- level steps dispatch the same ops on the same shapes whatever N and the depth within a bucket (CUDA-graph
+  ready), and read the KV rows of their bucket, not of the whole cache: the read grows with the live prefix.
 The instruments themselves are tested first, so a target cannot pass because a counter counts nothing.
 """
 
@@ -16,12 +17,16 @@ from benchmarks.draft_cost import (
     DispatchRecorder,
     SyncCounter,
     count_dispatches,
+    draft_kv_read_bytes,
     level_step_ops,
     random_engine,
     static_shapes,
     syncs_per_step,
 )
 from benchmarks.synthetic_weights import TINY, TINY_QWEN3
+from subspec_core.drafting import TreeDrafter
+from subspec_core.kv_cache import KVCache
+from subspec_core.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -89,3 +94,54 @@ def test_qwen3_draft_step_stays_within_the_budget() -> None:
     print(f"\nqwen3 int4: {counts}")
     assert counts["ops_per_layer"].get("aten.rms_norm.default") == 3
     assert counts["dispatches_per_layer"] <= MAX_DISPATCHES_PER_LAYER
+
+
+def test_draft_kv_read_scales_with_the_live_prefix_and_shapes_hold_within_a_bucket() -> None:
+    # topk 6 x depth 4: 25 tree rows; max_model_len 1024: capacity 1056, buckets 256 + 25 -> 288, 544, 1056
+    engine = random_engine(TINY, quant_type="int4", dtype="float32", max_depth=4, max_model_len=1024, device="cpu")
+    assert engine.drafter is not None and engine.drafter.bucket_lengths == (288, 544, 1056)
+    row = KVCache.bytes_needed(num_layers=TINY.num_layers, num_kv_heads=TINY.num_kv_heads, head_dim=TINY.head_dim,
+                               capacity=1, dtype=torch.float32)
+    assert draft_kv_read_bytes(engine, prefix=100) == 288 * row, "the smallest bucket's rows, not the capacity's"
+    assert draft_kv_read_bytes(engine, prefix=300) == 544 * row
+    _, near = level_step_ops(engine, prefix=12, level=2)
+    _, far = level_step_ops(engine, prefix=260, level=3)  # 260 + 25 rows: still the 288-slot bucket
+    _, longer = level_step_ops(engine, prefix=270, level=2)  # the next bucket: the same ops on longer rows
+    assert near == far
+    assert [name for name, _ in longer] == [name for name, _ in near] and longer != near
+    engine.close()
+
+
+def test_bucketed_drafts_equal_whole_cache_drafts_logit_for_logit() -> None:
+    """Generation across four buckets drafts the same logits, trees and accepted lengths as a drafter that
+    attends over the whole cache (the draft before buckets)."""
+    engine = random_engine(TINY, quant_type="int4", dtype="float32", topk=3, max_depth=4, max_model_len=128,
+                           device="cpu")
+    spec = engine.config.speculation
+
+    def run(smallest_bucket: int) -> tuple[list, list[torch.Tensor], set[int]]:
+        logits: list[torch.Tensor] = []
+        lengths: set[int] = set()
+
+        def recorded(tokens, positions, slots, bias):  # noqa: ANN001, ANN202 - drafting.DraftLogitsFn
+            lengths.add(bias.shape[1])
+            logits.append(engine.draft_logits(tokens, positions, slots, bias))
+            return logits[-1]
+
+        engine.drafter = TreeDrafter(
+            draft_logits=recorded, topk=spec.topk, max_depth=spec.max_depth, capacity=engine.kv_cache.capacity,
+            temperature=spec.draft_temperature, dtype=torch.float32, device=engine.device, smallest_bucket=smallest_bucket,
+        )
+        engine.kv_cache.keep_views(engine.drafter.bucket_lengths)
+        engine.kv_cache.token_ids.clear()  # no prefix reuse between the two runs
+        request = GenerationRequest("b", tuple(range(3, 13)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+        events = [(e.token_ids, e.accept_length, e.drafted_tokens) for e in engine.generate(request)]
+        return events, logits, lengths
+
+    bucketed, bucketed_logits, lengths = run(16)  # buckets 32, 48, 80, 144 (the capacity)
+    whole, whole_logits, whole_lengths = run(engine.kv_cache.capacity)
+    assert lengths == {32, 48, 80, 144} and whole_lengths == {144}
+    assert bucketed == whole
+    assert len(bucketed_logits) == len(whole_logits)
+    assert all(torch.equal(a, b) for a, b in zip(bucketed_logits, whole_logits))
+    engine.close()

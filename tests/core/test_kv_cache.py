@@ -118,3 +118,14 @@ def test_compact_after_tree_writes_keeps_the_accepted_rows_for_the_next_step():
         assert torch.equal(v[:, :n], prefix[layer, 1])
         assert torch.equal(k[:, n:], tree_k[layer, path].transpose(0, 1))
         assert torch.equal(v[:, n:], tree_v[layer, path].transpose(0, 1))
+
+
+def test_kept_attention_views_are_made_once_and_equal_slices():
+    """The draft's bucket lengths get their views made once (no slicing op per layer and step)."""
+    cache = filled_cache()
+    cache.keep_views((16,))
+    keys, values = cache.attention_views(1, 16)
+    assert keys is cache.attention_views(1, 16)[0] and values is cache.attention_views(1, 16)[1]
+    assert torch.equal(keys[0], cache.read(1, 16)[0]) and torch.equal(values[0], cache.read(1, 16)[1])
+    assert cache.attention_views(1, CAPACITY)[0].shape == (1, HEADS, CAPACITY, HEAD_DIM)
+    assert torch.equal(cache.attention_views(2, 10)[1][0], cache.read(2, 10)[1])  # any other length: a slice

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from subspec_core.drafting import TreeDrafter
+from subspec_core.drafting import TreeDrafter, draft_buckets
 from subspec_core.tree import (
     TokenTree,
     causal_chunk_mask,
@@ -310,7 +310,8 @@ def grow_tree(*, draft_logits, root_token, prefix_length: int, topk: int, max_de
     capacity = capacity or prefix_length + 1 + max_depth * topk
     drafter = TreeDrafter(draft_logits=draft_logits, topk=topk, max_depth=max_depth, capacity=capacity,
                           temperature=temperature, dtype=torch.float32, device=torch.device("cpu"))
-    tree = drafter.grow(root_token=root_token, prefix_length=torch.tensor([prefix_length]), depth=max_depth)
+    tree = drafter.grow(root_token=root_token, prefix_length=torch.tensor([prefix_length]), committed=prefix_length,
+                        depth=max_depth)
     return TokenTree(*(t.clone() for t in (tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestors)))
 
 
@@ -404,8 +405,8 @@ def test_drafter_reuse_across_prefix_lengths_and_depths_gives_fresh_trees():
     table = torch.randn(11, 11, generator=gen) * 2
     drafter = TreeDrafter(draft_logits=BigramDraft(table), topk=3, max_depth=5, capacity=64, temperature=0.5,
                           dtype=torch.float32, device=torch.device("cpu"))
-    drafter.grow(root_token=torch.tensor([2]), prefix_length=torch.tensor([9]), depth=5)
-    again = drafter.grow(root_token=torch.tensor([4]), prefix_length=torch.tensor([20]), depth=3)
+    drafter.grow(root_token=torch.tensor([2]), prefix_length=torch.tensor([9]), committed=9, depth=5)
+    again = drafter.grow(root_token=torch.tensor([4]), prefix_length=torch.tensor([20]), committed=20, depth=3)
     fresh = grow_tree(draft_logits=BigramDraft(table), root_token=torch.tensor([4]), prefix_length=20, topk=3,
                       max_depth=3, temperature=0.5, capacity=64)
     for name in ("tokens", "parents", "depths", "scores", "ancestors"):
@@ -436,3 +437,58 @@ def test_grow_tree_depth_48_tiny_probabilities_keeps_float32_scores_finite_and_o
     levels = tree.scores[1:].view(48, 2)
     assert (levels[:, 0] >= levels[:, 1]).all(), "each level best first"
     assert (levels[1:, 0] < levels[:-1, 0]).all(), "deeper levels score strictly lower"
+
+
+# ----------------------------------------------------------------------------------------------- draft buckets
+def test_draft_buckets_hold_a_doubling_prefix_and_a_tree_then_the_capacity():
+    # the 8 GB presets: max_model_len 2048, topk 6 x depth 48 (289 nodes), capacity 2048 + 289 -> 2352:
+    # 256 + 289 = 545 -> 560, 512 + 289 -> 816, 1024 + 289 -> 1328, then 2048 + 289 -> 2352, the capacity
+    assert draft_buckets(capacity=2352, tree_size=289) == (560, 816, 1328, 2352)
+    assert draft_buckets(capacity=320, tree_size=49) == (320,)  # no room for a shorter bucket: the whole cache
+    buckets = draft_buckets(capacity=208, tree_size=13, smallest=16)
+    assert buckets == (32, 48, 80, 144, 208)
+    assert all(length % 16 == 0 for length in buckets), "mask rows stay aligned for memory-efficient attention"
+
+
+def test_the_bucket_picked_for_n_is_the_shortest_holding_n_and_the_tree_rows():
+    topk, capacity = 3, 208
+    drafter = TreeDrafter(draft_logits=None, topk=topk, max_depth=4, capacity=capacity, temperature=1.0,  # type: ignore[arg-type]
+                          dtype=torch.float32, device=torch.device("cpu"), smallest_bucket=16)
+    lengths = drafter.bucket_lengths
+    for depth in range(1, 5):
+        for n in range(capacity - depth * topk):
+            length = drafter.bucket_for(committed=n, depth=depth).length
+            needed = n + 1 + depth * topk  # the prefix, the root and every level's rows (the last level's in its mask)
+            assert length >= needed and all(shorter < needed for shorter in lengths if shorter < length), (n, depth)
+    with pytest.raises(ValueError, match="needs 209 slots"):
+        drafter.bucket_for(committed=196, depth=4)
+
+
+def test_bucketed_drafting_sees_exactly_what_the_whole_cache_mask_shows():
+    """Each step's mask over its bucket is the whole-cache mask's first L columns, the columns past L are all
+    masked there, so attention over L slots is the same; within a bucket the inputs' shapes do not move with N."""
+    gen = torch.Generator().manual_seed(10)
+    table = torch.randn(12, 12, generator=gen) * 2
+    k, depth, capacity = 3, 4, 208
+
+    def drafter(smallest: int) -> tuple[TreeDrafter, BigramDraft]:
+        draft = BigramDraft(table)
+        return TreeDrafter(draft_logits=draft, topk=k, max_depth=depth, capacity=capacity, temperature=0.5,
+                           dtype=torch.float32, device=torch.device("cpu"), smallest_bucket=smallest), draft
+
+    (bucketed, parts), (whole, full) = drafter(16), drafter(capacity)
+    assert bucketed.bucket_lengths == (32, 48, 80, 144, 208) and whole.bucket_lengths == (capacity,)
+    shapes = {}
+    for n in (2, 19, 20, 35, 100, 187):
+        root = torch.tensor([n % 12])
+        tree = bucketed.grow(root_token=root, prefix_length=torch.tensor([n]), committed=n, depth=depth)
+        reference = whole.grow(root_token=root, prefix_length=torch.tensor([n]), committed=n, depth=depth)
+        assert torch.equal(tree.tokens, reference.tokens) and torch.equal(tree.parents, reference.parents)
+        length = bucketed.bucket_for(committed=n, depth=depth).length
+        for call, full_call in zip(parts.calls[-depth:], full.calls[-depth:]):
+            assert call["bias"].shape[1] == length
+            assert torch.equal(call["bias"], full_call["bias"][:, :length])
+            assert torch.isneginf(full_call["bias"][:, length:]).all()
+        shapes.setdefault(length, set()).add(tuple(tuple(c[name].shape for name in c) for c in parts.calls[-depth:]))
+    assert sorted(shapes) == [32, 48, 144, 208]  # N = 2 and 19 share 32; 20 and 35 share 48
+    assert all(len(seen) == 1 for seen in shapes.values()), "one set of input shapes per bucket"
