@@ -16,11 +16,13 @@ from benchmarks.draft_cost import (
     DispatchRecorder,
     SyncCounter,
     count_dispatches,
+    draft_step_times,
     level_step_ops,
     random_engine,
     static_shapes,
     syncs_per_step,
 )
+from benchmarks.provenance import engine_record
 from benchmarks.synthetic_weights import TINY, TINY_QWEN3
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -89,3 +91,12 @@ def test_qwen3_draft_step_stays_within_the_budget() -> None:
     print(f"\nqwen3 int4: {counts}")
     assert counts["ops_per_layer"].get("aten.rms_norm.default") == 3
     assert counts["dispatches_per_layer"] <= MAX_DISPATCHES_PER_LAYER
+
+
+def test_draft_step_times_say_whether_graphs_ran() -> None:
+    """A timing is labelled by what ran: on a CPU nothing is captured, so no GPU timing of either kind."""
+    engine = random_engine(TINY, quant_type="int4", dtype="float32", max_depth=2, device="cpu")
+    times = draft_step_times(engine, repeats=1)
+    assert times["graphed"] is False and times["host_ms_per_step"] > 0
+    assert "gpu_ms_per_step_graphed" not in times and "gpu_ms_per_step_eager" not in times
+    assert engine_record(engine)["cuda_graphs"] is None
