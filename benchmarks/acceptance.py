@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.mt_bench import first_turn_prompts
+from benchmarks.provenance import device_record, engine_record
 from subspec_core.types import GenerationRequest, SamplingParams
 
 
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     report = measure_acceptance(engine, prompts, max_tokens=args.max_tokens, reference=reference)
     for entry in report.per_prompt:
         print(json.dumps(entry), file=sys.stderr)
-    print(json.dumps({"model": engine.model_name, "prompts": len(prompts), "max_tokens": args.max_tokens,
+    print(json.dumps({"environment": {**device_record(engine.device), **engine_record(engine)},
+                      "model": engine.model_name, "prompts": len(prompts), "max_tokens": args.max_tokens,
                       "mean_accept_length": round(report.mean_accept_length, 3)}))
     return 0
 

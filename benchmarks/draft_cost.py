@@ -16,7 +16,9 @@ On random-weight engines built with the engine's own code (`engine_from_weights`
 - `draft_kv_read`: the KV rows a draft step's attention reads at N = 100 and N = 4000 (its bucket, not the
   whole cache), with max_model_len 8192 and the paper's tree, and those rows' bytes in a Qwen2.5-7B cache;
 - host time per draft step (the tiny model, and a Qwen2.5-7B-shaped stack of `--qwen-layers` layers where
-  memory allows); on CUDA also the GPU time per step (CUDA events).
+  memory allows); on CUDA also the GPU time per step (CUDA events), replaying the captured graphs
+  (`gpu_ms_per_step_graphed`, when capture succeeded) and launching every op (`gpu_ms_per_step_eager`);
+- what ran: the device and its libraries, and each engine's attention kernels and graph capture.
 The last stdout line is one JSON object (with --json); the lines before it are a readable summary.
 """
 
@@ -34,6 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.provenance import device_record, engine_record
 from benchmarks.synthetic import synthetic_engine
 from benchmarks.synthetic_weights import QWEN25_7B, TINY, random_weights
 from subspec_core.build import InMemoryWeights, resolve_device, resolve_dtype
@@ -274,7 +277,8 @@ def syncs_per_step(engine: Engine, *, steps: int = 3) -> float:
 
 
 def draft_step_times(engine: Engine, *, repeats: int) -> dict[str, Any]:
-    """Seconds per draft step: whole trees of max_depth forwards, timed and divided by the depth."""
+    """Milliseconds per draft step: whole trees of max_depth forwards, timed and divided by the depth. The host
+    time is grow()'s (graph replays where capture succeeded: `graphed`); on CUDA the GPU time both ways."""
     drafter = engine.drafter
     assert drafter is not None
     device, depth = engine.device, drafter.max_depth
@@ -284,6 +288,13 @@ def draft_step_times(engine: Engine, *, repeats: int) -> dict[str, Any]:
     def grow() -> None:
         drafter.grow(root_token=root, prefix_length=prefix, committed=32, depth=depth)
 
+    def grow_eagerly() -> None:  # grow() without its graphs: the same steps, every op launched
+        drafter.root_token.copy_(root)
+        drafter.prefix_length.copy_(prefix)
+        drafter.root_step()
+        for _ in range(depth - 1):
+            drafter.level_step()
+
     with torch.inference_mode():
         _prefill(engine, 32)
         grow()  # warm-up
@@ -292,15 +303,18 @@ def draft_step_times(engine: Engine, *, repeats: int) -> dict[str, Any]:
             grow()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        result: dict[str, Any] = {"depth": depth, "host_ms_per_step": (time.perf_counter() - started) / repeats / depth * 1e3}
+        result: dict[str, Any] = {"depth": depth, "graphed": drafter.graphed,
+                                  "host_ms_per_step": (time.perf_counter() - started) / repeats / depth * 1e3}
         if device.type == "cuda":
-            result["gpu_ms_per_step_eager"] = time_call(grow, device=device, repeats=repeats).median_ms / depth
+            if drafter.graphed:
+                result["gpu_ms_per_step_graphed"] = time_call(grow, device=device, repeats=repeats).median_ms / depth
+            result["gpu_ms_per_step_eager"] = time_call(grow_eagerly, device=device, repeats=repeats).median_ms / depth
     return result
 
 
 def measure(*, quant_types: list[str], qwen_layers: int, repeats: int) -> dict[str, Any]:
     device = resolve_device(EngineConfig())
-    result: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "int4_kernel": int4_kernel_name(device)}
+    result: dict[str, Any] = {**device_record(device), "int4_kernel": int4_kernel_name(device)}
     per_quant: dict[str, Any] = {}
     for quant in quant_types:
         entry = count_dispatches(TINY, quant_type=quant, dtype="bfloat16")
@@ -309,6 +323,7 @@ def measure(*, quant_types: list[str], qwen_layers: int, repeats: int) -> dict[s
         entry["static_shapes"] = static_shapes(engine)
         entry["syncs_per_iteration"] = syncs_per_step(engine)
         entry["tiny_times"] = draft_step_times(engine, repeats=repeats)
+        entry.update(engine_record(engine))
         engine.close()
         per_quant[quant] = entry
         print(f"{quant}: {entry['dispatches_per_layer']:.0f} dispatches/layer (bf16), "
@@ -332,6 +347,8 @@ def measure(*, quant_types: list[str], qwen_layers: int, repeats: int) -> dict[s
         bookkeeping_dispatches_per_level=headline["bookkeeping_dispatches_per_level"],
         syncs_per_iteration=max(e["syncs_per_iteration"] for e in per_quant.values()),
         static_shapes=all(e["static_shapes"] for e in per_quant.values()),
+        attention=headline["attention"],
+        cuda_graphs=headline["cuda_graphs"],
         per_quant_type=per_quant,
     )
     return result
@@ -350,7 +367,7 @@ def qwen_stack_times(layers: int, quant_type: str, *, repeats: int) -> dict[str,
     finally:
         engine.close()
     per_layer = times["host_ms_per_step"] / layers
-    return {"status": "ok", "layers": layers, "dtype": dtype, "quant_type": quant_type, **times,
+    return {"status": "ok", "layers": layers, "dtype": dtype, "quant_type": quant_type, **times, **engine_record(engine),
             "host_ms_per_layer": per_layer,
             "note": "host time includes the lm_head over 152k vocab rows; 28 layers are not built on a CPU machine"}
 

@@ -16,6 +16,7 @@ import torch
 from benchmarks.copy_wait import CopyWaitProbe
 from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
 from benchmarks.mode_result import ModeResult, PromptRun, pooled
+from benchmarks.provenance import engine_record
 from subspec_core.config import EngineConfig
 from subspec_core.build import build_engine, resolve_device
 from subspec_core.engine import Engine
@@ -77,6 +78,8 @@ def run_engine_mode(
         result = pooled(mode, runs, on_cuda=device.type == "cuda")
         result.peak_gpu_gib = peak_gib(device)
         result.peak_gpu_build_gib = build_peak
+        what_ran = engine_record(engine)
+        result.attention, result.cuda_graphs = what_ran["attention"], what_ran["cuda_graphs"]
         plan = engine.plan
         if plan is not None:
             result.resident_layers, result.streamed_layers = list(plan.resident_layers), list(plan.streamed_layers)

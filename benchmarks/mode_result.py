@@ -90,6 +90,8 @@ class ModeResult:
     streamed_layers: list[int] = field(default_factory=list)
     peak_gpu_build_gib: float | None = None  # peak while building (quantizing, placing), reset before the run
     memory_plan: str = ""
+    attention: dict[str, str] | None = None  # the SDPA kernel per call shape (provenance.engine_record)
+    cuda_graphs: bool | None = None  # the draft step's graph capture succeeded; None: not tried
     notes: list[str] = field(default_factory=list)
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)  # per prompt, for the identical-tokens check

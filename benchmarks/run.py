@@ -35,6 +35,7 @@ from benchmarks.hf_accelerate import MODE as HF_MODE
 from benchmarks.hf_accelerate import run_hf_accelerate
 from benchmarks.mode_result import ModeResult, compare_modes
 from benchmarks.mt_bench import first_turn_prompts
+from benchmarks.provenance import device_record
 from benchmarks.report import markdown, write_json
 from benchmarks.synthetic import run_synthetic
 from benchmarks.synthetic_weights import PRESETS
@@ -104,16 +105,17 @@ def synthetic_config(name: str, args: argparse.Namespace) -> EngineConfig:
 
 
 def environment(device: torch.device, config: EngineConfig) -> dict[str, Any]:
+    """The device and its libraries (device_record), the Python packages, and the substitute's kernel; each
+    mode's entry adds its engine's attention kernels and graph capture (engine_modes)."""
     versions = {}
     for package in ("torch", "transformers", "accelerate", "bitsandbytes"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} torch threads)"
     quant = config.speculation.quant_type
     kernel = int4_kernel_name(device) if quant == "int4" else f"bitsandbytes {quant}"
-    return {"device": name, "cuda": torch.version.cuda, "python": platform.python_version(),
+    return {**device_record(device), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "packages": versions, "substitute": quant, "substitute_kernel": kernel}
 
 

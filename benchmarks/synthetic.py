@@ -19,13 +19,14 @@ import torch
 from benchmarks.copy_wait import CopyWaitProbe
 from benchmarks.gpu_memory import GIB, free_device_memory, peak_gib, reset_peak
 from benchmarks.mechanics import draft_tree, verify_set
+from benchmarks.provenance import device_record, engine_record
 from benchmarks.synthetic_weights import SHAPES, random_weights
 from subspec_core.build import InMemoryWeights, engine_from_weights, resolve_device, resolve_dtype
 from subspec_core.config import EngineConfig
 from subspec_core.engine import Engine
 from subspec_core.planner import BudgetTooSmallError
 from subspec_core.stopwatch import time_call
-from subspec_core.weights import LayerLayout, ModelShape
+from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
 
 PAPER_TAU = 28.35  # Qwen2.5-7B, MT-Bench, 8 GB, tree decoding (the paper's table)
 VERIFY_SIZES = (64, 193, 289)  # 289 = 48 x 6 + 1 (the paper's trees), 193 = 32 x 6 + 1
@@ -35,6 +36,17 @@ PREFIX_TOKENS = 128  # committed context the decoding forwards attend to
 def synthetic_engine(config: EngineConfig, mode: str, weights: InMemoryWeights, device: torch.device) -> Engine:
     """The random weights placed under the run's budget in `mode`, as `build_engine` places real ones."""
     return engine_from_weights(replace(config, mode=mode), weights, device=device, model_name=f"synthetic-{mode}")
+
+
+def build_engine(config: EngineConfig, mode: str, shape: ModelShape, shared: SharedWeights,
+                 layer_linears: list[dict[str, torch.Tensor]], tokenizer: Any, device: torch.device,
+                 dtype: torch.dtype) -> Engine:
+    """The shared device check's entry (/work/shared/device/device_check.py calls it with exactly these positional
+    arguments; keep them): `synthetic_engine` over the given random weights. `dtype` is theirs already."""
+    if layer_linears[0]["qkv_weight"].dtype != dtype:
+        raise ValueError(f"weights are placed in their own dtype ({layer_linears[0]['qkv_weight'].dtype}), not {dtype}")
+    weights = InMemoryWeights(shape=shape, shared=shared, layer_linears=layer_linears, tokenizer=tokenizer)
+    return synthetic_engine(config, mode, weights, device)
 
 
 def _timed(fn: Callable[[], Any], *, probe: CopyWaitProbe | None, device: torch.device, repeats: int) -> dict[str, Any]:
@@ -106,6 +118,7 @@ def _engine_section(engine: Engine, *, shape: ModelShape, dtype: torch.dtype, pi
         "peak_gpu_build_gib": build_peak,
         "budget_gib": None if plan.budget_bytes is None else plan.budget_bytes / GIB,
         "memory_plan": plan.table(),
+        **engine_record(engine),
     }
 
 
@@ -151,7 +164,8 @@ def run_synthetic(
     prefix = torch.randint(shape.vocab_size, (PREFIX_TOKENS,), generator=generator).tolist()
     spec = config.speculation
     report: dict[str, Any] = {
-        "name": name, "shape": asdict(shape), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "name": name, "shape": asdict(shape), "device": str(device), "environment": device_record(device),
+        "dtype": str(dtype).removeprefix("torch."),
         "weights_generated_s": time.perf_counter() - started, "prefix_tokens": PREFIX_TOKENS, "repeats": repeats,
         "topk": spec.topk, "max_depth": spec.max_depth, "verify_size": spec.verify_size, "pinned_h2d_gbps": pinned_gbps,
         "engines": {}, "measured": {},

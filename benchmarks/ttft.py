@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from benchmarks.mt_bench import load_questions
+from benchmarks.provenance import device_record, engine_record
 from subspec_core.types import GenerationRequest, SamplingParams
 
 
@@ -59,6 +60,7 @@ def measure(engine: Any, *, num_prompts: int, max_tokens: int) -> dict[str, Any]
                      "ttft_reused_s": reused_s, "identical": cold_ids == reused_ids})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {
+        "environment": {**device_record(engine.device), **engine_record(engine)},
         "model": engine.model_name, "mode": engine.config.mode, "prefill_chunk_size": engine.config.prefill_chunk_size,
         "questions": len(rows), "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows),
         "mean_cached_tokens": statistics.mean(r["cached_tokens"] for r in rows),

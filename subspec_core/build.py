@@ -19,12 +19,13 @@ import torch
 from subspec_core.config import EngineConfig, config_as_dict
 from subspec_core.engine import Engine, LoadedModel
 from subspec_core.fit import fit_device
+from subspec_core.hardware import DeviceInfo
 from subspec_core.kv_cache import KVCache, kv_capacity
 from subspec_core.loading import open_model
 from subspec_core.model_source import resolve_model
 from subspec_core.offload import place_layers
 from subspec_core.planner import MemoryPlan, choose_mode, device_budget, plan_for
-from subspec_core.quant import DraftLayers, QuantizedLinears
+from subspec_core.quant import DraftLayers, QuantizedLinears, substitute_quant_type
 from subspec_core.startup import StartupLog
 from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
 
@@ -127,8 +128,14 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
            model_name: str, progress: bool, phases: StartupLog) -> Engine:
     """One pass over the layers: each is written once where `plan` puts it, and in mode subspec a streamed
     layer's substitute is quantized from its arena slot right away, so no second host copy exists."""
-    shape, spec = weights.shape, config.speculation
+    shape, hardware = weights.shape, DeviceInfo.of(device)
     speculative = config.mode == "subspec"
+    quant_type, fallback = substitute_quant_type(config.speculation.quant_type, device_type=device.type,
+                                                 capability=hardware.capability)
+    if speculative and fallback:
+        phases.note(fallback)
+        config = dataclasses.replace(config, speculation=dataclasses.replace(config.speculation, quant_type=quant_type))
+    spec = config.speculation
     if speculative and not plan.streamed_layers:
         log.warning("every layer is resident: the draft equals the target; mode 'resident' is faster")
     substitutes: dict[int, QuantizedLinears] = {}
@@ -167,9 +174,10 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
     )
     engine = Engine(config, LoadedModel(
         shape=shape, shared=shared, target_layers=target_layers, draft_layers=draft_layers, kv_cache=kv_cache,
-        plan=plan, device=device, tokenizer=weights.tokenizer, eos_token_ids=weights.eos_token_ids,
+        plan=plan, device=device, hardware=hardware, tokenizer=weights.tokenizer, eos_token_ids=weights.eos_token_ids,
         model_name=model_name,
     ))
+    phases.note(engine.attention.line())
     if engine.drafter is not None and config.cuda_graphs and device.type == "cuda":
         with torch.inference_mode(), phases.phase("graphs") as phase:
             graphed = engine.drafter.capture_cuda_graphs()

@@ -17,6 +17,8 @@ import yaml
 
 MODES = ("auto", "subspec", "vanilla", "resident")  # auto: the planner picks resident or subspec
 QUANT_TYPES = ("int4", "nf4", "fp4", "int8")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes PyTorch's tinygemm int4 kernels take
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' blockwise 4-bit and int8
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 PRESET_ONLY_KEYS = ("server", "card")  # top-level preset keys that are not engine settings
@@ -62,7 +64,10 @@ class SpeculationConfig:
             raise ValueError("speculation.draft_temperature must be > 0")
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"speculation.quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if self.quant_block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if self.quant_type == "int4" and self.quant_block_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"speculation.quant_block_size (the int4 group size) must be one of {INT4_GROUP_SIZES} "
+                             f"with quant_type int4, got {self.quant_block_size}")
+        if self.quant_block_size not in BLOCK_SIZES:
             raise ValueError("speculation.quant_block_size must be a power of two in [32, 4096]")
 
     @property

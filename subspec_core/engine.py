@@ -14,11 +14,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
+from torch.nn.attention import SDPBackend
 
+from subspec_core.attention import AttentionBackends, attention_kernel
 from subspec_core.cancel import CancelCheck, CancellableLayers, GenerationCancelled
 from subspec_core.config import EngineConfig
 from subspec_core.detokenize import IncrementalDetokenizer
 from subspec_core.drafting import TreeDrafter
+from subspec_core.hardware import DeviceInfo
 from subspec_core.kv_cache import KVCache
 from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
 from subspec_core.offload import TargetLayers
@@ -47,6 +50,7 @@ class LoadedModel:
     kv_cache: KVCache
     plan: MemoryPlan
     device: torch.device
+    hardware: DeviceInfo
     tokenizer: Any
     eos_token_ids: frozenset[int]
     model_name: str
@@ -111,6 +115,7 @@ class Engine:
         self.kv_cache = model.kv_cache
         self.plan = model.plan
         self.device = model.device
+        self.hardware = model.hardware
         self.tokenizer = model.tokenizer
         self.eos_token_ids = model.eos_token_ids
         self.model_name = model.model_name
@@ -118,6 +123,8 @@ class Engine:
         self.prefill_chunk_size = model.plan.prefill_chunk_size
         self._dtype = model.shared.embed.dtype
         self._clock = Stopwatch(model.device)
+        self.attention = AttentionBackends.choose(device_type=model.device.type, dtype=self._dtype,
+                                                  head_dim=model.shape.head_dim, capability=model.hardware.capability)
         spec = config.speculation
         self.drafter = None if model.draft_layers is None else TreeDrafter(
             draft_logits=self.draft_logits, topk=spec.topk, max_depth=spec.max_depth, capacity=model.kv_cache.capacity,
@@ -127,23 +134,25 @@ class Engine:
             self.kv_cache.keep_views(self.drafter.bucket_lengths)
 
     def close(self) -> None:
-        """Release what dropping the engine would not: the page-locked registration of the host arena."""
+        """Wait for in-flight weight copies, then free the streaming ring and unregister the page-locked host
+        arena (idempotent; an engine dropped without it is torn down in the same order, offload.release_ring)."""
         self.target_layers.close()
 
     # ----------------------------------------------------------------------------------------- forwards
     def _forward(
         self, layers: LayerSource, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-        kv_length: int, bias: torch.Tensor | None,
+        kv_length: int, bias: torch.Tensor | None, backend: SDPBackend | None,
     ) -> torch.Tensor:
-        return forward_hidden(
-            shape=self.shape, shared=self.shared, layers=layers, kv_cache=self.kv_cache, tokens=tokens,
-            positions=positions, slots=slots, kv_length=kv_length, bias=bias,
-        )
+        with attention_kernel(backend):  # entered once per forward (~10 us), not per layer
+            return forward_hidden(
+                shape=self.shape, shared=self.shared, layers=layers, kv_cache=self.kv_cache, tokens=tokens,
+                positions=positions, slots=slots, kv_length=kv_length, bias=bias,
+            )
 
-    def _target_forward(self, tokens, positions, slots, kv_length, bias, cancelled=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _target_forward(self, tokens, positions, slots, kv_length, bias, backend, cancelled=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
         layers = self.target_layers if cancelled is None else CancellableLayers(self.target_layers, cancelled)
         try:
-            return self._forward(layers, tokens, positions, slots, kv_length, bias)
+            return self._forward(layers, tokens, positions, slots, kv_length, bias, backend)
         except BaseException:
             if self.target_layers.streamer is not None:
                 self.target_layers.streamer.reset()  # a forward stopped mid-way leaves the ring out of step
@@ -153,7 +162,8 @@ class Engine:
                     cancelled: CancelCheck | None = None) -> torch.Tensor:
         """The plain decoding forward: `token` (1,) at slot and position N, seeing slots [0, N]; float32 logits (1, V).
         N comes twice: `position` (1,) on the device, read without a host-to-device copy, and `prefix_length`."""
-        hidden = self._target_forward(token, position, position, prefix_length + 1, None, cancelled)
+        hidden = self._target_forward(token, position, position, prefix_length + 1, None,
+                                      self.attention.one_token_step, cancelled)
         return compute_logits(self.shape, self.shared, hidden)
 
     def verify_logits(self, tree: TokenTree, *, prefix_length: int,
@@ -163,14 +173,17 @@ class Engine:
         n = prefix_length
         slots = n + torch.arange(tree.size, device=self.device)
         bias = attention_bias(tree_attention_mask(ancestors=tree.ancestors, prefix_length=n), self._dtype)
-        hidden = self._target_forward(tree.tokens, n + tree.depths, slots, n + tree.size, bias, cancelled)
+        hidden = self._target_forward(tree.tokens, n + tree.depths, slots, n + tree.size, bias,
+                                      self.attention.verify_tree, cancelled)
         return compute_logits(self.shape, self.shared, hidden)
 
     def draft_logits(self, tokens, positions, slots, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
         """The substitute draft's float32 logits for `tokens`, attending over cache slots [0, L) under the additive
         mask `bias` (rows, L), L a draft bucket's length (drafting.DraftLogitsFn)."""
         assert self.draft_layers is not None
-        hidden = self._forward(self.draft_layers, tokens, positions, slots, bias.shape[1], bias)
+        # root and level steps are both masked: one kernel (attention.draft_root == draft_level)
+        hidden = self._forward(self.draft_layers, tokens, positions, slots, bias.shape[1], bias,
+                               self.attention.draft_level)
         return compute_logits(self.shape, self.shared, hidden)
 
     def _prefill_chunks(self, token_ids: list[int], cancelled: CancelCheck | None = None,
@@ -188,7 +201,8 @@ class Engine:
             end = min(start + chunk, len(token_ids))
             slots = torch.arange(start, end, device=self.device)
             bias = attention_bias(causal_chunk_mask(start=start, length=end - start, device=self.device), self._dtype)
-            hidden = self._target_forward(ids[start:end], slots, slots, end, bias, cancelled)
+            hidden = self._target_forward(ids[start:end], slots, slots, end, bias, self.attention.prefill_chunk,
+                                          cancelled)
             cache.token_ids.extend(token_ids[start:end])
             yield hidden
 

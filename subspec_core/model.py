@@ -15,8 +15,13 @@ not by arithmetic. Per layer the forward issues about 30 aten ops, views include
   half-rotation done by a flip and signs folded into the sin table, so k and v leave it side by side,
   ready for a single KV-cache write;
 - attention is one SDPA call with the GQA group folded into the query rows, so the masked call stays on a
-  fused kernel (memory-efficient attention on CUDA) instead of SDPA's math fallback, and the additive mask
-  is built once per forward, not per layer.
+  fused kernel (memory-efficient attention on CUDA, where the engine restricts each call shape to the kernel
+  `attention.py` picks) instead of SDPA's math fallback, and the additive mask is built once per forward,
+  not per layer.
+
+Layouts: CUDA's fused kernels return attention output with (B, L, H, D)-ordered strides, CPU's with the
+query's (B, H, L, D); the code after SDPA only splits, permutes and reshapes, so either is read right
+(tests/core runs under an imitation of CUDA's layout, tests/cuda_layouts.py).
 """
 
 from __future__ import annotations
@@ -119,6 +124,17 @@ def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, :cols].masked_fill_(allowed, 0.0)
 
 
+def _gqa_mask(bias: torch.Tensor, group: int) -> torch.Tensor:
+    """The (n, cols) additive mask repeated for the `group` query rows of each token: (1, 1, n * group, cols), in
+    storage whose rows stay padded to MASK_ALIGN (one copy, as a plain repeat_interleave would cost, minus the
+    per-call pad memory-efficient attention would add to an unaligned mask)."""
+    rows, cols = bias.shape
+    padded = -(-cols // MASK_ALIGN) * MASK_ALIGN
+    mask = bias.new_empty(1, 1, rows * group, padded)[..., :cols]  # padding columns are never read
+    mask.view(rows, group, cols).copy_(bias.unsqueeze(1))
+    return mask
+
+
 def forward_hidden(
     *,
     shape: ModelShape,
@@ -140,13 +156,13 @@ def forward_hidden(
     rotary = RotaryTables.build(shape, shared, positions, x.dtype)
     # GQA folded into query rows: row i * group + g of kv head h is query head h * group + g of token i,
     # so every row of a kv head's block needs token i's mask row
-    mask = None if bias is None else bias.repeat_interleave(group, dim=0)[None, None]  # (1, 1, n*group, kv_length)
+    mask = None if bias is None else _gqa_mask(bias, group)  # (1, 1, n*group, kv_length)
     eps = shape.rms_norm_eps
     for i in range(shape.num_layers):
         norms = shared.layer_norms[i]
         linears = layers.acquire(i)
         h = rms_norm(x, norms.input_norm, eps)
-        qkv = linears.qkv(h).view(n, fused_heads, 2, head_dim // 2)  # (n, heads + 2 kvh, 2, hd/2)
+        qkv = linears.qkv(h).unflatten(1, (fused_heads, 2, head_dim // 2))  # (n, heads + 2 kvh, 2, hd/2)
         if norms.qk_norm is not None:  # Qwen3: RMSNorm per q and k head, written over them in place (3 ops)
             qk = qkv[:, : heads + kv_heads]
             torch.mul(F.rms_norm(qk, qk.shape[-2:], None, eps), norms.qk_norm, out=qk)
@@ -154,8 +170,9 @@ def forward_hidden(
         kv_cache.write(i, slots, qkv[:, heads:].view(n, 2, kv_heads, head_dim))
         q = qkv[:, :heads].view(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
         keys, values = kv_cache.attention_views(i, kv_length)  # (1, kvh, kv_length, hd) each
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, kvh, n*group, hd)
-        attn = attn.view(kv_heads, n, group * head_dim).transpose(0, 1).reshape(n, heads * head_dim)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, kvh, n*group, hd), any strides
+        # (1, kvh, n, group, hd) -> (1, n, kvh, group, hd) -> (n, heads * hd): one copy whatever the strides
+        attn = attn.unflatten(2, (n, group)).transpose(1, 2).reshape(n, heads * head_dim)
         x = x + linears.o(attn)
         h = rms_norm(x, norms.post_attention_norm, eps)
         gate, up = linears.gate_up(h).chunk(2, dim=-1)

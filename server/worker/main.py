@@ -72,8 +72,13 @@ def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, out
     threading.Thread(target=_read_inbox, args=(inbox, loop, received), name="subspec-worker-inbox",
                      daemon=True).start()
     outbox.send(ipc.Ready(model_name=engine.model_name, max_model_len=engine.max_model_len, pid=os.getpid()))
-    loop.run()
-    logger.info("worker shutting down")
+    try:
+        loop.run()
+    finally:
+        logger.info("worker shutting down")
+        close = getattr(engine, "close", None)  # the real engine waits for in-flight copies, then frees
+        if close is not None:
+            close()
 
 
 def _read_inbox(inbox: Connection, loop: EngineLoop, received: queue.Queue[ipc.ToWorker]) -> None:

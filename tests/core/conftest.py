@@ -1,4 +1,9 @@
-"""Fixtures for the engine-core tests: a tokenizer for tiny engines, and a one-thread torch setting.
+"""Fixtures for the engine-core tests: CUDA's attention layout, a tokenizer for tiny engines, a one-thread torch
+setting.
+
+Every test here runs with SDPA returning CUDA's output layout (tests/cuda_layouts.py), so the prefill, draft,
+verify, vanilla, logprobs and lossless tests would fail on code that only reads the CPU's layout right.
+`pytest --cpu-sdpa-layout` turns the imitation off.
 
 Tiny models run hundreds of small matmuls per generation; on a shared 2-core machine torch's intra-op
 thread pool spends far more time contending than computing (measured: ~30x slower with 2 threads under
@@ -12,6 +17,18 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+
+from tests.cuda_layouts import cuda_layouts
+
+
+@pytest.fixture(scope="package", autouse=True)
+def cuda_attention_layout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """SDPA's output in CUDA's layout for the whole package (a copy per attention call: ~nothing)."""
+    if request.config.getoption("--cpu-sdpa-layout"):
+        yield
+        return
+    with cuda_layouts():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,12 @@ def test_harness_on_default_model_and_tiny_synthetic(default_model_path, tmp_pat
     assert doc["agreement"] == {"exact": True, "prompts": 1, "identical": 1, "diverged": [], "lossless": True}
     assert doc["environment"]["substitute"] == doc["config"]["speculation"]["quant_type"]
     assert doc["environment"]["substitute_kernel"]
+    env = doc["environment"]  # what ran: on a CPU the device is "cpu" and the CUDA versions are null
+    assert env["device"] == "cpu" and env["torch"] and env["compute_capability"] is env["cuda"] is env["cudnn"] is None
+    for m in doc["modes"][:2]:  # our engines: PyTorch's attention choice on a CPU, no graph capture tried
+        assert set(m["attention"]) == {"prefill_chunk", "draft_root", "draft_level", "verify_tree", "one_token_step"}
+        assert m["cuda_graphs"] is None
+    assert doc["modes"][2]["attention"] is None  # hf-accelerate is not our engine
     subspec, vanilla = doc["modes"][0], doc["modes"][1]
     assert subspec["identical_to_vanilla"] is True and subspec["streamed_layers"]  # the default preset streams
     assert vanilla["mean_accept_length"] == 1.0 and subspec["mean_accept_length"] >= 1.0
@@ -42,6 +48,7 @@ def test_harness_on_default_model_and_tiny_synthetic(default_model_path, tmp_pat
     syn = doc["synthetic"]
     assert {m: e["status"] for m, e in syn["engines"].items()} == {"vanilla": "ok", "subspec": "ok"}
     assert {str(n) for n in VERIFY_SIZES} <= set(syn["measured"]["verify"])
+    assert syn["environment"]["device"] == "cpu" and "attention" in syn["engines"]["subspec"]
     assert syn["measured"]["vanilla_token"]["ms"] > 0 and syn["measured"]["draft_step_ms"] > 0
     paper, measured = syn["projections"]
     assert paper["label"] == measured["label"] == "projection"

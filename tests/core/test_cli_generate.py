@@ -33,6 +33,7 @@ def test_generate_json_contract_and_lossless_modes(default_model_path) -> None:
     assert out["stats"]["mode"] == "resident" and out["stats"]["h2d_bytes"] == 0
     log = auto.stderr
     assert "start-up: mode resident (chosen by mode auto): on a CPU" in log
+    assert "start-up: attention: PyTorch's choice per call (no restriction off CUDA)" in log
     for phase in ("fetch", "convert", "load", "place", "quantize"):  # one line per phase, with its time
         assert re.search(rf"start-up: {phase} +\d+\.\d\d s", log), phase
     # The memory plan in device-true words: "cpu", no GPU budget, nothing pinned.
@@ -55,3 +56,23 @@ def test_generate_json_contract_and_lossless_modes(default_model_path) -> None:
 def test_generate_rejects_bad_arguments_clearly() -> None:
     result = run_cli("--prompt", "hi", "--temperature", "-1")
     assert result.returncode == 2 and "temperature" in result.stderr
+
+
+def test_generate_in_process_is_lossless_with_cuda_attention_layouts(default_engines, default_tokenizer, request) -> None:
+    """`subspec generate`'s path (build_engine, the CLI's chat prompt, Engine.generate) in this process, where
+    tests/core's SDPA returns CUDA's output layout: subspec and vanilla give the same greedy tokens (on the
+    layout-bound code of before, both modes crashed here, as they would on a GPU). The session's engines of the
+    default model, shared with the lossless tests, keep it to seconds."""
+    from server.generate_cmd import prompt_token_ids
+    from subspec_core.types import GenerationRequest, SamplingParams
+    from tests.cuda_layouts import imitating_cuda_layouts
+
+    assert imitating_cuda_layouts() != request.config.getoption("--cpu-sdpa-layout")
+    ids = prompt_token_ids(default_tokenizer, "Write a haiku about the sea.", chat=True, system=None)
+    request_ = GenerationRequest("cli", tuple(ids), SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    tokens = {}
+    for mode in ("subspec", "vanilla"):
+        events = list(default_engines(mode).generate(request_))
+        tokens[mode] = [t for event in events for t in event.token_ids]
+        assert events[-1].stats.iterations < 16 if mode == "subspec" else events[-1].stats.iterations == 15
+    assert len(tokens["vanilla"]) == 16 and tokens["subspec"] == tokens["vanilla"]

@@ -18,11 +18,13 @@ from benchmarks.draft_cost import (
     SyncCounter,
     count_dispatches,
     draft_kv_read_bytes,
+    draft_step_times,
     level_step_ops,
     random_engine,
     static_shapes,
     syncs_per_step,
 )
+from benchmarks.provenance import engine_record
 from benchmarks.synthetic_weights import TINY, TINY_QWEN3
 from subspec_core.drafting import TreeDrafter
 from subspec_core.kv_cache import KVCache
@@ -145,3 +147,12 @@ def test_bucketed_drafts_equal_whole_cache_drafts_logit_for_logit() -> None:
     assert len(bucketed_logits) == len(whole_logits)
     assert all(torch.equal(a, b) for a, b in zip(bucketed_logits, whole_logits))
     engine.close()
+
+
+def test_draft_step_times_say_whether_graphs_ran() -> None:
+    """A timing is labelled by what ran: on a CPU nothing is captured, so no GPU timing of either kind."""
+    engine = random_engine(TINY, quant_type="int4", dtype="float32", max_depth=2, device="cpu")
+    times = draft_step_times(engine, repeats=1)
+    assert times["graphed"] is False and times["host_ms_per_step"] > 0
+    assert "gpu_ms_per_step_graphed" not in times and "gpu_ms_per_step_eager" not in times
+    assert engine_record(engine)["cuda_graphs"] is None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from subspec_core.config import SpeculationConfig
-from subspec_core.offload import HostLayerStore, LayerStreamer, TargetLayers, place_layers
+from subspec_core.offload import HostLayerStore, LayerStreamer, TargetLayers, place_layers, release_ring
 from subspec_core.weights import LayerLayout, ModelShape
 from tests.core.tiny import generate_ids, tiny_engine, tiny_hf_model
 
@@ -218,3 +220,58 @@ def test_engine_output_is_independent_of_placement_and_survives_an_interrupted_f
     target.acquire = original_acquire  # type: ignore[method-assign]
     ids, _ = generate_ids(engine, [3, 1, 4, 1, 5], max_tokens=12, temperature=0.0)
     assert ids == reference
+
+
+class RecordingStore(HostLayerStore):
+    """A host store whose unregistering is recorded, with how many ring buffers were still held at that moment."""
+
+    def __init__(self, calls: list, held: list) -> None:
+        super().__init__(layout=LAYOUT, layer_ids=[1, 3], dtype=torch.float32)
+        self.calls, self.held = calls, held
+
+    def close(self) -> None:
+        self.calls.append(("unregister", len(self.held)))
+        super().close()
+
+
+class RecordingStream:
+    """Stands in for the copy stream (a CUDA stream) on the CPU."""
+
+    def __init__(self, calls: list, held: list) -> None:
+        self.calls, self.held = calls, held
+
+    def synchronize(self) -> None:
+        self.calls.append(("wait", len(self.held)))
+
+
+def test_ring_teardown_waits_then_frees_then_unregisters():
+    calls: list = []
+    slots, views = [torch.zeros(4), torch.zeros(4)], [{}, {}]
+    release_ring(copy_stream=RecordingStream(calls, slots), buffers=[slots, views], store=RecordingStore(calls, slots))
+    assert calls == [("wait", 2), ("unregister", 0)]  # copies finished while both buffers lived; freed before unregister
+    assert slots == [] and views == []
+
+
+def test_close_is_idempotent_and_a_dropped_streamer_tears_down_too():
+    for close in (True, False):
+        calls: list = []
+        store = RecordingStore(calls, [])
+        streamer = LayerStreamer(store=store, device=CPU, num_slots=2)
+        store.held = slots = streamer.slots
+        assert len(slots) == 2
+        if close:
+            streamer.close()
+            streamer.close()
+        else:
+            del streamer  # dropped without close(): its finalizer runs the same teardown
+            gc.collect()
+        assert calls == [("unregister", 0)] and slots == [], close  # once, the ring already freed
+
+
+def test_engine_close_frees_the_ring_once(tiny_tokenizer):
+    engine = tiny_engine(tiny_hf_model("llama", num_layers=2), tiny_tokenizer, mode="vanilla")
+    streamer = engine.target_layers.streamer
+    assert len(streamer.slots) == 2
+    engine.close()
+    engine.close()
+    assert streamer.slots == [] and streamer.slot_views == []

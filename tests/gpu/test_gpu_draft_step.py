@@ -56,6 +56,31 @@ def test_graphed_drafting_equals_eager_drafting_fp32() -> None:
     assert output[:64] == _greedy(vanilla)
 
 
+def test_graphed_drafting_equals_eager_drafting_bf16() -> None:
+    """In bf16, the GPU's dtype, with the engine's chosen attention kernels (memory-efficient for the masked calls,
+    flash for the one-token step): replaying the captured graphs drafts the very trees launching every op does,
+    so the same tokens come out."""
+    graphed = _engine("subspec", dtype="bfloat16", cuda_graphs=True)
+    eager = _engine("subspec", dtype="bfloat16", cuda_graphs=False)
+    try:
+        assert graphed.drafter.graphed and not eager.drafter.graphed
+        assert graphed.attention.as_dict()["draft_level"] == "efficient"
+        prompt = list(range(1, 40))
+        trees = []
+        with torch.inference_mode():
+            for engine in (graphed, eager):
+                engine.prompt_logits(prompt)
+                root = torch.ones(1, dtype=torch.long, device="cuda")
+                length = torch.full((1,), len(prompt), dtype=torch.long, device="cuda")
+                tree = engine.drafter.grow(root_token=root, prefix_length=length, depth=engine.config.speculation.max_depth)
+                trees.append((tree.tokens.tolist(), tree.parents.tolist()))
+        assert trees[0] == trees[1]
+        assert _greedy(graphed) == _greedy(eager)
+    finally:
+        graphed.close()
+        eager.close()
+
+
 def test_a_draft_tree_never_synchronises_with_the_host() -> None:
     engine = _engine("subspec", cuda_graphs=False)  # eager: every op is launched and checked
     prompt = list(range(1, 40))

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.server.server_harness import REPO_ROOT, ServeProcess
+from tests.server.server_harness import ServeProcess
 
 API_KEY = "sk-subspec-test"
 # The README's start command for its tool-call examples, after `subspec serve` (test_readme_examples checks
