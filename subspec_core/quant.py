@@ -141,19 +141,25 @@ def quantize_int4(weight: torch.Tensor, bias: torch.Tensor | None, *, group_size
             f"int4 with group size {group_size} needs in_features divisible by it, got {in_features}; "
             "use speculation.quant_type nf4 or another quant_block_size"
         )
-    w = weight.to(device=device, dtype=torch.float32).reshape(out_features, in_features // group_size, group_size)
+    # One float32 working copy, turned into codes in place: at load the planner reserves that copy plus the codes
+    # (QUANT_TEMP_BYTES_PER_WEIGHT), not a temporary per step. (`copy=True`: never write into the caller's weights.)
+    w = weight.to(device=device, dtype=torch.float32, copy=True)
+    w = w.reshape(out_features, in_features // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)  # (out, groups)
     # the stored (bfloat16) parameters are the ones the kernel uses: quantize against exactly those
     scales = ((high - low).clamp(min=1e-6) / 15).to(INT4_COMPUTE_DTYPE)
     zeros = (low + scales.float() * 8).to(INT4_COMPUTE_DTYPE)
     base = zeros.float() - scales.float() * 8  # the value of code 0
-    q = ((w - base[..., None]) / scales.float()[..., None]).round().clamp(0, 15).to(torch.int32)
-    q = q.reshape(out_features, in_features)
+    w.sub_(base[..., None]).div_(scales.float()[..., None]).round_().clamp_(0, 15)
+    q = w.to(torch.int32).reshape(out_features, in_features)
+    del w
     tiles = _inner_k_tiles(in_features)
     if device.type == "cuda":
         if out_features % 8:
             raise ValueError(f"int4 on CUDA needs out_features divisible by 8, got {out_features}")
-        packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+        pairs = q[:, ::2] << 4
+        pairs |= q[:, 1::2]  # two codes per byte, as the CUDA kernel's packing wants them
+        packed = torch._convert_weight_to_int4pack(pairs.to(torch.uint8), tiles)
     else:
         packed = torch._convert_weight_to_int4pack_for_cpu(q, tiles)
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (groups, out, 2)

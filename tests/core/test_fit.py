@@ -166,8 +166,6 @@ def test_a_budget_below_the_smallest_plan_still_raises_budget_too_small():
 
 
 # -- the load temporaries the planner reserves: quant.py's side of the contract ----------------------------------
-@pytest.mark.xfail(strict=True, reason="quant.quantize_int4 keeps a float32 copy and two float32 temporaries "
-                   "(~11.75 B per weight); the plan reserves 8.5: it must do its min-max arithmetic in place")
 def test_quantizing_one_linear_stays_within_the_load_temporaries_the_plan_reserves():
     weight = torch.randn(256, 512, dtype=torch.bfloat16)
     with LiveBytes(weight) as live:
