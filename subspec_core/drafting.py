@@ -167,19 +167,20 @@ class TreeDrafter:
             bucket.root_graph, bucket.level_graph = root, level
         return True
 
-    def grow(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, committed: int, depth: int,
+    def grow(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, depth: int, committed: int | None = None,
              cancelled: CancelCheck | None = None) -> TokenTree:
         """Draft a tree of 1 + depth * topk nodes with `depth` draft forwards (root, then levels 1..depth-1).
 
         root_token (1,): the last committed token, whose KV is not in the cache yet; prefix_length (1,): N on
-        the device, and `committed`: the same N on the host, which picks the attention bucket (no device read).
+        the device, and `committed`: the same N on the host, which picks the attention bucket (no device read;
+        None: the whole cache, right at any N, as a caller that does not track N gets it).
         The returned tree's tensors are views of this drafter's buffers, valid until the next grow. `cancelled`
         is asked before each draft forward (an abort waits at most one level); when it turns true,
         `GenerationCancelled` is raised.
         """
         if not 1 <= depth <= self.max_depth:
             raise ValueError(f"depth must be in [1, {self.max_depth}], got {depth}")
-        bucket = self.bucket_for(committed=committed, depth=depth)
+        bucket = self.buckets[-1] if committed is None else self.bucket_for(committed=committed, depth=depth)
         self.root_token.copy_(root_token)
         self.prefix_length.copy_(prefix_length)
         raise_if_cancelled(cancelled)
