@@ -35,9 +35,9 @@ class CopyWaitProbe:
         streamer = engine.target_layers.streamer
         return cls(streamer) if streamer is not None and streamer.on_cuda else None
 
-    def _timed_acquire(self, layer_id: int) -> dict[str, torch.Tensor]:
+    def _timed_acquire(self, layer_id: int, while_waiting: Any = None) -> dict[str, torch.Tensor]:
         before = self._watch.mark()
-        views = self._acquire(layer_id)  # the compute stream waits on filled[slot]
+        views = self._acquire(layer_id, while_waiting)  # the compute stream waits on filled[slot]
         self._pairs.append((before, self._watch.mark()))
         return views
 

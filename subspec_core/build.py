@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from subspec_core.config import EngineConfig, config_as_dict
+from subspec_core.copies import make_copies
 from subspec_core.engine import Engine, LoadedModel
 from subspec_core.fit import fit_device
 from subspec_core.hardware import DeviceInfo
@@ -150,10 +151,13 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
 
     started = time.perf_counter()
     shared = weights.read_shared(dtype, device)
+    copies = functools.partial(make_copies, device=device, num_slots=config.stream_slots,
+                               simulate_link_gbps=config.simulate_link_gbps,
+                               simulate_link_jitter_s=config.simulate_link_jitter_s)
     target_layers = place_layers(
         fill_layer=weights.fill_layer, num_layers=shape.num_layers, layout=LayerLayout.for_shape(shape), dtype=dtype,
         resident_ids=plan.resident_layers, device=device, num_slots=config.stream_slots,
-        on_streamed=quantize if speculative else None, progress=progress,
+        on_streamed=quantize if speculative else None, progress=progress, copies=copies,
     )
     if device.type == "cuda":  # give the quantization temporaries back before the ring and KV cache are allocated
         torch.cuda.empty_cache()

@@ -103,6 +103,10 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + completion tokens
     prefill_chunk_size: int | None = None  # None: the planner picks the largest chunk the memory budget allows
     seed: int | None = None  # for requests that give none; None: each such request draws a fresh one
+    # A development and benchmarking aid, CPU only: stream layers over a simulated link of this many GB/s
+    # (a copy thread, copies.SimulatedLink) instead of synchronous copies; None: off
+    simulate_link_gbps: float | None = None
+    simulate_link_jitter_s: float = 0.0  # with the simulated link: random delays up to this per copy and per layer
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
@@ -122,6 +126,14 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
             raise ValueError("prefill_chunk_size must be >= 1")
+        if self.simulate_link_gbps is not None and self.simulate_link_gbps <= 0:
+            raise ValueError("simulate_link_gbps must be > 0 (or null: no simulated link)")
+        if self.simulate_link_jitter_s < 0:
+            raise ValueError("simulate_link_jitter_s must be >= 0")
+        if self.simulate_link_jitter_s and self.simulate_link_gbps is None:
+            raise ValueError("simulate_link_jitter_s needs simulate_link_gbps (the delays are the simulated link's)")
+        if self.simulate_link_gbps is not None and self.device == "cuda":
+            raise ValueError("simulate_link_gbps is a CPU aid: on CUDA the real link streams the layers")
 
     @property
     def budget_bytes(self) -> int | None:

@@ -24,7 +24,8 @@ from subspec_core.drafting import TreeDrafter
 from subspec_core.hardware import DeviceInfo
 from subspec_core.kv_cache import KVCache
 from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
-from subspec_core.offload import TargetLayers
+from subspec_core.copies import WhileWaiting
+from subspec_core.offload import OverlappedLayers, TargetLayers
 from subspec_core.planner import MemoryPlan
 from subspec_core.quant import DraftLayers
 from subspec_core.sampling import PROMPT_SCORE_ROWS, choose_tokens, token_logprobs
@@ -149,8 +150,13 @@ class Engine:
                 positions=positions, slots=slots, kv_length=kv_length, bias=bias,
             )
 
-    def _target_forward(self, tokens, positions, slots, kv_length, bias, backend, cancelled=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        layers = self.target_layers if cancelled is None else CancellableLayers(self.target_layers, cancelled)
+    def _target_forward(self, tokens, positions, slots, kv_length, bias, backend, cancelled=None,  # type: ignore[no-untyped-def]
+                        while_waiting: WhileWaiting | None = None) -> torch.Tensor:
+        layers: LayerSource = self.target_layers
+        if while_waiting is not None:
+            layers = OverlappedLayers(self.target_layers, while_waiting)
+        if cancelled is not None:
+            layers = CancellableLayers(layers, cancelled)
         try:
             return self._forward(layers, tokens, positions, slots, kv_length, bias, backend)
         except BaseException:

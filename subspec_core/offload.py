@@ -6,13 +6,14 @@ last kernel; the copy stream waits on `free[s]` before overwriting it. No host s
 Layers are consumed in the same cyclic order every forward, so the copy of the next forward's first
 layers is issued as soon as slots free up: it overlaps drafting and bookkeeping between forwards.
 
-Teardown runs in the reverse order of the data's path: wait for the copy stream (no copy may still write a
-slot or read the arena), then free the ring's device buffers, then unregister the pinned arena. `close()`
-does it; an engine dropped without `close()` does it too, from a finalizer that holds the ring (so the
-buffers cannot be freed before it has waited).
+Those copies and waits go through a copy engine (copies.py): CUDA's stream and events, or on a CPU a
+simulated link (a copy thread at a set bandwidth, the events as sequence counters) or plain synchronous
+copies. The ring's code is the same over all three, so CI runs the GPU's ordering with real waits.
 
-On a CPU-only machine the same objects run with plain tensors: copies are synchronous and the events are
-absent, so CI tests exactly this control flow.
+Teardown runs in the reverse order of the data's path: wait for the copies (none may still write a slot or
+read the arena), then free the ring's device buffers, then unregister the pinned arena. `close()` does it;
+an engine dropped without `close()` does it too, from a finalizer that holds the ring (so the buffers
+cannot be freed before it has waited).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from subspec_core.copies import CopyEngine, WhileWaiting, make_copies
 from subspec_core.model import DenseLinears, Linears
 from subspec_core.weights import LayerFiller, LayerLayout
 
@@ -93,11 +95,11 @@ def _register_pinned(arena: torch.Tensor) -> bool:
     return ok
 
 
-def release_ring(*, copy_stream: Any, buffers: list[list[Any]], store: HostLayerStore) -> None:
-    """Tear a streaming ring down in order: wait for in-flight copies, free the device buffers, unregister the
-    arena. `copy_stream` is None on a CPU; `buffers` are the lists holding the slots and their views, emptied."""
-    if copy_stream is not None:
-        copy_stream.synchronize()
+def release_ring(*, copies: Any, buffers: list[list[Any]], store: HostLayerStore) -> None:
+    """Tear a streaming ring down in order: wait for in-flight copies (and stop a simulated link's thread),
+    free the device buffers, unregister the arena. `buffers` are the lists holding the slots and their views,
+    emptied."""
+    copies.close()
     for held in buffers:
         held.clear()
     store.close()
@@ -106,7 +108,8 @@ def release_ring(*, copy_stream: Any, buffers: list[list[Any]], store: HostLayer
 class LayerStreamer:
     """Cycles the streamed layers through `num_slots` device buffers on a dedicated copy stream."""
 
-    def __init__(self, *, store: HostLayerStore, device: torch.device, num_slots: int) -> None:
+    def __init__(self, *, store: HostLayerStore, device: torch.device, num_slots: int,
+                 copies: CopyEngine | None = None) -> None:
         if num_slots < 2:
             raise ValueError("the streaming ring needs at least two slots")
         self.store = store
@@ -116,16 +119,14 @@ class LayerStreamer:
         self.slots = [torch.empty(store.layout.numel, dtype=store.arena.dtype, device=device) for _ in range(num_slots)]
         self.slot_views = [store.layout.views(slot) for slot in self.slots]
         self.on_cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device=device) if self.on_cuda else None
-        self.filled = [torch.cuda.Event() if self.on_cuda else None for _ in range(num_slots)]
-        self.free = [torch.cuda.Event() if self.on_cuda else None for _ in range(num_slots)]
+        self.copies = copies if copies is not None else make_copies(device=device, num_slots=num_slots)
         self.h2d_bytes = 0  # total weight bytes copied host-to-device since construction
         self._slot_nbytes = store.layout.numel * store.arena.element_size()
         self._issued = 0  # copies issued (sequence number of the next copy)
         self._consumed = 0  # layers released (sequence number of the next layer to use)
         self._prime()
         # never references self: it runs when the streamer is collected, or once from close()
-        self._teardown = weakref.finalize(self, release_ring, copy_stream=self.copy_stream,
+        self._teardown = weakref.finalize(self, release_ring, copies=self.copies,
                                           buffers=[self.slots, self.slot_views], store=store)
 
     def _prime(self) -> None:
@@ -136,32 +137,25 @@ class LayerStreamer:
         seq = self._issued
         slot = seq % self.num_slots
         host = self.store.layer(self.order[seq % len(self.order)])
-        if self.on_cuda:
-            with torch.cuda.stream(self.copy_stream):
-                self.copy_stream.wait_event(self.free[slot])  # compute has finished reading this slot
-                self.slots[slot].copy_(host, non_blocking=True)
-                self.filled[slot].record(self.copy_stream)
-        else:
-            self.slots[slot].copy_(host)
+        self.copies.copy(seq=seq, slot=slot, dest=self.slots[slot], source=host)  # after slot's release of seq - S
         self.h2d_bytes += self._slot_nbytes
         self._issued += 1
 
-    def acquire(self, layer_id: int) -> dict[str, torch.Tensor]:
-        """Weight views of `layer_id` in its slot, ordered after its copy on the current stream."""
+    def acquire(self, layer_id: int, while_waiting: WhileWaiting | None = None) -> dict[str, torch.Tensor]:
+        """Weight views of `layer_id` in its slot, ordered after its copy on the current stream (a simulated
+        link runs `while_waiting` while the copy is still in flight)."""
         seq = self._consumed
         expected = self.order[seq % len(self.order)]
         if layer_id != expected:
             raise RuntimeError(f"layers must be streamed in order: asked for {layer_id}, next is {expected}")
         slot = seq % self.num_slots
-        if self.on_cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.filled[slot])
+        self.copies.wait_filled(seq=seq, slot=slot, while_waiting=while_waiting)
         return self.slot_views[slot]
 
     def release(self, layer_id: int) -> None:
         """The current stream is done with `layer_id`'s slot: refill it with the next layer in the cycle."""
-        slot = self._consumed % self.num_slots
-        if self.on_cuda:
-            self.free[slot].record(torch.cuda.current_stream(self.device))
+        seq = self._consumed
+        self.copies.mark_free(seq=seq, slot=seq % self.num_slots)
         self._consumed += 1
         self._prime()
 
@@ -170,9 +164,10 @@ class LayerStreamer:
         self._teardown()
 
     def reset(self) -> None:
-        """Recover the cycle after a forward was interrupted part-way (an exception inside a layer)."""
-        if self.on_cuda:
-            torch.cuda.synchronize(self.device)
+        """Recover the cycle after a forward was interrupted part-way (an exception inside a layer): wait for
+        every issued copy (each one's slot was released before it was issued), then count from 0 again."""
+        self.copies.drain()
+        self.copies.restart()
         self._issued = self._consumed = 0
         self._prime()
 
@@ -184,12 +179,12 @@ class TargetLayers:
         self.resident = {i: DenseLinears(w) for i, w in resident.items()}
         self.streamer = streamer
 
-    def acquire(self, layer: int) -> Linears:
+    def acquire(self, layer: int, while_waiting: WhileWaiting | None = None) -> Linears:
         linears = self.resident.get(layer)
         if linears is not None:
             return linears
         assert self.streamer is not None, f"layer {layer} is neither resident nor streamed"
-        return DenseLinears(self.streamer.acquire(layer))
+        return DenseLinears(self.streamer.acquire(layer, while_waiting))
 
     def release(self, layer: int) -> None:
         if layer not in self.resident and self.streamer is not None:
@@ -204,6 +199,21 @@ class TargetLayers:
             self.streamer.close()
 
 
+class OverlappedLayers:
+    """The target's layers for one forward whose streamed-layer waits run `while_waiting` (post-speculation's
+    pending draft levels, postspec.py) while a copy is still in flight, where the copy engine blocks the host."""
+
+    def __init__(self, layers: TargetLayers, while_waiting: WhileWaiting) -> None:
+        self._layers = layers
+        self._while_waiting = while_waiting
+
+    def acquire(self, layer: int) -> Linears:
+        return self._layers.acquire(layer, self._while_waiting)
+
+    def release(self, layer: int) -> None:
+        self._layers.release(layer)
+
+
 def place_layers(
     *,
     fill_layer: LayerFiller,
@@ -215,6 +225,7 @@ def place_layers(
     num_slots: int,
     on_streamed: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     progress: bool = True,
+    copies: Callable[[], CopyEngine] | None = None,
 ) -> TargetLayers:
     """Write every layer once, in order, where it lives: resident layers into device buffers, streamed ones
     into their slot of the host arena. `on_streamed(i, views)` sees each streamed layer as soon as it is in
@@ -238,5 +249,6 @@ def place_layers(
         trim_host_heap()
     if store is not None and device.type == "cuda":
         store.pin()
-    streamer = LayerStreamer(store=store, device=device, num_slots=num_slots) if store is not None else None
+    streamer = (LayerStreamer(store=store, device=device, num_slots=num_slots,
+                              copies=None if copies is None else copies()) if store is not None else None)
     return TargetLayers(resident=resident, streamer=streamer)

@@ -51,9 +51,9 @@ class Trace:
         if self.aborted_at is None and self._stop_when(self):
             self.aborted_at = len(self.entries)
 
-    def _spy_acquire(self, layer: int) -> Any:
+    def _spy_acquire(self, layer: int, *args: Any) -> Any:
         self._work(("layer", layer))
-        return self._acquire(layer)
+        return self._acquire(layer, *args)
 
     def _spy_draft(self, *args: Any) -> Any:
         self._work(("draft",))

@@ -234,20 +234,20 @@ class RecordingStore(HostLayerStore):
         super().close()
 
 
-class RecordingStream:
-    """Stands in for the copy stream (a CUDA stream) on the CPU."""
+class RecordingCopies:
+    """Stands in for the copy engine (a CUDA stream and its events) on the CPU."""
 
     def __init__(self, calls: list, held: list) -> None:
         self.calls, self.held = calls, held
 
-    def synchronize(self) -> None:
+    def close(self) -> None:
         self.calls.append(("wait", len(self.held)))
 
 
 def test_ring_teardown_waits_then_frees_then_unregisters():
     calls: list = []
     slots, views = [torch.zeros(4), torch.zeros(4)], [{}, {}]
-    release_ring(copy_stream=RecordingStream(calls, slots), buffers=[slots, views], store=RecordingStore(calls, slots))
+    release_ring(copies=RecordingCopies(calls, slots), buffers=[slots, views], store=RecordingStore(calls, slots))
     assert calls == [("wait", 2), ("unregister", 0)]  # copies finished while both buffers lived; freed before unregister
     assert slots == [] and views == []
 

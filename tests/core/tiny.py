@@ -88,6 +88,8 @@ def tiny_engine(
     eos_token_ids: frozenset[int] = frozenset(),
     dtype: torch.dtype = torch.float32,
     seed: int | None = None,
+    simulate_link_gbps: float | None = None,
+    simulate_link_jitter_s: float = 0.0,
 ) -> Engine:
     """An engine over a tiny model's weights on the CPU (streamed layers by default, like the paper)."""
     speculation = speculation or SpeculationConfig(topk=3, max_depth=6)
@@ -95,7 +97,8 @@ def tiny_engine(
     config = EngineConfig(
         model="tiny", mode=mode, device="cpu", dtype=str(dtype).removeprefix("torch."),
         max_resident_layers=max_resident_layers, max_model_len=max_model_len, prefill_chunk_size=prefill_chunk_size,
-        speculation=speculation, seed=seed,
+        speculation=speculation, seed=seed, simulate_link_gbps=simulate_link_gbps,
+        simulate_link_jitter_s=simulate_link_jitter_s,
     )
     shape = shape_from_hf_config(hf_model.config, max_model_len=max_model_len)
     shared, layer_linears = extract_weights(hf_model.to(dtype), shape)

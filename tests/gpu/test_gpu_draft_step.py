@@ -107,13 +107,13 @@ def test_streamed_logits_hold_under_injected_copy_and_compute_delays(monkeypatch
     issue_copy, acquire = type(streamer)._issue_copy, type(streamer).acquire
 
     def slow_copy(self) -> None:
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.stream(self.copies.stream):
             torch.cuda._sleep(2_000_000)  # ~1 ms of spinning before the copy is even issued on the copy stream
         issue_copy(self)
 
-    def slow_compute(self, layer_id: int):  # noqa: ANN202
+    def slow_compute(self, layer_id: int, while_waiting=None):  # noqa: ANN202
         torch.cuda._sleep(2_000_000)  # the compute stream lags behind, so the ring's free events matter
-        return acquire(self, layer_id)
+        return acquire(self, layer_id, while_waiting)
 
     for patch in ({"_issue_copy": slow_copy}, {"acquire": slow_compute}):
         with monkeypatch.context() as m:
