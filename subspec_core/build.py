@@ -173,7 +173,7 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
         phases.skipped("quantize", f"mode {config.mode} has no draft")
     kv_cache = KVCache(
         num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=dtype,
-        capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=spec.tree_size if speculative else 1),
+        capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=spec.tree_slots if speculative else 1),
         device=device,
     )
     engine = Engine(config, LoadedModel(

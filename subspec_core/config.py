@@ -52,6 +52,9 @@ class SpeculationConfig:
     # bitsandbytes (the design card's library): nf4 | fp4 (4-bit), int8
     quant_type: str = "int4"
     quant_block_size: int = 64  # the int4 group size / the bitsandbytes block size
+    # post-speculation (postspec.py): draft levels grown past the tree's frontier while each verify waits on the
+    # link, the next iteration starting from them when the whole tree is accepted; 0: off
+    post_levels: int = 0
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -69,11 +72,26 @@ class SpeculationConfig:
                              f"with quant_type int4, got {self.quant_block_size}")
         if self.quant_block_size not in BLOCK_SIZES:
             raise ValueError("speculation.quant_block_size must be a power of two in [32, 4096]")
+        if not 0 <= self.post_levels <= self.max_depth:
+            raise ValueError("speculation.post_levels must be in [0, max_depth] (a chained tree is at most that deep)")
 
     @property
     def tree_size(self) -> int:
         """Nodes drafted per iteration: the root plus topk nodes at each depth."""
         return self.max_depth * self.topk + 1
+
+    @property
+    def draft_levels(self) -> int:
+        """Levels the drafter's buffers hold: a tree and the extension post-speculation grows under it."""
+        return self.max_depth + self.post_levels
+
+    @property
+    def tree_slots(self) -> int:
+        """KV slots past the committed prefix an iteration may write: the tree's draft rows, which the verify
+        overwrites; with post-speculation, the draft rows of a tree and its extension, then the verify's own."""
+        if not self.post_levels:
+            return self.tree_size
+        return 1 + self.draft_levels * self.topk + self.verify_size
 
     @property
     def verify_size(self) -> int:

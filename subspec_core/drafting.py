@@ -65,18 +65,26 @@ class DraftBucket:
 
 
 class TreeDrafter:
-    """Grows draft trees of up to 1 + max_depth * topk nodes into persistent buffers, one draft forward per level."""
+    """Grows draft trees of up to 1 + max_depth * topk nodes into persistent buffers, one draft forward per level.
+
+    With `max_levels` > max_depth the buffers hold that many levels: post-speculation (postspec.py) extends a
+    grown tree past its frontier with `extend` and re-roots it at an accepted extension node with `rebase`.
+    """
 
     def __init__(
         self, *, draft_logits: DraftLogitsFn, topk: int, max_depth: int, capacity: int, temperature: float,
         dtype: torch.dtype, device: torch.device, smallest_bucket: int = SMALLEST_BUCKET_PREFIX,
+        max_levels: int | None = None,
     ) -> None:
         self.draft_logits = draft_logits
         self.topk = topk
         self.max_depth = max_depth
+        self.max_levels = max_depth if max_levels is None else max_levels
         self.capacity = capacity
         self.inv_temperature = 1.0 / temperature
-        k, size = topk, 1 + max_depth * topk
+        self.levels = 0  # levels of the tree in the buffers (the frontier's depth)
+        self.bucket: DraftBucket | None = None  # the bucket of the tree in the buffers
+        k, size = topk, 1 + self.max_levels * topk
         long = dict(dtype=torch.long, device=device)
         # The tree. Depths, the root's row and level 1's parents and ancestors never change: set once.
         self.tokens = torch.zeros(size, **long)
@@ -87,6 +95,8 @@ class TreeDrafter:
         self.ancestors = torch.zeros(size, size, dtype=torch.bool, device=device)
         self.ancestors[: k + 1, 0] = True
         self.ancestors[: k + 1, : k + 1] |= torch.eye(k + 1, dtype=torch.bool, device=device)
+        self._rebased = False  # a rebase rewrote the rows above: the next grow restores them
+        self._level1_ancestors = self.ancestors[: k + 1].clone()
         # Inputs of a grow (copied in, so a captured graph always reads the same addresses).
         self.prefix_length = torch.zeros(1, **long)  # N
         self.root_token = torch.zeros(1, **long)
@@ -168,7 +178,7 @@ class TreeDrafter:
         return True
 
     def grow(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, depth: int, committed: int | None = None,
-             cancelled: CancelCheck | None = None) -> TokenTree:
+             cancelled: CancelCheck | None = None, room: int | None = None) -> TokenTree:
         """Draft a tree of 1 + depth * topk nodes with `depth` draft forwards (root, then levels 1..depth-1).
 
         root_token (1,): the last committed token, whose KV is not in the cache yet; prefix_length (1,): N on
@@ -176,11 +186,18 @@ class TreeDrafter:
         None: the whole cache, right at any N, as a caller that does not track N gets it).
         The returned tree's tensors are views of this drafter's buffers, valid until the next grow. `cancelled`
         is asked before each draft forward (an abort waits at most one level); when it turns true,
-        `GenerationCancelled` is raised.
+        `GenerationCancelled` is raised. `room`: levels the bucket must hold (default `depth`), so that
+        `extend` can add levels to this tree in the same bucket.
         """
         if not 1 <= depth <= self.max_depth:
             raise ValueError(f"depth must be in [1, {self.max_depth}], got {depth}")
-        bucket = self.buckets[-1] if committed is None else self.bucket_for(committed=committed, depth=depth)
+        levels = depth if room is None else max(room, depth)
+        bucket = self.buckets[-1] if committed is None else self.bucket_for(committed=committed, depth=levels)
+        self.bucket, self.levels = None, 0  # a grow cut short by a cancel leaves no tree to extend
+        if self._rebased:
+            self.parents[1 : self.topk + 1] = 0
+            self.ancestors[: self.topk + 1].copy_(self._level1_ancestors)
+            self._rebased = False
         self.root_token.copy_(root_token)
         self.prefix_length.copy_(prefix_length)
         raise_if_cancelled(cancelled)
@@ -188,7 +205,64 @@ class TreeDrafter:
         for _ in range(depth - 1):
             raise_if_cancelled(cancelled)
             self._run(self.level_step, bucket, bucket.level_graph)
+        self.bucket, self.levels = bucket, depth
         return self.tree(depth)
+
+    def extend(self) -> None:
+        """One more level under the tree in the buffers (the frontier's draft forward, then its best children):
+        the same captured level step in the same bucket as the grow, so shapes stay static."""
+        assert self.bucket is not None and self.levels < self.max_levels, "extend needs a grown tree with room"
+        self._run(self.level_step, self.bucket, self.bucket.level_graph)
+        self.levels += 1
+
+    def rebase(self, *, node: int, committed: int, kv_move: Callable[[int, torch.Tensor], None]) -> None:
+        """Re-root the tree in the buffers at `node`, a level-(l + 1) node whose ancestors (the root and l levels)
+        were just committed as KV rows [base, committed): as if a tree rooted at `node` had been grown at
+        N = committed. Returns the live nodes (`node` and its descendants; the rest of its levels are dead:
+        score -inf, never chosen as parents while a live node is left, never verified).
+
+        Node numbering stays level-major: `node` becomes 0 and level l + 1 + i becomes level i. Each kept
+        node's draft KV row moves with it (`kv_move(dest_start, source_slots)`, KVCache.compact) from slot
+        base + old index to committed + new index, and the frontier's mask rows shift their columns the same
+        way; columns [0, committed) become visible (the committed path's target KV rows replace the draft's).
+        Runs eagerly, on the host's schedule: fixed shapes except a copy sized by the levels kept.
+        """
+        bucket, k = self.bucket, self.topk
+        assert bucket is not None and self.levels >= 1
+        level = 1 + (node - 1) // k  # node's depth, l + 1
+        shift = level * k  # old index of new node j >= 1 is j + shift
+        new_levels = self.levels - level
+        assert new_levels >= 0
+        device = self.tokens.device
+        size = self.tokens.shape[0]
+        kept = 1 + new_levels * k
+        index = torch.arange(size, device=device)
+        valid = index < kept
+        old = torch.where(index == 0, node, (index + shift).clamp(max=size - 1))  # new j -> old index
+        self.tokens.copy_(self.tokens.index_select(0, old))
+        self.parents.copy_((self.parents.index_select(0, old) - shift).clamp(min=0))
+        self.parents[0] = -1
+        ancestors = self.ancestors.index_select(0, old).index_select(1, old) & valid[:, None] & valid[None, :]
+        self.ancestors.copy_(ancestors)
+        live = self.ancestors[:, 0]
+        self.scores.copy_(torch.where(live, self.scores.index_select(0, old), float("-inf")))
+        # draft KV rows: old slot base + old index -> committed + new index (gather first: the ranges overlap)
+        old_base = self.prefix_length.clone()
+        kv_move(committed, old_base + old[:kept])
+        # the frontier: new node numbers, slots and mask columns; dead rows keep finite logits (they see
+        # themselves) but score -inf, so no child of theirs is picked while a live row has children
+        self.frontier_nodes.sub_(shift)
+        self.frontier_scores.masked_fill_(~live.index_select(0, self.frontier_nodes), float("-inf"))
+        self.prefix_length.fill_(committed)
+        torch.add(self.prefix_length, self.frontier_nodes, out=self.slots)
+        columns = bucket.columns
+        source = torch.where(columns == committed, old_base + node,
+                             columns - committed + old_base + shift).clamp(max=bucket.length - 1)
+        shifted = bucket.bias.index_select(1, source)
+        shifted.masked_fill_(columns < committed, 0.0).masked_fill_(columns >= committed + kept, float("-inf"))
+        bucket.bias.copy_(shifted)
+        self.levels = new_levels
+        self._rebased = True
 
     @staticmethod
     def _run(step, bucket: DraftBucket, graph: torch.cuda.CUDAGraph | None) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ compaction). `vanilla` and `resident` run the same loop with the plain one-token
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -27,6 +28,7 @@ from subspec_core.model import LayerSource, attention_bias, compute_logits, forw
 from subspec_core.copies import WhileWaiting
 from subspec_core.offload import OverlappedLayers, TargetLayers
 from subspec_core.planner import MemoryPlan
+from subspec_core.postspec import PlannedTree, PostSpeculation
 from subspec_core.quant import DraftLayers
 from subspec_core.sampling import PROMPT_SCORE_ROWS, choose_tokens, token_logprobs
 from subspec_core.stopwatch import Stopwatch
@@ -129,10 +131,15 @@ class Engine:
         spec = config.speculation
         self.drafter = None if model.draft_layers is None else TreeDrafter(
             draft_logits=self.draft_logits, topk=spec.topk, max_depth=spec.max_depth, capacity=model.kv_cache.capacity,
-            temperature=spec.draft_temperature, dtype=self._dtype, device=model.device,
+            temperature=spec.draft_temperature, dtype=self._dtype, device=model.device, max_levels=spec.draft_levels,
         )
+        self.postspec = None
         if self.drafter is not None:
             self.kv_cache.keep_views(self.drafter.bucket_lengths)
+            if spec.post_levels:
+                self.postspec = PostSpeculation(
+                    drafter=self.drafter, levels=spec.post_levels, verify_size=spec.verify_size, device=model.device,
+                    kv_move=lambda dest, slots: self.kv_cache.compact(dest_start=dest, source_slots=slots))
 
     def close(self) -> None:
         """Wait for in-flight weight copies, then free the streaming ring and unregister the page-locked host
@@ -172,15 +179,18 @@ class Engine:
                                       self.attention.one_token_step, cancelled)
         return compute_logits(self.shape, self.shared, hidden)
 
-    def verify_logits(self, tree: TokenTree, *, prefix_length: int,
-                      cancelled: CancelCheck | None = None) -> torch.Tensor:
-        """The verification forward: node j at slot N + j and position N + depth(j), seeing the prefix [0, N)
-        and its own ancestors; float32 logits (size, V)."""
+    def verify_logits(self, tree: TokenTree, *, prefix_length: int, slot_base: int | None = None,
+                      cancelled: CancelCheck | None = None, while_waiting: WhileWaiting | None = None) -> torch.Tensor:
+        """The verification forward: node j at slot B + j (B = slot_base, default N) and position N + depth(j),
+        seeing the prefix [0, N) and its own ancestors; float32 logits (size, V). `while_waiting` runs while a
+        streamed layer's copy is in flight (post-speculation)."""
         n = prefix_length
-        slots = n + torch.arange(tree.size, device=self.device)
-        bias = attention_bias(tree_attention_mask(ancestors=tree.ancestors, prefix_length=n), self._dtype)
-        hidden = self._target_forward(tree.tokens, n + tree.depths, slots, n + tree.size, bias,
-                                      self.attention.verify_tree, cancelled)
+        base = n if slot_base is None else slot_base
+        slots = base + torch.arange(tree.size, device=self.device)
+        mask = tree_attention_mask(ancestors=tree.ancestors, prefix_length=n, gap=base - n)
+        hidden = self._target_forward(tree.tokens, n + tree.depths, slots, base + tree.size,
+                                      attention_bias(mask, self._dtype), self.attention.verify_tree, cancelled,
+                                      while_waiting)
         return compute_logits(self.shape, self.shared, hidden)
 
     def draft_logits(self, tokens, positions, slots, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -268,21 +278,37 @@ class Engine:
         dec.stats.iterations += 1
         return _Step(values, 0, _step_logprobs(dec, logits, token))
 
-    def _speculative_step(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> _Step:
-        """Draft a tree, verify it in one target forward, keep the accepted rows."""
+    def _plan_tree(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> PlannedTree:
+        """The tree this iteration verifies: post-speculation's (chained or fresh), else a fresh grow pruned
+        to max_verify_tokens, verified in place of its draft rows."""
         assert self.drafter is not None
+        if self.postspec is not None:
+            return self.postspec.plan(root=cursor.root, length=cursor.length, committed=committed, depth=depth,
+                                      cancelled=dec.cancelled)
+        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, committed=committed,
+                                 depth=depth, cancelled=dec.cancelled)
+        kept = None
+        if self.config.speculation.verify_size < tree.size:
+            kept = select_verify_nodes(scores=tree.scores, budget=self.config.speculation.verify_size)
+            tree = subtree(tree, kept)
+        return PlannedTree(tree=tree, kept=kept, depth=depth, verify_base=committed, chained=False, extend=0)
+
+    def _speculative_step(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> _Step:
+        """Draft a tree (or take the one post-speculation chained), verify it in one target forward, keep the
+        accepted rows."""
         n = committed
         draft_start = self._clock.mark()
-        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, committed=n, depth=depth,
-                                 cancelled=dec.cancelled)
+        planned = self._plan_tree(cursor, committed, depth, dec)
+        tree, depth = planned.tree, planned.depth
         verify_start = self._clock.mark()
-        verify_size = self.config.speculation.verify_size
-        if verify_size < tree.size:
-            tree = subtree(tree, select_verify_nodes(scores=tree.scores, budget=verify_size))
         size = tree.size
         # weight bytes copied during the verify itself: the ring's prefetch, issued while the draft ran, is not
         h2d = self.target_layers.h2d_bytes
-        logits = self.verify_logits(tree, prefix_length=n, cancelled=dec.cancelled)  # (size, V)
+        overlap = (contextlib.nullcontext() if self.postspec is None
+                   else self.postspec.overlapping(planned, dec.cancelled))
+        with overlap as while_waiting:
+            logits = self.verify_logits(tree, prefix_length=n, slot_base=planned.verify_base, cancelled=dec.cancelled,
+                                        while_waiting=while_waiting)  # (size, V)
         dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d
         target_tokens = choose_tokens(
             logits=logits, params=dec.params, seed=dec.seed, positions=tree.depths + (n + 1), first_position=n + 1,
@@ -292,16 +318,23 @@ class Engine:
             tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors,
             target_tokens=target_tokens, max_length=depth + 1,
         )
-        self.kv_cache.compact(dest_start=n, source_slots=n + path.nodes)  # the root's and accepted nodes' rows first
+        # the root's and accepted nodes' rows first
+        self.kv_cache.compact(dest_start=n, source_slots=planned.verify_base + path.nodes)
         emitted = emitted_tokens(path=path, target_tokens=target_tokens)  # (depth + 1,) padded
         cursor.length.add_(path.length)
         cursor.root.copy_(emitted.index_select(0, path.length - 1))  # the bonus token is the next root
+        chain = None if self.postspec is None else self.postspec.candidates(planned, path=path, emitted=emitted)
         verify_end = self._clock.mark()
-        read = torch.cat([path.length, emitted]).tolist()  # the iteration's one host sync: length + tokens
+        # the iteration's one host sync: length + tokens (+ post-speculation's chain candidates)
+        read = torch.cat([path.length, emitted, *([] if chain is None else [chain])]).tolist()
         values = read[1 : 1 + read[0]]
+        if self.postspec is not None:
+            node, live, frontier_live = read[-3:]
+            self.postspec.settle(node=node, live=live, frontier_live=frontier_live, committed=n + len(values))
         dec.stats.draft_s += self._clock.seconds(draft_start, verify_start)
         dec.stats.verify_s += self._clock.seconds(verify_start, verify_end)
         dec.stats.iterations += 1
+        dec.stats.chained_iterations += planned.chained
         dec.stats.drafted_tokens += size - 1
         dec.stats.accepted_tokens += len(values) - 1
         # each emitted token was chosen by the verify row of its path node (the bonus: the last one's);
@@ -360,6 +393,9 @@ class Engine:
             yield from self._events(request, cancelled)
         except GenerationCancelled:
             log.info("request %s cancelled inside an engine step", request.request_id)
+        finally:  # however it ends (finished, cancelled, closed between events, failed)
+            if self.postspec is not None:
+                self.postspec.abandon()  # no draft work outlives the request
 
     def _events(self, request: GenerationRequest, cancelled: CancelCheck | None) -> Iterator[TokenEvent]:
         self.validate(request)

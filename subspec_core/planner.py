@@ -194,7 +194,7 @@ def plan_memory(
     larger chunk never costs a resident layer.
     """
     speculative = mode == "subspec"
-    capacity = kv_capacity(max_model_len=max_model_len, tree_slots=speculation.tree_size if speculative else 1)
+    capacity = kv_capacity(max_model_len=max_model_len, tree_slots=speculation.tree_slots if speculative else 1)
 
     def sizes_for(chunk: int) -> PlanSizes:
         return plan_sizes(shape=shape, dtype=dtype, mode=mode, speculation=speculation, capacity=capacity, chunk=chunk,

@@ -192,7 +192,7 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
         work=work,
         sampling=sampling_reserve_bytes(shape=shape, rows=tree_rows, positions=speculation.max_depth + 1 if speculative
                                         else 1, prompt_rows=prompt_rows),
-        tree=tree_rows * tree_rows + speculation.tree_size**2 if speculative else 0,  # ancestor matrices
+        tree=tree_rows * tree_rows + (1 + speculation.draft_levels * speculation.topk) ** 2 if speculative else 0,  # ancestor matrices
         # the captured pool, and the warm-up's blocks, cached for the warm-up stream (no other stream reuses them)
         graph_pool=2 * draft_step_bytes(shape=shape, dtype=dtype, topk=speculation.topk, capacity=capacity,
                                         device_type=device_type) if graphed else 0,

@@ -75,11 +75,13 @@ def subtree(tree: TokenTree, kept: torch.Tensor) -> TokenTree:
     )
 
 
-def tree_attention_mask(*, ancestors: torch.Tensor, prefix_length: int) -> torch.Tensor:
-    """Mask (rows, prefix + T) for nodes placed right after a prefix: every node sees the prefix and its ancestors."""
+def tree_attention_mask(*, ancestors: torch.Tensor, prefix_length: int, gap: int = 0) -> torch.Tensor:
+    """Mask (rows, prefix + gap + T) for nodes placed `gap` slots after a prefix: every node sees the prefix and
+    its ancestors, none of the gap's slots."""
     rows = ancestors.shape[0]
     prefix = torch.ones(rows, prefix_length, dtype=torch.bool, device=ancestors.device)
-    return torch.cat([prefix, ancestors], dim=1)
+    hidden = torch.zeros(rows, gap, dtype=torch.bool, device=ancestors.device)
+    return torch.cat([prefix, hidden, ancestors], dim=1)
 
 
 def causal_chunk_mask(*, start: int, length: int, device: torch.device) -> torch.Tensor:

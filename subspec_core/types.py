@@ -67,6 +67,7 @@ class RequestStats:
     cached_prompt_tokens: int = 0  # of those, rows kept from the previous request (prefix reuse), not prefilled
     completion_tokens: int = 0
     iterations: int = 0  # target forwards after prefill (one per verify, or per token in vanilla)
+    chained_iterations: int = 0  # of those, verifies of a tree post-speculation drafted during the previous one
     drafted_tokens: int = 0  # tree nodes proposed by the draft and verified by the target (root excluded)
     accepted_tokens: int = 0  # drafted tokens the target accepted (bonus tokens excluded)
     prefill_s: float = 0.0
@@ -88,6 +89,7 @@ class RequestStats:
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "iterations": self.iterations,
+            "chained_iterations": self.chained_iterations,
             "drafted_tokens": self.drafted_tokens,
             "accepted_tokens": self.accepted_tokens,
             "mean_accept_length": round(self.mean_accept_length, 4),
