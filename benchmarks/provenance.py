@@ -17,10 +17,11 @@ def device_record(device: torch.device) -> dict[str, Any]:
 
 
 def graph_capture(engine: Engine) -> bool | None:
-    """Whether the draft step's CUDA-graph capture succeeded; None where none was tried (a CPU, cuda_graphs off,
-    or no draft)."""
-    tried = engine.drafter is not None and engine.config.cuda_graphs and engine.device.type == "cuda"
-    return engine.drafter.graphed if tried and engine.drafter is not None else None
+    """Whether the CUDA-graph capture succeeded (the draft steps with a draft, else the one-token step); None where
+    none was tried (a CPU, or cuda_graphs off)."""
+    if not (engine.config.cuda_graphs and engine.device.type == "cuda"):
+        return None
+    return engine.drafter.graphed if engine.drafter is not None else engine.step_graphs is not None
 
 
 def engine_record(engine: Engine) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from subspec_core.offload import place_layers
 from subspec_core.planner import MemoryPlan, choose_mode, device_budget, plan_for
 from subspec_core.quant import DraftLayers, QuantizedLinears, substitute_quant_type
 from subspec_core.startup import StartupLog
+from subspec_core.step_graphs import StepGraphs
 from subspec_core.weights import LayerLayout, ModelShape, SharedWeights
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,14 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
         model_name=model_name,
     ))
     phases.note(engine.attention.line())
+    if engine.drafter is None and config.cuda_graphs and device.type == "cuda":
+        with torch.inference_mode(), phases.phase("graphs") as phase:
+            graphs = StepGraphs(shape=shape, shared=shared, kv_cache=kv_cache, layers=target_layers,
+                                backend=engine.attention.draft_level, device=device)
+            graphed = graphs.capture()
+            engine.step_graphs = graphs if graphed else None
+            phase.detail = (f"one-token step captured per layer for {len(graphs.lengths)} attention lengths "
+                            f"{list(graphs.lengths)}" if graphed else "capture failed: eager one-token step")
     if engine.drafter is not None and config.cuda_graphs and device.type == "cuda":
         with torch.inference_mode(), phases.phase("graphs") as phase:
             graphed = engine.drafter.capture_cuda_graphs()

@@ -72,8 +72,8 @@ class SpeculationConfig:
                              f"with quant_type int4, got {self.quant_block_size}")
         if self.quant_block_size not in BLOCK_SIZES:
             raise ValueError("speculation.quant_block_size must be a power of two in [32, 4096]")
-        if not 0 <= self.post_levels <= self.max_depth:
-            raise ValueError("speculation.post_levels must be in [0, max_depth] (a chained tree is at most that deep)")
+        if self.post_levels < 0:
+            raise ValueError("speculation.post_levels must be >= 0 (0: no post-speculation)")
 
     @property
     def tree_size(self) -> int:
@@ -84,6 +84,11 @@ class SpeculationConfig:
     def draft_levels(self) -> int:
         """Levels the drafter's buffers hold: a tree and the extension post-speculation grows under it."""
         return self.max_depth + self.post_levels
+
+    @property
+    def verify_depth(self) -> int:
+        """The deepest tree a verify may check: a fresh one, or a chained one (an extension's levels but the first)."""
+        return max(self.max_depth, self.post_levels - 1)
 
     @property
     def tree_slots(self) -> int:
@@ -116,7 +121,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     gpu_memory_budget: str | None = None  # e.g. '8GiB'; None: the GPU's free memory (no meaning on a CPU)
     max_resident_layers: int | None = None  # cap on full-precision decoder layers kept on the GPU; 0 streams all
-    cuda_graphs: bool = True  # replay the draft steps as CUDA graphs captured at start, per attention length (CUDA only)
+    cuda_graphs: bool = True  # replay the draft steps and the one-token step as CUDA graphs captured at start (CUDA only)
     stream_slots: int = 2  # GPU layer buffers in the streaming ring (>= 2: copy of layer i+1 overlaps compute of i)
     max_model_len: int = 2048  # prompt + completion tokens
     prefill_chunk_size: int | None = None  # None: the planner picks the largest chunk the memory budget allows

@@ -245,7 +245,10 @@ class TreeDrafter:
         ancestors = self.ancestors.index_select(0, old).index_select(1, old) & valid[:, None] & valid[None, :]
         self.ancestors.copy_(ancestors)
         live = self.ancestors[:, 0]
-        self.scores.copy_(torch.where(live, self.scores.index_select(0, old), float("-inf")))
+        # path scores from the new root (0, as a grown root's: select_verify_nodes keeps it first)
+        scores = self.scores.index_select(0, old)
+        self.scores.copy_(torch.where(live, scores - scores[:1], float("-inf")))
+        self.frontier_scores.sub_(scores[:1])
         # draft KV rows: old slot base + old index -> committed + new index (gather first: the ranges overlap)
         old_base = self.prefix_length.clone()
         kv_move(committed, old_base + old[:kept])

@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend
@@ -31,6 +31,7 @@ from subspec_core.planner import MemoryPlan
 from subspec_core.postspec import PlannedTree, PostSpeculation
 from subspec_core.quant import DraftLayers
 from subspec_core.sampling import PROMPT_SCORE_ROWS, choose_tokens, token_logprobs
+from subspec_core.step_graphs import StepGraphs
 from subspec_core.stopwatch import Stopwatch
 from subspec_core.tree import TokenTree, causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
 from subspec_core.types import (
@@ -134,6 +135,7 @@ class Engine:
             temperature=spec.draft_temperature, dtype=self._dtype, device=model.device, max_levels=spec.draft_levels,
         )
         self.postspec = None
+        self.step_graphs: StepGraphs | None = None  # set by build.py where the one-token step is captured
         if self.drafter is not None:
             self.kv_cache.keep_views(self.drafter.bucket_lengths)
             if spec.post_levels:
@@ -159,24 +161,38 @@ class Engine:
 
     def _target_forward(self, tokens, positions, slots, kv_length, bias, backend, cancelled=None,  # type: ignore[no-untyped-def]
                         while_waiting: WhileWaiting | None = None) -> torch.Tensor:
+        return self._with_target_layers(
+            lambda layers: self._forward(layers, tokens, positions, slots, kv_length, bias, backend),
+            cancelled, while_waiting)
+
+    def _with_target_layers(self, run: Callable[[LayerSource], torch.Tensor], cancelled: CancelCheck | None,
+                            while_waiting: WhileWaiting | None = None) -> torch.Tensor:
+        """`run(layers)`: one target forward over the target's layers, with the cancel checks and wait hook asked
+        for; a forward stopped mid-way resets the ring, which it leaves out of step."""
         layers: LayerSource = self.target_layers
         if while_waiting is not None:
             layers = OverlappedLayers(self.target_layers, while_waiting)
         if cancelled is not None:
             layers = CancellableLayers(layers, cancelled)
         try:
-            return self._forward(layers, tokens, positions, slots, kv_length, bias, backend)
+            return run(layers)
         except BaseException:
             if self.target_layers.streamer is not None:
-                self.target_layers.streamer.reset()  # a forward stopped mid-way leaves the ring out of step
+                self.target_layers.streamer.reset()
             raise
 
     def step_logits(self, token: torch.Tensor, position: torch.Tensor, *, prefix_length: int,
                     cancelled: CancelCheck | None = None) -> torch.Tensor:
         """The plain decoding forward: `token` (1,) at slot and position N, seeing slots [0, N]; float32 logits (1, V).
-        N comes twice: `position` (1,) on the device, read without a host-to-device copy, and `prefix_length`."""
-        hidden = self._target_forward(token, position, position, prefix_length + 1, None,
-                                      self.attention.one_token_step, cancelled)
+        N comes twice: `position` (1,) on the device, read without a host-to-device copy, and `prefix_length`.
+        Replays the captured one-token graphs where there are some (step_graphs.py)."""
+        graphs = self.step_graphs
+        if graphs is not None and graphs.captured:
+            hidden = self._with_target_layers(lambda layers: graphs.forward(
+                token=token, position=position, prefix_length=prefix_length, layers=layers), cancelled)
+        else:
+            hidden = self._target_forward(token, position, position, prefix_length + 1, None,
+                                          self.attention.one_token_step, cancelled)
         return compute_logits(self.shape, self.shared, hidden)
 
     def verify_logits(self, tree: TokenTree, *, prefix_length: int, slot_base: int | None = None,
@@ -283,8 +299,9 @@ class Engine:
         to max_verify_tokens, verified in place of its draft rows."""
         assert self.drafter is not None
         if self.postspec is not None:
+            limit = dec.budget - dec.stats.completion_tokens - 1  # a tree deeper than the tokens allowed
             return self.postspec.plan(root=cursor.root, length=cursor.length, committed=committed, depth=depth,
-                                      cancelled=dec.cancelled)
+                                      limit=limit, cancelled=dec.cancelled)
         tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, committed=committed,
                                  depth=depth, cancelled=dec.cancelled)
         kept = None
@@ -329,8 +346,8 @@ class Engine:
         read = torch.cat([path.length, emitted, *([] if chain is None else [chain])]).tolist()
         values = read[1 : 1 + read[0]]
         if self.postspec is not None:
-            node, live, frontier_live = read[-3:]
-            self.postspec.settle(node=node, live=live, frontier_live=frontier_live, committed=n + len(values))
+            node, live, deepest = read[-3:]
+            self.postspec.settle(node=node, live=live, deepest=deepest, committed=n + len(values))
         dec.stats.draft_s += self._clock.seconds(draft_start, verify_start)
         dec.stats.verify_s += self._clock.seconds(verify_start, verify_end)
         dec.stats.iterations += 1

@@ -124,7 +124,7 @@ def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, :cols].masked_fill_(allowed, 0.0)
 
 
-def _gqa_mask(bias: torch.Tensor, group: int) -> torch.Tensor:
+def gqa_mask(bias: torch.Tensor, group: int) -> torch.Tensor:
     """The (n, cols) additive mask repeated for the `group` query rows of each token: (1, 1, n * group, cols), in
     storage whose rows stay padded to MASK_ALIGN (one copy, as a plain repeat_interleave would cost, minus the
     per-call pad memory-efficient attention would add to an unaligned mask)."""
@@ -148,37 +148,47 @@ def forward_hidden(
     bias: torch.Tensor | None,  # (n, kv_length) additive mask (attention_bias); None = attend to all
 ) -> torch.Tensor:
     """Run all decoder layers; returns the last hidden states (n, hidden), before the final norm."""
-    n = tokens.shape[0]
-    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    group = heads // kv_heads
-    fused_heads = heads + 2 * kv_heads
     x = F.embedding(tokens, shared.embed)  # (n, H)
     rotary = RotaryTables.build(shape, shared, positions, x.dtype)
     # GQA folded into query rows: row i * group + g of kv head h is query head h * group + g of token i,
     # so every row of a kv head's block needs token i's mask row
-    mask = None if bias is None else _gqa_mask(bias, group)  # (1, 1, n*group, kv_length)
-    eps = shape.rms_norm_eps
+    mask = None if bias is None else gqa_mask(bias, shape.num_heads // shape.num_kv_heads)  # (1, 1, n*group, kv_length)
     for i in range(shape.num_layers):
-        norms = shared.layer_norms[i]
         linears = layers.acquire(i)
-        h = rms_norm(x, norms.input_norm, eps)
-        qkv = linears.qkv(h).unflatten(1, (fused_heads, 2, head_dim // 2))  # (n, heads + 2 kvh, 2, hd/2)
-        if norms.qk_norm is not None:  # Qwen3: RMSNorm per q and k head, written over them in place (3 ops)
-            qk = qkv[:, : heads + kv_heads]
-            torch.mul(F.rms_norm(qk, qk.shape[-2:], None, eps), norms.qk_norm, out=qk)
-        qkv = rotary.apply(qkv)
-        kv_cache.write(i, slots, qkv[:, heads:].view(n, 2, kv_heads, head_dim))
-        q = qkv[:, :heads].view(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
-        keys, values = kv_cache.attention_views(i, kv_length)  # (1, kvh, kv_length, hd) each
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, kvh, n*group, hd), any strides
-        # (1, kvh, n, group, hd) -> (1, n, kvh, group, hd) -> (n, heads * hd): one copy whatever the strides
-        attn = attn.unflatten(2, (n, group)).transpose(1, 2).reshape(n, heads * head_dim)
-        x = x + linears.o(attn)
-        h = rms_norm(x, norms.post_attention_norm, eps)
-        gate, up = linears.gate_up(h).chunk(2, dim=-1)
-        x = x + linears.down(F.silu(gate) * up)
+        x = decoder_layer(shape=shape, shared=shared, layer=i, linears=linears, kv_cache=kv_cache, x=x, rotary=rotary,
+                          mask=mask, slots=slots, kv_length=kv_length)
         layers.release(i)
     return x
+
+
+def decoder_layer(
+    *, shape: ModelShape, shared: SharedWeights, layer: int, linears: Linears, kv_cache: KVCache, x: torch.Tensor,
+    rotary: RotaryTables, mask: torch.Tensor | None, slots: torch.Tensor, kv_length: int,
+) -> torch.Tensor:
+    """One decoder layer over hidden states x (n, hidden): attention (writing the n tokens' keys and values at
+    `slots`, attending over cache slots [0, kv_length) under `mask`) and the MLP; the new hidden states."""
+    n = x.shape[0]
+    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    group = heads // kv_heads
+    fused_heads = heads + 2 * kv_heads
+    eps = shape.rms_norm_eps
+    norms = shared.layer_norms[layer]
+    h = rms_norm(x, norms.input_norm, eps)
+    qkv = linears.qkv(h).unflatten(1, (fused_heads, 2, head_dim // 2))  # (n, heads + 2 kvh, 2, hd/2)
+    if norms.qk_norm is not None:  # Qwen3: RMSNorm per q and k head, written over them in place (3 ops)
+        qk = qkv[:, : heads + kv_heads]
+        torch.mul(F.rms_norm(qk, qk.shape[-2:], None, eps), norms.qk_norm, out=qk)
+    qkv = rotary.apply(qkv)
+    kv_cache.write(layer, slots, qkv[:, heads:].view(n, 2, kv_heads, head_dim))
+    q = qkv[:, :heads].view(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
+    keys, values = kv_cache.attention_views(layer, kv_length)  # (1, kvh, kv_length, hd) each
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, kvh, n*group, hd), any strides
+    # (1, kvh, n, group, hd) -> (1, n, kvh, group, hd) -> (n, heads * hd): one copy whatever the strides
+    attn = attn.unflatten(2, (n, group)).transpose(1, 2).reshape(n, heads * head_dim)
+    x = x + linears.o(attn)
+    h = rms_norm(x, norms.post_attention_norm, eps)
+    gate, up = linears.gate_up(h).chunk(2, dim=-1)
+    return x + linears.down(F.silu(gate) * up)
 
 
 def compute_logits(shape: ModelShape, shared: SharedWeights, hidden: torch.Tensor) -> torch.Tensor:

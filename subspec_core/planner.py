@@ -273,9 +273,11 @@ def _rows(s: PlanSizes, *, resident: int, streamed_ids: tuple[int, ...], shape: 
                             f"cuBLAS {CUBLAS_WORKSPACE_BYTES // MiB} MiB x {streams} stream{'s' * (streams != 1)}",
                             reserve=True))
         if s.graph_pool:
-            rows.append(PlanRow("draft CUDA-graph pool", DEVICE, s.graph_pool,
-                                f"level step ({speculation.topk} rows over {capacity} slots) + its warm-up",
-                                reserve=True))
+            what = (f"level step ({speculation.topk} rows over {capacity} slots) + its warm-up"
+                    + (" + the post-speculation stream's" if speculation.post_levels else "") if speculative
+                    else f"one-token step (1 row over {capacity} slots) + its warm-up")
+            rows.append(PlanRow("draft CUDA-graph pool" if speculative else "step CUDA-graph pool", DEVICE,
+                                s.graph_pool, what, reserve=True))
     rows.append(PlanRow("sampling + logprobs peak", DEVICE, s.sampling,
                         f"beyond the logits: {tree_rows} row{'s' * (tree_rows != 1)} sampled / prompt logprobs",
                         reserve=True))

@@ -31,8 +31,8 @@ Races, and why there are none:
   (on CUDA the compute stream first waits for the side stream, so the next request's KV writes follow it).
 
 A dead node (not a descendant of the new root) keeps its beam slot with score -inf: static shapes, and no child
-of it is picked while a live frontier node has children. A chain is taken only when the new root's subtree
-reaches the deepest drafted level, so the next extension grows live nodes.
+of it is picked while a live frontier node has children. When the new root's subtree does not reach the
+deepest drafted level (the beam went to other branches), its chained tree is verified without an extension.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class PlannedTree:
 
 @dataclass(frozen=True)
 class _Chain:
-    node: int  # the accepted extension node that becomes the next root (drafter numbering)
-    live: int  # it and its descendants: the next tree's nodes
+    live: int  # the new root and its descendants: the next tree's nodes
+    depth: int  # the deepest level they reach, below the new root
 
 
 class PostSpeculation:
@@ -85,20 +85,20 @@ class PostSpeculation:
         self._done = torch.cuda.Event() if cuda else None
         self._device = device
 
-    def plan(self, *, root: torch.Tensor, length: torch.Tensor, committed: int, depth: int,
+    def plan(self, *, root: torch.Tensor, length: torch.Tensor, committed: int, depth: int, limit: int,
              cancelled: CancelCheck | None) -> PlannedTree:
-        """The tree to verify at N = committed: the chained one when the last iteration left one that fits
-        `depth` (the most levels worth verifying), else a freshly grown depth-`depth` tree."""
+        """The tree to verify at N = committed: the chained one when the last iteration left one no deeper than
+        `limit` (the most levels worth verifying: the tokens still allowed, less the bonus), else a freshly grown
+        depth-`depth` tree."""
         drafter, chain = self.drafter, self._chain
         self._chain = None
-        chained = chain is not None and 1 <= drafter.levels <= depth
+        chained = chain is not None and 1 <= chain.depth <= limit
         if chained:
-            live = chain.live
+            live, levels = chain.live, chain.depth
         else:
             drafter.grow(root_token=root, prefix_length=length, committed=committed, depth=depth,
                          cancelled=cancelled, room=drafter.max_levels)
-            live = 1 + depth * drafter.topk
-        levels = drafter.levels
+            live, levels = 1 + depth * drafter.topk, depth
         full = drafter.tree(levels)
         budget = min(self.verify_size, live)
         if budget < full.size:  # pruned, or a chained tree's dead nodes dropped (score -inf sorts last)
@@ -106,7 +106,9 @@ class PostSpeculation:
             tree = subtree(full, kept)
         else:
             kept, tree = torch.arange(full.size, device=full.tokens.device), full
-        extend = min(self.levels, drafter.max_levels - levels)
+        # the extension grows under the frontier only while it has live nodes (a chained tree's may have none)
+        growing = levels == drafter.levels
+        extend = min(self.levels, drafter.max_levels - levels) if growing else 0
         return PlannedTree(tree=tree, kept=kept, depth=levels, verify_base=committed + self.draft_rows,
                            chained=chained, extend=extend)
 
@@ -142,12 +144,12 @@ class PostSpeculation:
 
     def candidates(self, planned: PlannedTree, *, path: AcceptedPath, emitted: torch.Tensor) -> torch.Tensor:
         """(3,) long on the device, read with the iteration's tokens: the extension node that carries the bonus
-        token under a fully accepted path (else -1), how many nodes its subtree has, and how many of them are
-        on the deepest drafted level. Fixed shapes, no host read."""
+        token under a fully accepted path (else -1), how many nodes its subtree has, and the deepest level it
+        reaches (the drafter's numbering). Fixed shapes, no host read."""
         drafter, k = self.drafter, self.drafter.topk
         device = emitted.device
         if planned.extend == 0:
-            return torch.tensor([-1, 0, 0], device=device)
+            return torch.tensor([-1, 0, -1], device=device)
         last = path.length - 1
         end = planned.kept.index_select(0, path.nodes.index_select(0, last))  # (1,) drafter index
         bonus = emitted.index_select(0, last)
@@ -158,19 +160,16 @@ class PostSpeculation:
         node = torch.where(match.any(), level.index_select(0, torch.argmax(match.int()).view(1)), -1)
         size = 1 + drafter.levels * k
         member = drafter.ancestors[:size].index_select(1, node.clamp(min=0))[:, 0] & (node >= 0)
-        frontier = member.index_select(0, drafter.frontier_nodes)
-        return torch.cat([node, member.sum().view(1), frontier.sum().view(1)])
+        deepest = torch.where(member, drafter.depths[:size], -1).max().view(1)
+        return torch.cat([node, member.sum().view(1), deepest])
 
-    def settle(self, *, node: int, live: int, frontier_live: int, committed: int) -> None:
+    def settle(self, *, node: int, live: int, deepest: int, committed: int) -> None:
         """After the iteration's read: chain when its candidates say so, re-rooting the tree at `node`."""
-        if node < 0 or frontier_live == 0:
+        if node < 0:
             return
+        level = 1 + (node - 1) // self.drafter.topk
         self.drafter.rebase(node=node, committed=committed, kv_move=self._kv_move)
-        self._chain = _Chain(node=node, live=live)
-
-    @property
-    def chained_next(self) -> bool:
-        return self._chain is not None
+        self._chain = _Chain(live=live, depth=deepest - level)
 
     def abandon(self) -> None:
         """A request ended or was aborted: drop the chain; on CUDA, order what follows after the side stream."""

@@ -49,8 +49,9 @@ WORKING_SET_FRAGMENTATION = 1 / 8
 # device (2) and the kernel's output; int8: the weight and its float16 copy (2 + 2).
 QUANT_TEMP_BYTES_PER_WEIGHT = {"int4": 8.5, "nf4": 2.5, "fp4": 2.5, "int8": 4.5}
 
-# Streams that run matmuls, each with its own cuBLAS workspace: the compute stream, and with the draft's CUDA
-# graphs the warm-up stream and the capture stream (drafting.TreeDrafter.capture_cuda_graphs).
+# Streams that run matmuls, each with its own cuBLAS workspace: the compute stream, and with CUDA graphs (the
+# draft's, drafting.TreeDrafter.capture_cuda_graphs, or the one-token step's, step_graphs.py) the warm-up stream
+# and the capture stream; post-speculation's side stream (postspec.py) is one more.
 MATMUL_STREAMS_EAGER = 1
 MATMUL_STREAMS_GRAPHED = 3
 
@@ -166,7 +167,8 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
                cuda_graphs: bool) -> PlanSizes:
     """The sizes of a plan in `mode` with prefill chunks of `chunk` rows and a KV cache of `capacity` slots."""
     speculative, cuda = mode == "subspec", device_type == "cuda"
-    graphed = speculative and cuda and cuda_graphs
+    graphed = cuda and cuda_graphs
+    post = speculative and speculation.post_levels > 0
     tree_rows = speculation.verify_size if speculative else 1
     prompt_rows = min(chunk, max_model_len, PROMPT_SCORE_ROWS)  # a prefill chunk's logits, scored this many at a time
     work = max(
@@ -181,7 +183,11 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
     out_rows = sum(out for out, _ in linear_shapes(shape).values())
     substitute = substitute_bytes_per_layer(shape.linear_params_per_layer, out_rows, quant_type=speculation.quant_type,
                                             block_size=speculation.quant_block_size)
-    streams = MATMUL_STREAMS_GRAPHED if graphed else MATMUL_STREAMS_EAGER
+    streams = (MATMUL_STREAMS_GRAPHED if graphed else MATMUL_STREAMS_EAGER) + post
+    # the captured pool and the warm-up's cached blocks: of the draft's level step, or of the one-token step; and
+    # post-speculation's side stream caches one draft step's temporaries of its own
+    step = draft_step_bytes(shape=shape, dtype=dtype, topk=speculation.topk if speculative else 1, capacity=capacity,
+                            device_type=device_type)
     return PlanSizes(
         layer=layer,
         substitute=substitute if speculative else 0,
@@ -190,12 +196,10 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
         kv=KVCache.bytes_needed(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
                                 capacity=capacity, dtype=dtype),
         work=work,
-        sampling=sampling_reserve_bytes(shape=shape, rows=tree_rows, positions=speculation.max_depth + 1 if speculative
+        sampling=sampling_reserve_bytes(shape=shape, rows=tree_rows, positions=speculation.verify_depth + 1 if speculative
                                         else 1, prompt_rows=prompt_rows),
         tree=tree_rows * tree_rows + (1 + speculation.draft_levels * speculation.topk) ** 2 if speculative else 0,  # ancestor matrices
-        # the captured pool, and the warm-up's blocks, cached for the warm-up stream (no other stream reuses them)
-        graph_pool=2 * draft_step_bytes(shape=shape, dtype=dtype, topk=speculation.topk, capacity=capacity,
-                                        device_type=device_type) if graphed else 0,
+        graph_pool=(2 * step if graphed else 0) + (step if post and cuda else 0),
         workspaces=CUBLAS_WORKSPACE_BYTES * streams if cuda else 0,
         context=CUDA_CONTEXT_BYTES if cuda else 0,
         quantize=quantize if speculative else 0,

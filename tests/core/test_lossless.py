@@ -96,6 +96,34 @@ def test_tiny_models_lossless_across_seeds_and_tree_shapes(family, shape, tokeni
                 assert agreement.ok, f"seed {seed}, {sampling}: speculative output differs from the target's: {agreement}"
 
 
+LINKED_SHAPES = [(3, 4, None), (2, 6, 7)]  # (topk, max_depth, max_verify_tokens), each with post_levels 3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("shape", LINKED_SHAPES, ids=[f"k{k}d{d}v{v}" for k, d, v in LINKED_SHAPES])
+def test_lossless_over_a_delayed_simulated_link_with_post_speculation(family, shape, tokenizer) -> None:
+    """The ring over a simulated link with random copy and compute delays (copies.SimulatedLink), and the draft
+    extending each tree during the verify's waits (postspec.py): greedy and seeded sampling, token for token.
+    Two layers of three resident, so the draft is near the target and whole trees get accepted and chained."""
+    topk, depth, verify = shape
+    spec = SpeculationConfig(topk=topk, max_depth=depth, max_verify_tokens=verify, post_levels=3)
+    model = tiny_hf_model(family, seed=7)
+    vanilla = tiny_engine(model, tokenizer, mode="vanilla")
+    linked = tiny_engine(model, tokenizer, speculation=spec, max_resident_layers=2, simulate_link_gbps=1.0,
+                         simulate_link_jitter_s=0.0005)
+    rng = torch.Generator().manual_seed(zlib.crc32(f"{family}{shape}".encode()))
+    chained = 0
+    for seed in range(2):
+        prompt = torch.randint(0, TINY_VOCAB, (int(torch.randint(1, 40, (1,), generator=rng)),), generator=rng).tolist()
+        for sampling in ({"temperature": 0}, {"temperature": 0.8, "top_p": 0.95, "seed": seed}):
+            expected, _ = generate_ids(vanilla, prompt, max_tokens=30, **sampling)
+            got, stats = generate_ids(linked, prompt, max_tokens=30, **sampling)
+            assert got == expected, f"seed {seed}, {sampling}"
+            chained += stats.chained_iterations
+    assert chained > 0, "chained trees were verified"
+    linked.close()
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
 def test_other_substitute_formats_are_lossless(quant_type, tokenizer) -> None:
     subspec = tiny_engine(tiny_hf_model("llama"), tokenizer, quant_type=quant_type)

@@ -301,9 +301,17 @@ def llama():
     return tiny_hf_model("llama")
 
 
-@pytest.fixture(scope="module")
-def subspec_engine(llama, tiny_tokenizer):
-    return tiny_engine(llama, tiny_tokenizer, mode="subspec", speculation=SpeculationConfig(topk=3, max_depth=3))
+@pytest.fixture(scope="module", params=["plain", "delayed_link_post_speculation"])
+def subspec_engine(request, llama, tiny_tokenizer):
+    """Subspec as it runs on a CPU, and over a simulated link with random delays, extending trees during the
+    verify (postspec.py)."""
+    if request.param == "plain":
+        yield tiny_engine(llama, tiny_tokenizer, mode="subspec", speculation=SpeculationConfig(topk=3, max_depth=3))
+        return
+    engine = tiny_engine(llama, tiny_tokenizer, mode="subspec", simulate_link_gbps=2.0, simulate_link_jitter_s=0.0002,
+                         speculation=SpeculationConfig(topk=3, max_depth=3, post_levels=2))
+    yield engine
+    engine.close()
 
 
 def exact_first_two(hf_model, case: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,6 +397,17 @@ def test_seeded_subspec_output_equals_vanilla(family, speculation, llama, tiny_t
             assert spec_ids == plain_ids, f"seed {seed} {case}"
             accepted += stats.accepted_tokens
     assert accepted > 10, "speculation accepted drafted tokens, so the equality is not trivial"
+
+
+def test_seeded_subspec_over_a_delayed_link_with_post_speculation_equals_vanilla(llama, tiny_tokenizer):
+    vanilla = tiny_engine(llama, tiny_tokenizer, mode="vanilla")
+    linked = tiny_engine(llama, tiny_tokenizer, mode="subspec", max_resident_layers=2, simulate_link_gbps=1.0,
+                         simulate_link_jitter_s=0.0005, speculation=SpeculationConfig(topk=3, max_depth=4, post_levels=3))
+    for seed in range(3):
+        for case in (dict(temperature=1.0), dict(temperature=0.8, top_p=0.9, top_k=20), dict(temperature=0.0)):
+            got, _ = generate_ids(linked, [1, 2, 3], max_tokens=20, seed=seed, ignore_eos=True, **case)
+            assert got == generate_ids(vanilla, [1, 2, 3], max_tokens=20, seed=seed, ignore_eos=True, **case)[0]
+    linked.close()
 
 
 def test_an_unseeded_request_takes_the_configured_seed_else_a_fresh_one(llama, tiny_tokenizer):

@@ -141,3 +141,28 @@ def test_top_p_over_a_verify_stays_within_the_workspace_the_planner_reserves():
     counted = logits_bytes(rows=rows, vocab_size=vocab)  # what the planner reserves: logits + sampling peak
     assert extra <= counted, (extra, counted)
     assert torch.isfinite(processed).sum(-1).min() >= 1
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "resident"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graphed_one_token_step_equals_eager(mode, dtype) -> None:
+    """The one-token step replayed as CUDA graphs (step_graphs.py: per layer and weight slot, per attention
+    length) gives the eager step's tokens, across more than one attention length."""
+    resident = {"max_resident_layers": None} if mode == "resident" else {}
+    graphed = _engine(mode, dtype=dtype, cuda_graphs=True, **resident)
+    eager = _engine(mode, dtype=dtype, cuda_graphs=False, **resident)
+    try:
+        assert graphed.step_graphs is not None and graphed.step_graphs.captured and eager.step_graphs is None
+        prompt_length = len(_prompt(graphed))
+        tokens = 300
+        assert graphed.step_graphs.bucket(prompt_length) != graphed.step_graphs.bucket(prompt_length + tokens - 1), \
+            "the run must replay more than one attention length's graphs"
+        got, expected = _greedy(graphed, tokens), _greedy(eager, tokens)
+        if dtype == "float32":
+            assert got == expected
+        else:  # bf16: the graphed step attends with the masked kernel, the eager one with flash: near-ties may part
+            common = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
+            assert common >= 32, f"graphed and eager bf16 outputs part at token {common}"
+    finally:
+        graphed.close()
+        eager.close()
