@@ -36,7 +36,7 @@ from subspec_core.loading import load_tokenizer
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "default-offload.yaml"
 POST_LEVELS = 16  # the extension's levels per verify (see postspec.py and the README's table)
-POST_DEPTH = 16  # fresh trees' depth with post-speculation on
+POST_DEPTH = 8  # fresh trees' depth with post-speculation on
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,17 +35,22 @@ _HELP = {
     "dtype": "auto: bfloat16 on cuda, float32 on cpu",
     "gpu_memory_budget": "GPU memory the engine may use, e.g. 8GiB (default: the free memory; unused on a CPU)",
     "max_resident_layers": "cap on full-precision decoder layers kept on the GPU (0 streams all)",
-    "cuda_graphs": "true/false: replay the draft step as a captured CUDA graph (CUDA only)",
+    "cuda_graphs": "true/false: replay the draft steps and the one-token step as captured CUDA graphs (CUDA only)",
     "stream_slots": "GPU layer buffers in the weight-streaming ring (>= 2)",
     "max_model_len": "prompt + completion tokens",
     "prefill_chunk_size": "prompt tokens per prefill forward (default: the largest the memory budget allows)",
     "seed": "seed for requests that give none (default: a fresh random seed per request)",
+    "simulate_link_gbps": "CPU only, a development and benchmarking aid: stream layers over a simulated link of this "
+                          "many GB/s (default: off)",
+    "simulate_link_jitter_s": "with --simulate-link-gbps: random delays up to this many seconds per copy and per layer",
     "topk": "draft tree width (nodes kept per depth)",
     "max_depth": "draft steps per iteration (tree depth)",
     "max_verify_tokens": "tree nodes verified per iteration (default: the whole tree)",
     "draft_temperature": "temperature shaping the draft tree (never affects the output distribution)",
     "quant_type": "the draft's low-bit substitute weights",
     "quant_block_size": "quantization block size",
+    "post_levels": "post-speculation: draft levels grown under the tree while each verify waits for weights, the next "
+                   "iteration starting from them when the whole tree is accepted (0: off)",
 }
 _CHOICES = {"mode": MODES, "device": DEVICES, "dtype": DTYPES, "quant_type": QUANT_TYPES}
 _ENGINE_FIELDS = [f for f in dataclasses.fields(EngineConfig) if f.name != "speculation"]
