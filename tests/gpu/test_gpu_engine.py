@@ -119,3 +119,20 @@ def test_seeded_sampling_subspec_equals_vanilla_on_gpu_fp32(fp32_engines) -> Non
         request = GenerationRequest("s", prompt, SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=3))
         outs.append([t for e in fp32_engines[mode].generate(request) for t in e.token_ids])
     assert outs[0] == outs[1]
+
+
+def test_post_speculation_on_a_side_stream_equals_vanilla_fp32(fp32_engines) -> None:
+    """Post-speculation on CUDA (postspec.py: the extension on a side stream, ordered by an event against the
+    verify): float32 greedy output token for token, with chained iterations, and the next request unaffected."""
+    engine = _engine("subspec", dtype="float32", speculation={"max_depth": 8, "post_levels": 16})
+    try:
+        assert engine.postspec is not None
+        chained = 0
+        for text in PROMPTS[:2]:
+            expected, _ = _greedy(fp32_engines["vanilla"], text)
+            got, stats = _greedy(engine, text)
+            assert got == expected, text
+            chained += stats.chained_iterations
+        assert chained > 0, "whole trees were accepted and their extensions verified next"
+    finally:
+        engine.close()
