@@ -218,8 +218,8 @@ class TreeDrafter:
     def rebase(self, *, node: int, committed: int, kv_move: Callable[[int, torch.Tensor], None]) -> None:
         """Re-root the tree in the buffers at `node`, a level-(l + 1) node whose ancestors (the root and l levels)
         were just committed as KV rows [base, committed): as if a tree rooted at `node` had been grown at
-        N = committed. Returns the live nodes (`node` and its descendants; the rest of its levels are dead:
-        score -inf, never chosen as parents while a live node is left, never verified).
+        N = committed. Live nodes are `node` and its descendants; the rest of its levels are dead: score -inf,
+        never chosen as parents while a live node is left, never verified.
 
         Node numbering stays level-major: `node` becomes 0 and level l + 1 + i becomes level i. Each kept
         node's draft KV row moves with it (`kv_move(dest_start, source_slots)`, KVCache.compact) from slot
