@@ -49,6 +49,7 @@ def timed_generation(engine: Engine, prompt: list[int], *, max_tokens: int, prob
         verify_s=stats.verify_s, decode_h2d_bytes=layers.h2d_bytes - h2d_at_first if streamed else None,
         verify_h2d_bytes=stats.verify_h2d_bytes if streamed else None,
         copy_wait_s=probe.seconds_since(wait_mark) if probe else None, accept_lengths=accept_lengths,
+        chained_iterations=stats.chained_iterations,
     )
     if probe:
         probe.clear()

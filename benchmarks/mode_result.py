@@ -47,6 +47,7 @@ class PromptRun:
     verify_h2d_bytes: int | None = None  # of those, the copies issued while verify forwards ran (no prefetch)
     copy_wait_s: float | None = None  # compute stream stalled on weight copies after the first token
     accept_lengths: list[int] = field(default_factory=list)  # tokens per target forward, from the token events
+    chained_iterations: int = 0  # verifies of a tree post-speculation drafted during the previous one
 
     @property
     def decode_tokens(self) -> int:

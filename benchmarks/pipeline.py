@@ -76,24 +76,9 @@ def run_mode(config: EngineConfig, prompts: list[list[int]], *, max_tokens: int)
     engine = build_engine(config, progress=False)
     try:
         timed_generation(engine, prompts[0], max_tokens=4, probe=None)  # warm-up
-        runs, chained, iterations = [], 0, 0
-        for prompt in prompts:
-            request_stats = {}
-            original = engine.generate
-
-            def recording(request, **kwargs):  # noqa: ANN001, ANN202 - keeps the final stats' chain count
-                for event in original(request, **kwargs):
-                    if event.stats is not None:
-                        request_stats["stats"] = event.stats
-                    yield event
-
-            engine.generate = recording  # type: ignore[method-assign]
-            try:
-                runs.append(timed_generation(engine, prompt, max_tokens=max_tokens, probe=None))
-            finally:
-                del engine.generate
-            chained += request_stats["stats"].chained_iterations
-            iterations += request_stats["stats"].iterations
+        runs = [timed_generation(engine, prompt, max_tokens=max_tokens, probe=None) for prompt in prompts]
+        iterations = sum(run.iterations for run in runs)
+        chained = sum(run.chained_iterations for run in runs)
         tokens = sum(len(run.token_ids) - 1 for run in runs)
         decode_s = sum(run.decode_s for run in runs)
         draft_s = sum(run.draft_s or 0.0 for run in runs)

@@ -189,7 +189,8 @@ class SimulatedLink:
             start = max(time.perf_counter(), link_free_at)
             link_free_at = start + dest.numel() * dest.element_size() / self.bytes_per_s
             time.sleep(max(0.0, link_free_at - time.perf_counter()))
-            dest.copy_(source)
+            with torch.inference_mode():  # thread-local: the slots may be inference tensors
+                dest.copy_(source)
             with self._cond:
                 self._filled[slot] = seq
                 self._busy = False
