@@ -21,6 +21,8 @@ exactly P levels are drafted per verify, so the drafts do not depend on timing.
 Races, and why there are none:
 - The verify writes its target KV rows in its own region [N + R, ...), never in the draft rows the
   extension reads (the draft's own tree rows, deterministic) and writes. Both only read [0, N).
+- The verify's attention spans the draft rows, masked: a masked column adds exactly 0 whatever finite value it
+  holds, so the extension writing there at the same time (CUDA) cannot change a verify logit.
 - Compaction (accepted rows to [N, N + a]) runs after the extension is done (CUDA: after the event), and
   only ever covers draft rows of verified levels; the extension's rows lie past them.
 - `rebase` moves the kept nodes' draft rows to sit right after the new committed length and re-numbers the
@@ -29,6 +31,14 @@ Races, and why there are none:
 - No draft work survives a request: extension levels run only from inside the verify they belong to (the
   wait hook is an argument of that one forward); an abort raises out of it and `abandon` drops the chain
   (on CUDA the compute stream first waits for the side stream, so the next request's KV writes follow it).
+
+The settings, from the simulated link at the GPU regime's ratio (benchmarks/pipeline.py, README): the chain
+only pays when whole trees are accepted, so fresh trees are shallow (max_depth 8: accepted whole about half the
+time, where depth 32 almost never is) and the extension deep (post_levels 16: a chained tree of up to 15
+levels, drafted within the verify's wait for the link; 24 did no better, 31 no longer fit and slowed every
+verify).
+Deeper fresh trees (12, 16) chained less and were slower; a chained tree cut to 8 levels (so that it too is
+accepted whole more often) chained more but emitted fewer tokens per verify, and was slower.
 
 A dead node (not a descendant of the new root) keeps its beam slot with score -inf: static shapes, and no child
 of it is picked while a live frontier node has children. When the new root's subtree does not reach the
