@@ -176,7 +176,11 @@ def run(repeats: int = 3) -> dict[str, Any]:
     import llguidance.hf
     import llguidance.numpy as llnp
     import torch
-    import xgrammar as xg
+
+    try:
+        import xgrammar as xg
+    except ImportError:
+        raise SystemExit("benchmarks.grammar_libs compares against xgrammar: pip install xgrammar") from None
 
     from subspec_core.config import EngineConfig
     from subspec_core.loading import load_tokenizer

@@ -19,8 +19,10 @@ from torch.nn.attention import SDPBackend
 from subspec_core.attention import AttentionBackends, attention_kernel
 from subspec_core.cancel import CancelCheck, CancellableLayers, GenerationCancelled
 from subspec_core.config import EngineConfig
+from subspec_core.constrained import TreeMasks, bitmask_to_bool, end_token_mask, mask_logits
 from subspec_core.detokenize import IncrementalDetokenizer
 from subspec_core.drafting import TreeDrafter
+from subspec_core.grammar import Grammars, GrammarState
 from subspec_core.hardware import DeviceInfo
 from subspec_core.kv_cache import KVCache
 from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
@@ -76,6 +78,7 @@ class _Decoding:
     detokenizer: IncrementalDetokenizer
     stats: RequestStats
     cancelled: CancelCheck | None = None
+    grammar: GrammarState | None = None  # a structured output's state: every emitted token consumed
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,25 @@ class Engine:
         )
         if self.drafter is not None:
             self.kv_cache.keep_views(self.drafter.bucket_lengths)
+        self._grammars: Grammars | None = None  # made for the first constrained request (~0.3 s)
+        self._end_mask = end_token_mask(sorted(self.eos_token_ids), model.shape.vocab_size, model.device)
+
+    def _grammar_state(self, params: SamplingParams) -> GrammarState | None:
+        if params.constraint is None:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, sorted(self.eos_token_ids))
+        return self._grammars.state(params.constraint)
+
+    def _allowed_now(self, dec: _Decoding, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (1, V) masked by what a constrained request's grammar allows next (unchanged otherwise)."""
+        if dec.grammar is None:
+            return logits
+        started = time.perf_counter()
+        allowed = bitmask_to_bool(dec.grammar.allowed()[None], logits.shape[-1], device=self.device,
+                                  end_mask=self._end_mask)
+        dec.stats.grammar_s += time.perf_counter() - started
+        return mask_logits(logits, allowed)
 
     def close(self) -> None:
         """Wait for in-flight weight copies, then free the streaming ring and unregister the page-locked host
@@ -251,8 +273,8 @@ class Engine:
         logits = self.step_logits(cursor.root, cursor.length, prefix_length=committed, cancelled=dec.cancelled)
         dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d
         token = choose_tokens(
-            logits=logits, params=dec.params, seed=dec.seed, positions=cursor.length + 1, first_position=committed + 1,
-            num_positions=1,
+            logits=self._allowed_now(dec, logits), params=dec.params, seed=dec.seed, positions=cursor.length + 1,
+            first_position=committed + 1, num_positions=1,
         )
         cursor.root.copy_(token)
         cursor.length.add_(1)
@@ -267,19 +289,31 @@ class Engine:
         assert self.drafter is not None
         n = committed
         draft_start = self._clock.mark()
-        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, committed=n, depth=depth,
-                                 cancelled=dec.cancelled)
+        masks = None
+        if dec.grammar is None:
+            tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, committed=n, depth=depth,
+                                     cancelled=dec.cancelled)
+        else:  # candidates restricted level by level to what the grammar allows after their path
+            masks = TreeMasks(dec.grammar, vocab_size=self.shape.vocab_size, device=self.device,
+                              end_mask=self._end_mask)
+            tree = self.drafter.grow_guided(root_token=cursor.root, prefix_length=cursor.length, committed=n,
+                                            depth=depth, guide=masks, cancelled=dec.cancelled)
         verify_start = self._clock.mark()
         verify_size = self.config.speculation.verify_size
+        selected = None
         if verify_size < tree.size:
-            tree = subtree(tree, select_verify_nodes(scores=tree.scores, budget=verify_size))
+            selected = select_verify_nodes(scores=tree.scores, budget=verify_size)
+            tree = subtree(tree, selected)
         size = tree.size
         # weight bytes copied during the verify itself: the ring's prefetch, issued while the draft ran, is not
         h2d = self.target_layers.h2d_bytes
         logits = self.verify_logits(tree, prefix_length=n, cancelled=dec.cancelled)  # (size, V)
         dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d
+        choosing = logits if masks is None else mask_logits(logits, masks.rows(selected))  # row i: after i's path
+        if masks is not None:
+            dec.stats.grammar_s += masks.host_s
         target_tokens = choose_tokens(
-            logits=logits, params=dec.params, seed=dec.seed, positions=tree.depths + (n + 1), first_position=n + 1,
+            logits=choosing, params=dec.params, seed=dec.seed, positions=tree.depths + (n + 1), first_position=n + 1,
             num_positions=depth + 1,
         )
         path = accepted_path(
@@ -368,6 +402,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids=prompt, stop=params.stop),
             stats=RequestStats(prompt_tokens=len(prompt)),
             cancelled=cancelled,
+            grammar=self._grammar_state(params),
         )
         speculative = self.draft_layers is not None
         h2d_start = self.target_layers.h2d_bytes
@@ -376,10 +411,13 @@ class Engine:
             logits, prompt_logprobs = self._prefill(prompt, dec)
             length = torch.full((1,), len(prompt), dtype=torch.long, device=self.device)
             first = choose_tokens(
-                logits=logits, params=params, seed=dec.seed, positions=length, first_position=len(prompt), num_positions=1
+                logits=self._allowed_now(dec, logits), params=params, seed=dec.seed, positions=length,
+                first_position=len(prompt), num_positions=1,
             )
             cursor = _Cursor(length=length, root=first)
             step = _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
+            if dec.grammar is not None:
+                dec.grammar.consume(step.tokens)
             dec.stats.prefill_s = time.perf_counter() - started
             committed = len(prompt)  # KV rows written; the last chosen token is not in the cache yet
             if dec.budget == 0:  # scoring only: the prompt's logprobs, no output token
@@ -400,6 +438,8 @@ class Engine:
                     next_step = self._speculative_step(cursor, committed, depth, dec)
                 else:
                     next_step = self._plain_step(cursor, committed, dec)
+                if dec.grammar is not None:
+                    dec.grammar.consume(next_step.tokens)
                 self._commit(step.tokens[-1], next_step)
                 step = next_step
                 committed += len(step.tokens)
