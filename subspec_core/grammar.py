@@ -36,6 +36,7 @@ import numpy as np
 _MAX_LEXER_STATES = 50_000
 # JSON may be pretty-printed, but each gap between tokens holds at most 16 whitespace characters: a small model
 # under an unbounded pattern can spend its whole budget on whitespace inside an unfinished object.
+_COMPILED = 128
 _JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,16}"}
 
 
@@ -114,7 +115,8 @@ def _check_text(grammar: str) -> str:
 
 
 class Grammars:
-    """Compiles constraints for one tokenizer (the worker's)."""
+    """Compiles constraints for one tokenizer (the worker's). A grammar is compiled once (the most recent
+    `_COMPILED` are kept); each request gets a copy of its compiled start state (~1 us instead of ~1 ms)."""
 
     def __init__(self, tokenizer: Any, eos_token_ids: Sequence[int] | None = None) -> None:
         llguidance = _llguidance()
@@ -124,6 +126,7 @@ class Grammars:
         eos = list(eos_token_ids) if eos_token_ids else None
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=eos)
         self._limits = llguidance.LLParserLimits(max_lexer_states=_MAX_LEXER_STATES)
+        self._compiled: dict[str, Any] = {}  # grammar text -> its compiled start state, least recently used first
 
     @property
     def words(self) -> int:
@@ -132,10 +135,15 @@ class Grammars:
 
     def state(self, constraint: Constraint) -> GrammarState:
         """A fresh matcher for one request's output."""
-        matcher = _llguidance().LLMatcher(self._tokenizer, constraint.grammar, limits=self._limits, log_level=0)
-        if matcher.is_error():
-            raise GrammarError(constraint.origin, matcher.get_error())
-        return GrammarState(matcher, self.words)
+        start = self._compiled.pop(constraint.grammar, None)
+        if start is None:
+            start = _llguidance().LLMatcher(self._tokenizer, constraint.grammar, limits=self._limits, log_level=0)
+            if start.is_error():
+                raise GrammarError(constraint.origin, start.get_error())
+        self._compiled[constraint.grammar] = start  # the most recently used last
+        while len(self._compiled) > _COMPILED:
+            self._compiled.pop(next(iter(self._compiled)))
+        return GrammarState(start.deep_copy(), self.words)
 
 
 class GrammarState:
