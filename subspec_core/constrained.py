@@ -42,8 +42,22 @@ def bitmask_to_bool(words: np.ndarray, vocab_size: int, *, device: torch.device,
         allowed = allowed[:, :vocab_size]
     else:
         allowed = torch.cat([allowed, allowed.new_zeros(rows, vocab_size - allowed.shape[1])], dim=1)
-    empty = ~allowed.any(dim=1, keepdim=True)  # (rows, 1)
-    return allowed | (empty if end_mask is None else empty & end_mask)
+    empty = np.flatnonzero(~_within(words, vocab_size).any(axis=1))  # on the packed words: 32x less to scan
+    if len(empty):
+        allowed[torch.from_numpy(empty).to(allowed.device)] = True if end_mask is None else end_mask
+    return allowed
+
+
+def _within(words: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The words of tokens below `vocab_size` (a model vocabulary smaller than the tokenizer's), the last one's
+    higher bits cleared."""
+    full, rest = divmod(vocab_size, 32)
+    if full + (rest > 0) >= words.shape[1]:
+        return words
+    kept = words[:, : full + (rest > 0)].copy()
+    if rest:
+        kept[:, -1] &= np.int32((1 << rest) - 1) if rest < 31 else np.int32(0x7FFFFFFF)
+    return kept
 
 
 def end_token_mask(end_tokens: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor | None:
