@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 
 # (tokens (n,), positions (n,), slots (n,), bias (n, L) additive mask over slots [0, L)) -> float32 logits (n, V)
 DraftLogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DraftGuide(Protocol):
+    """What a constrained draft may propose (constrained.TreeMasks): (1, V) and (topk, V) boolean masks."""
+
+    def root(self) -> torch.Tensor: ...  # after the root
+    def level(self, nodes: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor: ...  # after each
 
 # The shortest prefix a draft bucket holds; longer buckets hold twice the prefix of the one before.
 SMALLEST_BUCKET_PREFIX = 256
@@ -193,11 +200,7 @@ class TreeDrafter:
             raise ValueError(f"depth must be in [1, {self.max_depth}], got {depth}")
         levels = depth if room is None else max(room, depth)
         bucket = self.buckets[-1] if committed is None else self.bucket_for(committed=committed, depth=levels)
-        self.bucket, self.levels = None, 0  # a grow cut short by a cancel leaves no tree to extend
-        if self._rebased:
-            self.parents[1 : self.topk + 1] = 0
-            self.ancestors[: self.topk + 1].copy_(self._level1_ancestors)
-            self._rebased = False
+        self._begin_tree()
         self.root_token.copy_(root_token)
         self.prefix_length.copy_(prefix_length)
         raise_if_cancelled(cancelled)
@@ -207,6 +210,15 @@ class TreeDrafter:
             self._run(self.level_step, bucket, bucket.level_graph)
         self.bucket, self.levels = bucket, depth
         return self.tree(depth)
+
+    def _begin_tree(self) -> None:
+        """Forget the tree in the buffers (a grow cut short by a cancel leaves no tree to extend) and restore
+        the level-1 rows a rebase rewrote."""
+        self.bucket, self.levels = None, 0
+        if self._rebased:
+            self.parents[1 : self.topk + 1] = 0
+            self.ancestors[: self.topk + 1].copy_(self._level1_ancestors)
+            self._rebased = False
 
     def extend(self) -> None:
         """One more level under the tree in the buffers (the frontier's draft forward, then its best children):
@@ -267,6 +279,27 @@ class TreeDrafter:
         self.levels = new_levels
         self._rebased = True
 
+    def grow_guided(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, depth: int, committed: int,
+                    guide: DraftGuide, cancelled: CancelCheck | None = None) -> TokenTree:
+        """`grow`, with each level's candidates restricted to the tokens `guide` allows after their parent's path
+        (a constrained request). Eager, with one host read per level in `guide`: the captured graphs and the
+        unconstrained path stay as they are."""
+        if not 1 <= depth <= self.max_depth:
+            raise ValueError(f"depth must be in [1, {self.max_depth}], got {depth}")
+        bucket = self.bucket_for(committed=committed, depth=depth)
+        self._begin_tree()
+        self.root_token.copy_(root_token)
+        self.prefix_length.copy_(prefix_length)
+        raise_if_cancelled(cancelled)
+        self.root_step(bucket, allowed=guide.root())
+        for level in range(1, depth + 1):
+            nodes = self.level1_nodes + (level - 1) * self.topk
+            allowed = guide.level(nodes, self.tokens, self.parents)  # the last level's: for its verify rows
+            if level < depth:
+                raise_if_cancelled(cancelled)
+                self.level_step(bucket, allowed=allowed)
+        return self.tree(depth)  # not extendable: post-speculation leaves constrained requests alone
+
     @staticmethod
     def _run(step, bucket: DraftBucket, graph: torch.cuda.CUDAGraph | None) -> None:  # type: ignore[no-untyped-def]
         if graph is None:
@@ -274,12 +307,15 @@ class TreeDrafter:
         else:
             graph.replay()
 
-    def root_step(self, bucket: DraftBucket) -> None:
-        """Draft forward of the root (1 row), then level 1: the root's topk best children."""
+    def root_step(self, bucket: DraftBucket, allowed: torch.Tensor | None = None) -> None:
+        """Draft forward of the root (1 row), then level 1: the root's topk best children (among `allowed` (1, V)
+        tokens, for a constrained request)."""
         n, k = self.prefix_length, self.topk
         bucket.root_bias.fill_(0.0).masked_fill_(bucket.columns > n, float("-inf"))  # the prefix and the root itself
         logits = self.draft_logits(self.root_token, n, n, bucket.root_bias)  # (1, V)
         logprobs = torch.log_softmax(logits * self.inv_temperature, dim=-1)
+        if allowed is not None:
+            logprobs = logprobs.masked_fill(~allowed, float("-inf"))
         scores, tokens = torch.topk(logprobs.view(-1), k)  # the root's path score is 0
         self.tokens[:1] = self.root_token
         self.tokens[1 : k + 1] = tokens
@@ -291,10 +327,13 @@ class TreeDrafter:
         torch.add(n, self.level1_nodes, out=self.slots)
         bucket.bias.copy_(bucket.root_bias.expand(k, -1)).scatter_(1, self.slots[:, None], 0.0)  # + each node itself
 
-    def level_step(self, bucket: DraftBucket) -> None:
-        """Draft forward of the frontier (topk rows), then the next level: the global topk of their children."""
+    def level_step(self, bucket: DraftBucket, allowed: torch.Tensor | None = None) -> None:
+        """Draft forward of the frontier (topk rows), then the next level: the global topk of their children (each
+        frontier row's among its `allowed` (topk, V) tokens, for a constrained request)."""
         logits = self.draft_logits(self.frontier_tokens, self.positions, self.slots, bucket.bias)  # (k, V)
         logprobs = torch.log_softmax(logits * self.inv_temperature, dim=-1)
+        if allowed is not None:
+            logprobs = logprobs.masked_fill(~allowed, float("-inf"))
         rows, tokens, scores = expand_frontier(parent_scores=self.frontier_scores, logprobs=logprobs, topk=self.topk)
         nodes = self.frontier_nodes + self.topk  # the next level's node indices
         parent_nodes = self.frontier_nodes.index_select(0, rows)

@@ -20,8 +20,10 @@ from torch.nn.attention import SDPBackend
 from subspec_core.attention import AttentionBackends, attention_kernel
 from subspec_core.cancel import CancelCheck, CancellableLayers, GenerationCancelled
 from subspec_core.config import EngineConfig
+from subspec_core.constrained import TreeMasks, bitmask_to_bool, end_token_mask, mask_logits
 from subspec_core.detokenize import IncrementalDetokenizer
 from subspec_core.drafting import TreeDrafter
+from subspec_core.grammar import Grammars, GrammarState
 from subspec_core.hardware import DeviceInfo
 from subspec_core.kv_cache import KVCache
 from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
@@ -80,6 +82,7 @@ class _Decoding:
     detokenizer: IncrementalDetokenizer
     stats: RequestStats
     cancelled: CancelCheck | None = None
+    grammar: GrammarState | None = None  # a structured output's state: every emitted token consumed
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,25 @@ class Engine:
                 self.postspec = PostSpeculation(
                     drafter=self.drafter, levels=spec.post_levels, verify_size=spec.verify_size, device=model.device,
                     kv_move=lambda dest, slots: self.kv_cache.compact(dest_start=dest, source_slots=slots))
+        self._grammars: Grammars | None = None  # made for the first constrained request (~0.3 s)
+        self._end_mask = end_token_mask(sorted(self.eos_token_ids), model.shape.vocab_size, model.device)
+
+    def _grammar_state(self, params: SamplingParams) -> GrammarState | None:
+        if params.constraint is None:
+            return None
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, sorted(self.eos_token_ids))
+        return self._grammars.state(params.constraint)
+
+    def _allowed_now(self, dec: _Decoding, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (1, V) masked by what a constrained request's grammar allows next (unchanged otherwise)."""
+        if dec.grammar is None:
+            return logits
+        started = time.perf_counter()
+        allowed = bitmask_to_bool(dec.grammar.allowed()[None], logits.shape[-1], device=self.device,
+                                  end_mask=self._end_mask)
+        dec.stats.grammar_s += time.perf_counter() - started
+        return mask_logits(logits, allowed)
 
     def close(self) -> None:
         """Wait for in-flight weight copies, then free the streaming ring and unregister the page-locked host
@@ -283,8 +305,8 @@ class Engine:
         logits = self.step_logits(cursor.root, cursor.length, prefix_length=committed, cancelled=dec.cancelled)
         dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d
         token = choose_tokens(
-            logits=logits, params=dec.params, seed=dec.seed, positions=cursor.length + 1, first_position=committed + 1,
-            num_positions=1,
+            logits=self._allowed_now(dec, logits), params=dec.params, seed=dec.seed, positions=cursor.length + 1,
+            first_position=committed + 1, num_positions=1,
         )
         cursor.root.copy_(token)
         cursor.length.add_(1)
@@ -294,28 +316,38 @@ class Engine:
         dec.stats.iterations += 1
         return _Step(values, 0, _step_logprobs(dec, logits, token))
 
-    def _plan_tree(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> PlannedTree:
+    def _plan_tree(self, cursor: _Cursor, committed: int, depth: int,
+                   dec: _Decoding) -> tuple[PlannedTree, TreeMasks | None]:
         """The tree this iteration verifies: post-speculation's (chained or fresh), else a fresh grow pruned
-        to max_verify_tokens, verified in place of its draft rows."""
+        to max_verify_tokens, verified in place of its draft rows. A constrained request's tree is grown with
+        its candidates restricted level by level to what the grammar allows after their path, never chained
+        (an extension would need the grammar too); its masks come with it."""
         assert self.drafter is not None
-        if self.postspec is not None:
+        masks = None
+        if dec.grammar is not None:
+            masks = TreeMasks(dec.grammar, vocab_size=self.shape.vocab_size, device=self.device,
+                              end_mask=self._end_mask)
+            tree = self.drafter.grow_guided(root_token=cursor.root, prefix_length=cursor.length, committed=committed,
+                                            depth=depth, guide=masks, cancelled=dec.cancelled)
+        elif self.postspec is not None:
             limit = dec.budget - dec.stats.completion_tokens - 1  # a tree deeper than the tokens allowed
             return self.postspec.plan(root=cursor.root, length=cursor.length, committed=committed, depth=depth,
-                                      limit=limit, cancelled=dec.cancelled)
-        tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, committed=committed,
-                                 depth=depth, cancelled=dec.cancelled)
+                                      limit=limit, cancelled=dec.cancelled), None
+        else:
+            tree = self.drafter.grow(root_token=cursor.root, prefix_length=cursor.length, committed=committed,
+                                     depth=depth, cancelled=dec.cancelled)
         kept = None
         if self.config.speculation.verify_size < tree.size:
             kept = select_verify_nodes(scores=tree.scores, budget=self.config.speculation.verify_size)
             tree = subtree(tree, kept)
-        return PlannedTree(tree=tree, kept=kept, depth=depth, verify_base=committed, chained=False, extend=0)
+        return PlannedTree(tree=tree, kept=kept, depth=depth, verify_base=committed, chained=False, extend=0), masks
 
     def _speculative_step(self, cursor: _Cursor, committed: int, depth: int, dec: _Decoding) -> _Step:
         """Draft a tree (or take the one post-speculation chained), verify it in one target forward, keep the
         accepted rows."""
         n = committed
         draft_start = self._clock.mark()
-        planned = self._plan_tree(cursor, committed, depth, dec)
+        planned, masks = self._plan_tree(cursor, committed, depth, dec)
         tree, depth = planned.tree, planned.depth
         verify_start = self._clock.mark()
         size = tree.size
@@ -327,8 +359,11 @@ class Engine:
             logits = self.verify_logits(tree, prefix_length=n, slot_base=planned.verify_base, cancelled=dec.cancelled,
                                         while_waiting=while_waiting)  # (size, V)
         dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d
+        choosing = logits if masks is None else mask_logits(logits, masks.rows(planned.kept))  # row i: after i's path
+        if masks is not None:
+            dec.stats.grammar_s += masks.host_s
         target_tokens = choose_tokens(
-            logits=logits, params=dec.params, seed=dec.seed, positions=tree.depths + (n + 1), first_position=n + 1,
+            logits=choosing, params=dec.params, seed=dec.seed, positions=tree.depths + (n + 1), first_position=n + 1,
             num_positions=depth + 1,
         )
         path = accepted_path(
@@ -427,6 +462,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids=prompt, stop=params.stop),
             stats=RequestStats(prompt_tokens=len(prompt)),
             cancelled=cancelled,
+            grammar=self._grammar_state(params),
         )
         speculative = self.draft_layers is not None
         h2d_start = self.target_layers.h2d_bytes
@@ -435,10 +471,13 @@ class Engine:
             logits, prompt_logprobs = self._prefill(prompt, dec)
             length = torch.full((1,), len(prompt), dtype=torch.long, device=self.device)
             first = choose_tokens(
-                logits=logits, params=params, seed=dec.seed, positions=length, first_position=len(prompt), num_positions=1
+                logits=self._allowed_now(dec, logits), params=params, seed=dec.seed, positions=length,
+                first_position=len(prompt), num_positions=1,
             )
             cursor = _Cursor(length=length, root=first)
             step = _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
+            if dec.grammar is not None:
+                dec.grammar.consume(step.tokens)
             dec.stats.prefill_s = time.perf_counter() - started
             committed = len(prompt)  # KV rows written; the last chosen token is not in the cache yet
             if dec.budget == 0:  # scoring only: the prompt's logprobs, no output token
@@ -459,6 +498,8 @@ class Engine:
                     next_step = self._speculative_step(cursor, committed, depth, dec)
                 else:
                     next_step = self._plain_step(cursor, committed, dec)
+                if dec.grammar is not None:
+                    dec.grammar.consume(next_step.tokens)
                 self._commit(step.tokens[-1], next_step)
                 step = next_step
                 committed += len(step.tokens)

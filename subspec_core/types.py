@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from subspec_core.grammar import Constraint
+
 FINISH_STOP = "stop"  # EOS token or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context limit
 
@@ -27,6 +29,9 @@ class SamplingParams:
     # prefill), which with max_tokens == 0 scores a prompt without generating.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Structured output: the grammar every generated token must follow (None: free text). Drafting and
+    # verification both mask by it, so the output is the constrained target's, greedy or sampled.
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -73,6 +78,7 @@ class RequestStats:
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    grammar_s: float = 0.0  # host time computing a structured output's masks (0 without a constraint)
     h2d_bytes: int = 0  # weight bytes streamed host-to-device for this request
     verify_h2d_bytes: int = 0  # of those, the copies issued while a verify forward ran (not prefetched before it)
 
@@ -96,6 +102,7 @@ class RequestStats:
             "prefill_s": round(self.prefill_s, 6),
             "draft_s": round(self.draft_s, 6),
             "verify_s": round(self.verify_s, 6),
+            "grammar_s": round(self.grammar_s, 6),
             "h2d_bytes": self.h2d_bytes,
             "verify_h2d_bytes": self.verify_h2d_bytes,
         }

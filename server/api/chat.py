@@ -1,8 +1,9 @@
 """POST /v1/chat/completions: messages (and tools) through the chat template; `chat.completion(.chunk)` bodies.
 
-Tools: the template renders them; `tool_choice` "required" or a named function begins the assistant's reply
-with the format's call opening (no constrained decoding yet), and the reply is parsed into `tool_calls` with
-the parser of the template's format (server/api/tool_calls.py); `none` leaves the tools out entirely.
+Tools: the template renders them and the reply is parsed into `tool_calls` with the parser of the template's
+format (server/api/tool_calls.py); `tool_choice` "required" or a named function constrains the reply to calls
+in that format whose arguments match the functions' `parameters` (server/api/structured.py); `none` leaves the
+tools out entirely. `response_format` and the structured-output extensions constrain the reply too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from server.api.errors import APIError, bad_request
 from server.api.logprobs import TokenStrings, chat_logprobs
 from server.api.prompting import PromptBuilder
 from server.api.schemas import ChatCompletionRequest, NamedToolChoice, Tool
+from server.api.structured import checked, request_constraint, tool_call_constraint
 from server.api.tool_calls import Parsed, ToolCallParser, ToolFormat
+from subspec_core.grammar import Constraint
 from subspec_core.types import TokenEvent, TokenLogprob
 
 
@@ -27,7 +30,7 @@ class ToolPlan:
 
     tools: list[Tool] | None = None
     format: ToolFormat | None = None
-    reply_prefix: str = ""
+    constraint: Constraint | None = None  # tool_choice required or named: the reply is calls
     max_calls: int | None = None  # None: as many as the model makes
 
 
@@ -35,7 +38,7 @@ class ChatChoiceBuilder(ChoiceBuilder):
     """Content (or tool calls) and logprobs of one chat reply, streamed as deltas and folded into a message."""
 
     def __init__(self, *, strings: TokenStrings, logprobs: bool, parser: ToolCallParser | None = None,
-                 reply_prefix: str = "", max_calls: int | None = None) -> None:
+                 max_calls: int | None = None) -> None:
         self._strings = strings
         self._want_logprobs = logprobs
         self._parser = parser
@@ -44,11 +47,6 @@ class ChatChoiceBuilder(ChoiceBuilder):
         self._calls: list[dict[str, Any]] = []
         self._entries: list[TokenLogprob] = []
         self._finish = "stop"
-        if parser is not None and reply_prefix:
-            # the reply's forced opening is part of what the parser reads (it is the start of a call)
-            self._held = parser.feed(reply_prefix)
-        else:
-            self._held = Parsed()
 
     def opening(self) -> dict[str, Any]:
         # OpenAI's first chunk carries the role and an empty content.
@@ -72,12 +70,7 @@ class ChatChoiceBuilder(ChoiceBuilder):
         return delta
 
     def on_event(self, event: TokenEvent) -> dict[str, Any] | None:
-        if self._parser is None:
-            parsed = Parsed(event.text)
-        else:
-            fed = self._parser.feed(event.text)
-            parsed = Parsed(self._held.content + fed.content, self._held.calls + fed.calls)
-            self._held = Parsed()
+        parsed = Parsed(event.text) if self._parser is None else self._parser.feed(event.text)
         delta = self._delta(parsed)
         logprobs = None
         if self._want_logprobs and event.logprobs:
@@ -145,19 +138,22 @@ class ChatEndpoint(ChoicesEndpoint):
         if named is not None and named not in {tool.function.name for tool in request.tools}:
             raise bad_request(f"tool_choice names the function {named!r}, which is not in tools", param="tool_choice",
                               code="invalid_value")
-        forced = named is not None or choice == "required"
-        return ToolPlan(tools=request.tools, format=fmt, reply_prefix=fmt.forced_prefix(named) if forced else "",
-                        max_calls=1 if named is not None or request.parallel_tool_calls is False else None)
+        one_call = named is not None or request.parallel_tool_calls is False
+        constraint = None
+        if named is not None or choice == "required":
+            constraint = tool_call_constraint(fmt, request.tools, named=named, parallel=not one_call)
+        return ToolPlan(tools=request.tools, format=fmt, constraint=constraint, max_calls=1 if one_call else None)
 
     def prepare(self, request: ChatCompletionRequest, prompts: PromptBuilder, max_model_len: int) -> Prepared:
         if request.top_logprobs and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
         plan = self.tool_plan(request, prompts)
-        prompt_ids = prompts.chat(request.messages, tools=plan.tools, reply_prefix=plan.reply_prefix,
-                                  template_kwargs=request.chat_template_kwargs, max_model_len=max_model_len)
+        constraint = checked(request_constraint(request), plan.constraint)
+        prompt_ids = prompts.chat(request.messages, tools=plan.tools, template_kwargs=request.chat_template_kwargs,
+                                  max_model_len=max_model_len)
         max_tokens, param = completion_budget(request)
         builder = ChatChoiceBuilder(strings=self.context.strings, logprobs=bool(request.logprobs),
                                     parser=None if plan.format is None else plan.format.parser(),
-                                    reply_prefix=plan.reply_prefix, max_calls=plan.max_calls)
+                                    max_calls=plan.max_calls)
         return Prepared(prompt_ids, builder, max_tokens, param,
-                        logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+                        logprobs=(request.top_logprobs or 0) if request.logprobs else None, constraint=constraint)

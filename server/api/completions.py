@@ -10,6 +10,7 @@ from server.api.endpoint import Prepared
 from server.api.logprobs import CompletionLogprobs, TokenStrings, merge_completion_logprobs
 from server.api.prompting import PromptBuilder
 from server.api.schemas import CompletionRequest
+from server.api.structured import checked, request_constraint
 from subspec_core.types import TokenEvent
 
 
@@ -70,4 +71,4 @@ class CompletionEndpoint(ChoicesEndpoint):
                                           echo_text=echo_text, prompt_ids=prompt_ids)
         return Prepared(prompt_ids, builder, request.max_tokens, "max_tokens", logprobs=request.logprobs,
                         prompt_logprobs=request.logprobs if request.echo else None,
-                        min_tokens=0 if request.echo else 1)
+                        min_tokens=0 if request.echo else 1, constraint=checked(request_constraint(request)))

@@ -34,6 +34,7 @@ from server.worker.admission import Admission, AdmissionClosed, QueueFull
 from server.worker.client import EngineClient, ModelInfo
 from server.worker.runner import Completion, Job, JobRunner, deadline_from, shutting_down
 from server.worker.telemetry import STATUS_CLIENT_CLOSED, RequestRecord, ServerMetrics
+from subspec_core.grammar import Constraint
 from subspec_core.types import SamplingParams
 
 
@@ -48,6 +49,7 @@ class Prepared:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     min_tokens: int = 1  # 0 where max_tokens 0 makes sense (echo)
+    constraint: Constraint | None = None  # a structured output, checked to compile
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ class Endpoint(ABC):
             request, prompt_len=len(prepared.prompt_ids), max_model_len=info.max_model_len,
             max_tokens=prepared.max_tokens, max_tokens_param=prepared.max_tokens_param,
             prompt_param=self.prompt_param, logprobs=prepared.logprobs, prompt_logprobs=prepared.prompt_logprobs,
-            min_tokens=prepared.min_tokens)
+            min_tokens=prepared.min_tokens, constraint=prepared.constraint)
         request_id = f"{self.id_prefix}{uuid.uuid4().hex}"
         try:
             ticket = context.admission.reserve(request_id)
@@ -214,7 +216,8 @@ def _body_size(raw_request: Request) -> int:
 
 def sampling_params(request: SamplingFields, *, prompt_len: int, max_model_len: int, max_tokens: int | None,
                     max_tokens_param: str, prompt_param: str, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, min_tokens: int = 1) -> SamplingParams:
+                    prompt_logprobs: int | None = None, min_tokens: int = 1,
+                    constraint: Constraint | None = None) -> SamplingParams:
     """OpenAI fields -> SamplingParams, checking the context window. max_tokens None: fill it; it may be 0
     only where `min_tokens` is 0 (an echo that just scores the prompt)."""
     remaining = max_model_len - prompt_len
@@ -244,6 +247,7 @@ def sampling_params(request: SamplingFields, *, prompt_len: int, max_model_len: 
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            constraint=constraint,
         )
     except ValueError as exc:
         raise bad_request(str(exc), code="invalid_value") from exc

@@ -91,10 +91,10 @@ class PromptBuilder:
         """The tool-call format the template teaches the model; None: the template has no tool support."""
         return tool_format_for_template(self.chat_template)
 
-    def chat(self, messages: Sequence[ChatMessage], *, tools: Sequence[Tool] | None = None, reply_prefix: str = "",
+    def chat(self, messages: Sequence[ChatMessage], *, tools: Sequence[Tool] | None = None,
              template_kwargs: dict[str, Any] | None = None, param: str = "messages",
              max_model_len: int | None = None) -> list[int]:
-        """Prompt ids for a conversation, ending with the assistant's turn (begun with `reply_prefix`).
+        """Prompt ids for a conversation, ending with the start of the assistant's turn.
         `param` names the request field the messages came from, in errors."""
         if not self.has_chat_template:
             raise APIError(400, "this model's tokenizer has no chat template, so it cannot format a "
@@ -117,7 +117,6 @@ class PromptBuilder:
         except Exception as exc:  # the template rejected the conversation (e.g. roles must alternate)
             raise bad_request(f"the chat template rejected these messages: {str(exc)[:500]}", param=param,
                               code="invalid_value") from exc
-        text += reply_prefix
         self._check_length(text, max_model_len, param)
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 

@@ -24,6 +24,7 @@ from server.api.endpoint import Endpoint, EventStream, Prepared
 from server.api.errors import APIError, bad_request
 from server.api.prompting import PromptBuilder
 from server.api.schemas_responses import ResponsesRequest
+from server.api.structured import checked, request_constraint
 from server.api.sse import sse_named_event
 from server.worker.runner import Completion, Job
 from subspec_core.types import FINISH_LENGTH
@@ -71,10 +72,17 @@ class ResponseShape:
             "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
             "store": False,  # stateless: nothing is ever stored, whatever `store` asked
             "temperature": self._sampling.temperature, "top_p": self._sampling.top_p,
-            "text": {"format": {"type": "text"}}, "tool_choice": request.tool_choice or "auto", "tools": [],
+            "text": {"format": self._text_format()}, "tool_choice": request.tool_choice or "auto", "tools": [],
             "truncation": request.truncation or "disabled", "usage": usage, "user": request.user,
             "metadata": request.metadata or {},
         }
+
+    def _text_format(self) -> dict[str, Any]:
+        """The request's `text.format` as OpenAI echoes it (`text` when it set none)."""
+        text = self._request.text
+        if text is None or text.format is None:
+            return {"type": "text"}
+        return text.format.model_dump()
 
     def finished(self, text: str, finish_reason: str, output_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
         status = "incomplete" if finish_reason == FINISH_LENGTH else "completed"
@@ -112,8 +120,9 @@ class ResponsesEndpoint(Endpoint):
                               param="conversation", code="unsupported_parameter")
 
     def prepare(self, request: ResponsesRequest, prompts: PromptBuilder, max_model_len: int) -> Prepared:
+        constraint = checked(request_constraint(request))
         prompt_ids = prompts.chat(request.messages(), param="input", max_model_len=max_model_len)
-        return Prepared(prompt_ids, None, request.max_output_tokens, "max_output_tokens")
+        return Prepared(prompt_ids, None, request.max_output_tokens, "max_output_tokens", constraint=constraint)
 
     def _shape(self, request: ResponsesRequest, job: Job) -> ResponseShape:
         return ResponseShape(request, job, model=self.context.model_name)

@@ -130,6 +130,9 @@ class NamedToolChoice(TolerantModel):
 
 
 class ResponseFormat(TolerantModel):
+    """`text` (free), `json_object` (any JSON object) or `json_schema` (`json_schema`: `{"name", "schema",
+    "strict"}`): the reply is constrained to it."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
@@ -168,11 +171,16 @@ class SamplingFields(TolerantModel):
     skip_special_tokens: bool = True
     use_beam_search: bool = False
     prompt_logprobs: int | None = Field(None, description="Not supported; use /v1/completions with echo + logprobs.")
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
+    # Structured outputs, vLLM's extension (server/api/structured.py reads and checks them)
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="Extension: constrain the output to `json` (a JSON schema), `regex`, `choice` (a list "
+                          "of strings) or `grammar` (Lark, or GBNF with `root ::=`).")
+    guided_json: Any = Field(None, description="Extension (vLLM's older name): structured_outputs.json.")
+    guided_regex: str | None = Field(None, description="Extension: structured_outputs.regex.")
+    guided_choice: list[str] | None = Field(None, description="Extension: structured_outputs.choice.")
+    guided_grammar: str | None = Field(None, description="Extension: structured_outputs.grammar.")
+    response_format: ResponseFormat | None = Field(
+        None, description="`text`, `json_object` or `json_schema`: the reply is constrained to it.")
 
     @field_validator("stop")
     @classmethod
@@ -203,9 +211,7 @@ class SamplingFields(TolerantModel):
                     "use_beam_search": False}
         names = [] if self.n == 1 else ["n"]
         names += [name for name, default in defaults.items() if getattr(self, name) != default]
-        names += [name for name in ("logit_bias", "stop_token_ids", "prompt_logprobs", "guided_json", "guided_regex",
-                                    "guided_choice", "guided_grammar", "structured_outputs")
-                  if not _empty(getattr(self, name))]
+        names += [name for name in ("logit_bias", "stop_token_ids", "prompt_logprobs") if not _empty(getattr(self, name))]
         if self.stream_options is not None and not self.stream:
             names.append("stream_options (only with stream=true)")
         return names
@@ -228,7 +234,6 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply.")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Extension: extra variables for the chat template (e.g. enable_thinking).")
-    response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"}.")
     prediction: dict[str, Any] | None = Field(None, description="Accepted and ignored (it never changes output).")
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
@@ -240,8 +245,6 @@ class ChatCompletionRequest(SamplingFields):
     def unsupported_parameters(self) -> list[str]:
         """Names of parameters set to values this server cannot honour."""
         names = self._unsupported_common()
-        if self.response_format is not None and self.response_format.type != "text":
-            names.append(f"response_format ({self.response_format.type})")
         if self.functions:
             names.append("functions (use tools)")
         if self.function_call not in (None, "none", "auto"):

@@ -5,7 +5,8 @@
 becomes the system message. The server is stateless: nothing is stored (`store` is accepted, and the
 response says `store: false`), so `previous_response_id` and `conversation` are a 400 that says to send
 the whole conversation as `input`. Known Responses parameters this server cannot honour (tools, a
-structured `text.format`, reasoning, logprobs, background) are a 400 that names them; unknown fields too.
+reasoning, logprobs, background) are a 400 that names them; unknown fields too. `text.format` `json_schema`
+(`{"type", "name", "schema", "strict"}`) or `json_object` constrains the reply (server/api/structured.py).
 Fields are read leniently (`"0.5"` is a valid temperature), as llama.cpp and vLLM do.
 """
 
@@ -137,7 +138,8 @@ class ResponsesRequest(TolerantModel):
             names.append("tools")
         if self.tool_choice not in (None, "auto", "none"):
             names.append("tool_choice")
-        if self.text is not None and self.text.format is not None and self.text.format.type != "text":
+        if self.text is not None and self.text.format is not None and self.text.format.type not in (
+                "text", "json_object", "json_schema"):
             names.append(f"text.format ({self.text.format.type})")
         if self.reasoning and any(v is not None for v in self.reasoning.values()):
             names.append("reasoning")

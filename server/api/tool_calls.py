@@ -201,27 +201,16 @@ class Llama3JsonParser(ToolCallParser):
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """A model family's tool-call format: its parser, and how a forced call begins."""
+    """A model family's tool-call format: its parser, and the key its calls put the arguments under (a forced
+    call's grammar is built from it: server/api/structured.py)."""
 
     name: str
     parser: Callable[[], ToolCallParser]
-    call_opening: str  # the text a call starts with, up to the function name
     argument_key: str
 
-    def forced_prefix(self, function: str | None) -> str:
-        """The start of the assistant's reply that makes it a call: to `function`, or to one the model names.
 
-        This is how `tool_choice` "required" or a named function is honoured without constrained decoding:
-        the reply is begun for the model and it completes the call.
-        """
-        if function is None:
-            return self.call_opening
-        name = json.dumps(function, ensure_ascii=False)[1:-1]
-        return f'{self.call_opening}{name}", "{self.argument_key}":'
-
-
-HERMES = ToolFormat("hermes", HermesParser, '<tool_call>\n{"name": "', "arguments")
-LLAMA3_JSON = ToolFormat("llama3_json", Llama3JsonParser, '{"name": "', "parameters")
+HERMES = ToolFormat("hermes", HermesParser, "arguments")
+LLAMA3_JSON = ToolFormat("llama3_json", Llama3JsonParser, "parameters")
 
 
 def tool_format_for_template(template: str | None) -> ToolFormat | None:

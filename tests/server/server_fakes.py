@@ -95,6 +95,7 @@ class FakeEngine:
     def __post_init__(self) -> None:
         self.tokenizer = FakeTokenizer()
         self.served: list[str] = []  # request ids in the order generation started
+        self.requests: list[GenerationRequest] = []  # ... and the requests themselves
         self.finished: list[str] = []  # ... that ran to their last event
         self.closed_early: list[str] = []  # ... whose generator was closed before the end (aborts)
 
@@ -118,6 +119,7 @@ class FakeEngine:
                 cancelled: Callable[[], bool] | None) -> Iterator[TokenEvent]:
         rid = request.request_id
         self.served.append(rid)
+        self.requests.append(request)
         if self.gate is not None:
             self.gate.wait(30)
         text, reason = render_reply(request.sampling.max_tokens, request.sampling.stop,

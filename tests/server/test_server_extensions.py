@@ -47,7 +47,7 @@ def tools_server():
     with serve(engine, tokenizer) as server:
         server.wait_healthy()
         with httpx.Client(base_url=server.base_url, timeout=30) as client:
-            yield client, tokenizer
+            yield client, tokenizer, engine
 
 
 # -- tolerant parsing ----------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_completion_logprobs_and_echo(http):
 
 # -- tools ---------------------------------------------------------------------------------------------------
 def test_tool_calls_whole_and_streamed(tools_server):
-    http, tokenizer = tools_server
+    http, tokenizer, engine = tools_server
     body = {"messages": MSGS, "tools": TOOLS}
     whole = http.post("/v1/chat/completions", json=body).json()["choices"][0]
     assert whole["finish_reason"] == "tool_calls"
@@ -176,15 +176,17 @@ def test_tool_calls_whole_and_streamed(tools_server):
 
 
 def test_tool_choice_none_and_named(tools_server):
-    http, tokenizer = tools_server
+    http, tokenizer, engine = tools_server
     none = http.post("/v1/chat/completions", json={"messages": MSGS, "tools": TOOLS, "tool_choice": "none"}).json()
     assert tokenizer.template_calls[-1]["tools"] is None  # not rendered, and the reply is not parsed
     assert none["choices"][0]["message"]["content"].endswith("</tool_call>")
     assert none["choices"][0]["finish_reason"] == "stop"
     named = {"messages": MSGS, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
     prompt_tokens = http.post("/v1/chat/completions", json=named).json()["usage"]["prompt_tokens"]
+    constraint = engine.requests[-1].sampling.constraint  # a named call is a grammar on the reply, not a prompt
     auto_tokens = http.post("/v1/chat/completions", json={**named, "tool_choice": "auto"}).json()["usage"]["prompt_tokens"]
-    assert prompt_tokens - auto_tokens == len('<tool_call>\n{"name": "get_weather", "arguments":')  # the forced opening
+    assert prompt_tokens == auto_tokens and engine.requests[-1].sampling.constraint is None
+    assert constraint.origin == "tool_choice" and "get_weather" in constraint.grammar and "<tool_call>" in constraint.grammar
     unknown = http.post("/v1/chat/completions", json={**named, "tool_choice": {"type": "function", "function": {
         "name": "nope"}}})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tool_choice"
@@ -210,7 +212,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
 
 
 def test_history_tool_calls_reach_the_template_with_object_arguments(tools_server):
-    http, tokenizer = tools_server
+    http, tokenizer, engine = tools_server
     history = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]

@@ -111,7 +111,8 @@ def error(response: httpx.Response, status: int) -> dict:
     ({"json": {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}}, 400,
      "no tool support"),
     ({"json": {"messages": QUESTION, "presence_penalty": 0.5}}, 400, "presence_penalty"),
-    ({"json": {"messages": QUESTION, "response_format": {"type": "json_object"}}}, 400, "response_format"),
+    ({"json": {"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strin"}}}}}, 400, "strin"),  # a schema the grammar cannot compile
     ({"json": {"messages": QUESTION, "model": "nope"}}, 404, "nope"),
     ({"json": {"messages": QUESTION}, "headers": {"Authorization": "Bearer wrong"}}, 401, "API key"),
 ])

@@ -96,9 +96,9 @@ def test_sdk_error_classes(sdk, real_server):
         openai.OpenAI(base_url=f"{real_server.base_url}/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="response_format"):
-        client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4,
-                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="strin"):
+        client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}})
     with pytest.raises(openai.BadRequestError, match="n"):
         client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4, n=2)
     assert client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4).choices

@@ -140,10 +140,3 @@ def test_shipped_templates_render_tools_as_their_parser_reads_them(default_token
     assert parse(fmt.parser(), [reply]) == Parsed("", (call("get_weather", city="Tokyo"),))
 
 
-def test_forced_prefixes_start_a_call_the_parser_reads():
-    assert HERMES.forced_prefix(None) == '<tool_call>\n{"name": "'
-    assert HERMES.forced_prefix("get_weather") == '<tool_call>\n{"name": "get_weather", "arguments":'
-    assert LLAMA3_JSON.forced_prefix("f") == '{"name": "f", "parameters":'
-    for fmt in (HERMES, LLAMA3_JSON):
-        parser = fmt.parser()
-        assert parse(parser, [fmt.forced_prefix("lookup"), ' {"q": "x"}}']) == Parsed("", (call("lookup", q="x"),))
