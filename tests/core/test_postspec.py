@@ -15,6 +15,7 @@ import pytest
 
 from subspec_core.config import SpeculationConfig
 from subspec_core.engine import Engine
+from subspec_core.grammar import regex_constraint
 from subspec_core.types import GenerationRequest, SamplingParams
 from tests.core.tiny import generate_ids, tiny_engine, tiny_hf_model
 
@@ -166,3 +167,22 @@ def test_an_abort_leaves_no_draft_work_for_the_next_request(model, tiny_tokenize
     first = [e[0] for e in spy.entries if e[0] in ("grow", "extend")]
     assert first[0] == "grow", "no pending extension level ran before the next request's first tree"
     assert got == generate_ids(fresh, PROMPTS[1], max_tokens=30, temperature=0)[0]
+
+
+def test_a_constrained_request_after_a_chain_is_grown_fresh_and_never_chained(model, tiny_tokenizer):
+    """A constrained request's tree is grown guided (its grammar restricts every level) and is not extended:
+    after a request whose trees chained (a rebase rewrote the drafter's level-1 rows), its output is still the
+    constrained target's, and the unconstrained request after it is too."""
+    constraint = regex_constraint("[a-c]{3,8}-[0-9]+", "guided_regex")
+    vanilla = tiny_engine(model, tiny_tokenizer, mode="vanilla")
+    engine = pipelined(model, tiny_tokenizer)
+    _, before = generate_ids(engine, PROMPTS[0], max_tokens=40, temperature=0)
+    assert before.chained_iterations > 0
+    for sampling in ({"temperature": 0}, {"temperature": 0.8, "seed": 3}):
+        expected, _ = generate_ids(vanilla, PROMPTS[2], max_tokens=30, constraint=constraint, **sampling)
+        got, stats = generate_ids(engine, PROMPTS[2], max_tokens=30, constraint=constraint, **sampling)
+        assert got == expected, sampling
+        assert stats.chained_iterations == 0 and stats.iterations > 0
+    expected, _ = generate_ids(vanilla, PROMPTS[0], max_tokens=40, temperature=0)
+    assert generate_ids(engine, PROMPTS[0], max_tokens=40, temperature=0)[0] == expected
+    engine.close()
