@@ -38,6 +38,7 @@ _HELP = {
     "cuda_graphs": "true/false: replay the draft steps and the one-token step as captured CUDA graphs (CUDA only)",
     "stream_slots": "GPU layer buffers in the weight-streaming ring (>= 2)",
     "max_model_len": "prompt + completion tokens",
+    "max_num_seqs": "sequences decoded together, each with its own KV region, verified in one streamed forward",
     "prefill_chunk_size": "prompt tokens per prefill forward (default: the largest the memory budget allows)",
     "seed": "seed for requests that give none (default: a fresh random seed per request)",
     "simulate_link_gbps": "CPU only, a development and benchmarking aid: stream layers over a simulated link of this "

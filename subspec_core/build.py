@@ -21,7 +21,7 @@ from subspec_core.copies import make_copies
 from subspec_core.engine import Engine, LoadedModel
 from subspec_core.fit import fit_device
 from subspec_core.hardware import DeviceInfo
-from subspec_core.kv_cache import KVCache, kv_capacity
+from subspec_core.kv_cache import kv_capacity, kv_regions
 from subspec_core.loading import open_model
 from subspec_core.model_source import resolve_model
 from subspec_core.offload import place_layers
@@ -172,15 +172,17 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
         draft_layers = DraftLayers(resident=target_layers.resident, substitutes=substitutes)
     else:
         phases.skipped("quantize", f"mode {config.mode} has no draft")
-    kv_cache = KVCache(
-        num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=dtype,
+    regions = kv_regions(
+        num_seqs=config.max_num_seqs, num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim, dtype=dtype,
         capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=spec.tree_slots if speculative else 1),
         device=device,
     )
+    kv_cache = regions[0]
     engine = Engine(config, LoadedModel(
         shape=shape, shared=shared, target_layers=target_layers, draft_layers=draft_layers, kv_cache=kv_cache,
         plan=plan, device=device, hardware=hardware, tokenizer=weights.tokenizer, eos_token_ids=weights.eos_token_ids,
-        model_name=model_name,
+        model_name=model_name, kv_regions=regions,
     ))
     phases.note(engine.attention.line())
     if engine.drafter is None and config.cuda_graphs and device.type == "cuda":

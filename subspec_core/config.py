@@ -124,6 +124,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay the draft steps and the one-token step as CUDA graphs captured at start (CUDA only)
     stream_slots: int = 2  # GPU layer buffers in the streaming ring (>= 2: copy of layer i+1 overlaps compute of i)
     max_model_len: int = 2048  # prompt + completion tokens
+    # sequences decoded together (vLLM's name): each gets its own KV region of max_model_len + tree slots, and one
+    # streamed target forward verifies all their trees (batch.py); 1: one request at a time, today's memory exactly
+    max_num_seqs: int = 1
     prefill_chunk_size: int | None = None  # None: the planner picks the largest chunk the memory budget allows
     seed: int | None = None  # for requests that give none; None: each such request draws a fresh one
     # A development and benchmarking aid, CPU only: stream layers over a simulated link of this many GB/s
@@ -147,6 +150,8 @@ class EngineConfig:
             raise ValueError("stream_slots must be >= 2 (one being filled while one is read)")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
         if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
             raise ValueError("prefill_chunk_size must be >= 1")
         if self.simulate_link_gbps is not None and self.simulate_link_gbps <= 0:

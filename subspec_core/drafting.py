@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # (tokens (n,), positions (n,), slots (n,), bias (n, L) additive mask over slots [0, L)) -> float32 logits (n, V)
 DraftLogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# One draft step's inputs, as DraftLogitsFn takes them: (tokens, positions, slots, bias)
+DraftRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class DraftGuide(Protocol):
@@ -196,6 +198,19 @@ class TreeDrafter:
         `GenerationCancelled` is raised. `room`: levels the bucket must hold (default `depth`), so that
         `extend` can add levels to this tree in the same bucket.
         """
+        bucket = self.start_tree(root_token=root_token, prefix_length=prefix_length, depth=depth, committed=committed,
+                                 room=room)
+        raise_if_cancelled(cancelled)
+        self._run(self.root_step, bucket, bucket.root_graph)
+        for _ in range(depth - 1):
+            raise_if_cancelled(cancelled)
+            self._run(self.level_step, bucket, bucket.level_graph)
+        return self.finish_tree(bucket, depth)
+
+    def start_tree(self, *, root_token: torch.Tensor, prefix_length: torch.Tensor, depth: int,
+                   committed: int | None = None, room: int | None = None) -> DraftBucket:
+        """Begin a grow (see `grow`): forget the last tree, take the root and N, pick the bucket. A batched grow
+        (batch_drafting.py) calls it, the steps' halves and `finish_tree` itself."""
         if not 1 <= depth <= self.max_depth:
             raise ValueError(f"depth must be in [1, {self.max_depth}], got {depth}")
         levels = depth if room is None else max(room, depth)
@@ -203,11 +218,10 @@ class TreeDrafter:
         self._begin_tree()
         self.root_token.copy_(root_token)
         self.prefix_length.copy_(prefix_length)
-        raise_if_cancelled(cancelled)
-        self._run(self.root_step, bucket, bucket.root_graph)
-        for _ in range(depth - 1):
-            raise_if_cancelled(cancelled)
-            self._run(self.level_step, bucket, bucket.level_graph)
+        return bucket
+
+    def finish_tree(self, bucket: DraftBucket, depth: int) -> TokenTree:
+        """Record the grown tree (extendable by post-speculation) and return it, cut to `depth` levels."""
         self.bucket, self.levels = bucket, depth
         return self.tree(depth)
 
@@ -310,9 +324,17 @@ class TreeDrafter:
     def root_step(self, bucket: DraftBucket, allowed: torch.Tensor | None = None) -> None:
         """Draft forward of the root (1 row), then level 1: the root's topk best children (among `allowed` (1, V)
         tokens, for a constrained request)."""
-        n, k = self.prefix_length, self.topk
+        self.root_update(bucket, self.draft_logits(*self.root_inputs(bucket)), allowed)
+
+    def root_inputs(self, bucket: DraftBucket) -> DraftRows:
+        """The root step's draft forward inputs: the root at slot and position N, seeing the prefix and itself."""
+        n = self.prefix_length
         bucket.root_bias.fill_(0.0).masked_fill_(bucket.columns > n, float("-inf"))  # the prefix and the root itself
-        logits = self.draft_logits(self.root_token, n, n, bucket.root_bias)  # (1, V)
+        return self.root_token, n, n, bucket.root_bias
+
+    def root_update(self, bucket: DraftBucket, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> None:
+        """Level 1 from the root's draft logits (1, V): its topk best children, and the frontier's next inputs."""
+        n, k = self.prefix_length, self.topk
         logprobs = torch.log_softmax(logits * self.inv_temperature, dim=-1)
         if allowed is not None:
             logprobs = logprobs.masked_fill(~allowed, float("-inf"))
@@ -330,7 +352,14 @@ class TreeDrafter:
     def level_step(self, bucket: DraftBucket, allowed: torch.Tensor | None = None) -> None:
         """Draft forward of the frontier (topk rows), then the next level: the global topk of their children (each
         frontier row's among its `allowed` (topk, V) tokens, for a constrained request)."""
-        logits = self.draft_logits(self.frontier_tokens, self.positions, self.slots, bucket.bias)  # (k, V)
+        self.level_update(bucket, self.draft_logits(*self.level_inputs(bucket)), allowed)
+
+    def level_inputs(self, bucket: DraftBucket) -> DraftRows:
+        """The level step's draft forward inputs: the frontier's topk rows, each seeing the prefix and its path."""
+        return self.frontier_tokens, self.positions, self.slots, bucket.bias
+
+    def level_update(self, bucket: DraftBucket, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> None:
+        """The next level from the frontier's draft logits (topk, V): the global topk of their children."""
         logprobs = torch.log_softmax(logits * self.inv_temperature, dim=-1)
         if allowed is not None:
             logprobs = logprobs.masked_fill(~allowed, float("-inf"))

@@ -8,6 +8,7 @@ compaction). `vanilla` and `resident` run the same loop with the plain one-token
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -26,7 +27,9 @@ from subspec_core.drafting import TreeDrafter
 from subspec_core.grammar import Grammars, GrammarState
 from subspec_core.hardware import DeviceInfo
 from subspec_core.kv_cache import KVCache
-from subspec_core.model import LayerSource, attention_bias, compute_logits, forward_hidden
+from subspec_core.model import (
+    LayerSource, SequenceRows, attention_bias, compute_logits, forward_hidden, forward_hidden_batched,
+)
 from subspec_core.copies import WhileWaiting
 from subspec_core.offload import OverlappedLayers, TargetLayers
 from subspec_core.planner import MemoryPlan
@@ -39,7 +42,7 @@ from subspec_core.tree import TokenTree, causal_chunk_mask, select_verify_nodes,
 from subspec_core.types import (
     FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent, TokenLogprob,
 )
-from subspec_core.verify import accepted_path, emitted_tokens
+from subspec_core.verify import AcceptedPath, accepted_path, emitted_tokens
 from subspec_core.weights import ModelShape, SharedWeights
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class LoadedModel:
     tokenizer: Any
     eos_token_ids: frozenset[int]
     model_name: str
+    # every sequence's KV region (kv_cache.kv_regions), kv_cache the first; empty: kv_cache alone (max_num_seqs 1)
+    kv_regions: tuple[KVCache, ...] = ()
 
 
 def _request_seed(requested: int | None, configured: int | None) -> int:
@@ -119,7 +124,8 @@ class Engine:
         self.shared = model.shared
         self.target_layers = model.target_layers
         self.draft_layers = model.draft_layers
-        self.kv_cache = model.kv_cache
+        self.kv_cache = model.kv_cache  # region 0: the one `generate` decodes in
+        self.kv_regions = model.kv_regions or (model.kv_cache,)
         self.plan = model.plan
         self.device = model.device
         self.hardware = model.hardware
@@ -133,14 +139,21 @@ class Engine:
         self.attention = AttentionBackends.choose(device_type=model.device.type, dtype=self._dtype,
                                                   head_dim=model.shape.head_dim, capability=model.hardware.capability)
         spec = config.speculation
-        self.drafter = None if model.draft_layers is None else TreeDrafter(
-            draft_logits=self.draft_logits, topk=spec.topk, max_depth=spec.max_depth, capacity=model.kv_cache.capacity,
-            temperature=spec.draft_temperature, dtype=self._dtype, device=model.device, max_levels=spec.draft_levels,
+        # a drafter per KV region (its buffers and masks are one sequence's); region 0's is the one `generate` uses
+        self.drafters: tuple[TreeDrafter, ...] = () if model.draft_layers is None else tuple(
+            TreeDrafter(
+                draft_logits=functools.partial(self.draft_logits, cache=region), topk=spec.topk,
+                max_depth=spec.max_depth, capacity=region.capacity, temperature=spec.draft_temperature,
+                dtype=self._dtype, device=model.device, max_levels=spec.draft_levels,
+            )
+            for region in self.kv_regions
         )
+        self.drafter = self.drafters[0] if self.drafters else None
         self.postspec = None
         self.step_graphs: StepGraphs | None = None  # set by build.py where the one-token step is captured
+        for region, drafter in zip(self.kv_regions, self.drafters):
+            region.keep_views(drafter.bucket_lengths)
         if self.drafter is not None:
-            self.kv_cache.keep_views(self.drafter.bucket_lengths)
             if spec.post_levels:
                 self.postspec = PostSpeculation(
                     drafter=self.drafter, levels=spec.post_levels, verify_size=spec.verify_size, device=model.device,
@@ -173,19 +186,41 @@ class Engine:
     # ----------------------------------------------------------------------------------------- forwards
     def _forward(
         self, layers: LayerSource, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-        kv_length: int, bias: torch.Tensor | None, backend: SDPBackend | None,
+        kv_length: int, bias: torch.Tensor | None, backend: SDPBackend | None, cache: KVCache | None = None,
     ) -> torch.Tensor:
         with attention_kernel(backend):  # entered once per forward (~10 us), not per layer
             return forward_hidden(
-                shape=self.shape, shared=self.shared, layers=layers, kv_cache=self.kv_cache, tokens=tokens,
+                shape=self.shape, shared=self.shared, layers=layers, kv_cache=cache or self.kv_cache, tokens=tokens,
                 positions=positions, slots=slots, kv_length=kv_length, bias=bias,
             )
 
     def _target_forward(self, tokens, positions, slots, kv_length, bias, backend, cancelled=None,  # type: ignore[no-untyped-def]
-                        while_waiting: WhileWaiting | None = None) -> torch.Tensor:
+                        while_waiting: WhileWaiting | None = None, cache: KVCache | None = None) -> torch.Tensor:
         return self._with_target_layers(
-            lambda layers: self._forward(layers, tokens, positions, slots, kv_length, bias, backend),
+            lambda layers: self._forward(layers, tokens, positions, slots, kv_length, bias, backend, cache),
             cancelled, while_waiting)
+
+    def target_forward_batched(self, tokens: torch.Tensor, positions: torch.Tensor, sequences: tuple[SequenceRows, ...],
+                               *, backend: SDPBackend | None) -> torch.Tensor:
+        """One streamed target forward over the rows of several sequences (model.forward_hidden_batched): every
+        streamed layer is copied once for all of them; float32 logits (rows, V). No cancel checks inside: one
+        request's abort must not stop the others' forward (the batch drops it at the next iteration)."""
+        hidden = self._with_target_layers(lambda layers: self._forward_batched(layers, tokens, positions, sequences,
+                                                                               backend), None)
+        return compute_logits(self.shape, self.shared, hidden)
+
+    def draft_forward_batched(self, tokens: torch.Tensor, positions: torch.Tensor,
+                              sequences: tuple[SequenceRows, ...]) -> torch.Tensor:
+        """The substitute draft's float32 logits over the rows of several sequences (batch_drafting.BatchedDraftFn)."""
+        assert self.draft_layers is not None
+        hidden = self._forward_batched(self.draft_layers, tokens, positions, sequences, self.attention.draft_level)
+        return compute_logits(self.shape, self.shared, hidden)
+
+    def _forward_batched(self, layers: LayerSource, tokens: torch.Tensor, positions: torch.Tensor,
+                         sequences: tuple[SequenceRows, ...], backend: SDPBackend | None) -> torch.Tensor:
+        with attention_kernel(backend):
+            return forward_hidden_batched(shape=self.shape, shared=self.shared, layers=layers, tokens=tokens,
+                                          positions=positions, sequences=sequences)
 
     def _with_target_layers(self, run: Callable[[LayerSource], torch.Tensor], cancelled: CancelCheck | None,
                             while_waiting: WhileWaiting | None = None) -> torch.Tensor:
@@ -231,23 +266,25 @@ class Engine:
                                       while_waiting)
         return compute_logits(self.shape, self.shared, hidden)
 
-    def draft_logits(self, tokens, positions, slots, bias) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        """The substitute draft's float32 logits for `tokens`, attending over cache slots [0, L) under the additive
-        mask `bias` (rows, L), L a draft bucket's length (drafting.DraftLogitsFn)."""
+    def draft_logits(self, tokens, positions, slots, bias,  # type: ignore[no-untyped-def]
+                     cache: KVCache | None = None) -> torch.Tensor:
+        """The substitute draft's float32 logits for `tokens`, attending over cache slots [0, L) of `cache` (default
+        region 0) under the additive mask `bias` (rows, L), L a draft bucket's length (drafting.DraftLogitsFn)."""
         assert self.draft_layers is not None
         # root and level steps are both masked: one kernel (attention.draft_root == draft_level)
         hidden = self._forward(self.draft_layers, tokens, positions, slots, bias.shape[1], bias,
-                               self.attention.draft_level)
+                               self.attention.draft_level, cache)
         return compute_logits(self.shape, self.shared, hidden)
 
     def _prefill_chunks(self, token_ids: list[int], cancelled: CancelCheck | None = None,
-                        reuse: int = 0) -> Iterator[torch.Tensor]:
-        """Fill KV slots [reuse, n) chunk by chunk with the target, yielding each chunk's hidden states.
+                        reuse: int = 0, cache: KVCache | None = None) -> Iterator[torch.Tensor]:
+        """Fill KV slots [reuse, n) of `cache` (default region 0) chunk by chunk with the target, yielding each
+        chunk's hidden states.
 
         Rows [0, reuse) must already hold token_ids[:reuse] (KVCache.reusable_prefix). A chunk is recorded in the
         cache's `token_ids` once its forward has run, so an interrupted prefill leaves only whole chunks reusable.
         """
-        cache = self.kv_cache
+        cache = cache or self.kv_cache
         del cache.token_ids[reuse:]
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         chunk = self.prefill_chunk_size
@@ -256,22 +293,24 @@ class Engine:
             slots = torch.arange(start, end, device=self.device)
             bias = attention_bias(causal_chunk_mask(start=start, length=end - start, device=self.device), self._dtype)
             hidden = self._target_forward(ids[start:end], slots, slots, end, bias, self.attention.prefill_chunk,
-                                          cancelled)
+                                          cancelled, cache=cache)
             cache.token_ids.extend(token_ids[start:end])
             yield hidden
 
-    def _prefill(self, prompt: list[int], dec: _Decoding) -> tuple[torch.Tensor, tuple[TokenLogprob, ...] | None]:
+    def _prefill(self, prompt: list[int], dec: _Decoding,
+                 cache: KVCache | None = None) -> tuple[torch.Tensor, tuple[TokenLogprob, ...] | None]:
         """Prefill the prompt after the rows the cache already holds for it; logits (1, V) of its last token,
         and with `prompt_logprobs` asked for, the logprobs of prompt tokens 1..n-1 (then nothing is reused:
         every row's logits are needed; scored chunk by chunk, so the (n, V) logits never exist at once)."""
         prompt_logprobs = dec.params.prompt_logprobs
-        reuse = 0 if prompt_logprobs is not None else self.kv_cache.reusable_prefix(prompt)
+        cache = cache or self.kv_cache
+        reuse = 0 if prompt_logprobs is not None else cache.reusable_prefix(prompt)
         dec.stats.cached_prompt_tokens = reuse
         hidden = None
         scored: list[TokenLogprob] | None = None if prompt_logprobs is None else []
         ids = torch.tensor(prompt, dtype=torch.long, device=self.device) if scored is not None else None
         start = 0
-        for hidden in self._prefill_chunks(prompt, dec.cancelled, reuse):
+        for hidden in self._prefill_chunks(prompt, dec.cancelled, reuse, cache):
             end = start + hidden.shape[0]
             if scored is not None and start < len(prompt) - 1:
                 # row i (position start + i) predicts prompt token start + i + 1; the last row predicts output
@@ -292,11 +331,12 @@ class Engine:
             return torch.cat([compute_logits(self.shape, self.shared, h) for h in self._prefill_chunks(token_ids)])
 
     # ----------------------------------------------------------------------------------------- steps
-    def _commit(self, root: int, step: _Step) -> None:
+    def _commit(self, root: int, step: _Step, cache: KVCache | None = None) -> None:
         """Record the rows a decoding step committed: the root's (the last token before the step) and the
         accepted drafted tokens'; the step's last token (the bonus) is the next root, not in the cache yet."""
-        self.kv_cache.token_ids.append(root)
-        self.kv_cache.token_ids.extend(step.tokens[:-1])
+        cache = cache or self.kv_cache
+        cache.token_ids.append(root)
+        cache.token_ids.extend(step.tokens[:-1])
 
     def _plain_step(self, cursor: _Cursor, committed: int, dec: _Decoding) -> _Step:
         """One target forward over the last token: the baseline's decoding step (vanilla and resident)."""
@@ -362,19 +402,8 @@ class Engine:
         choosing = logits if masks is None else mask_logits(logits, masks.rows(planned.kept))  # row i: after i's path
         if masks is not None:
             dec.stats.grammar_s += masks.host_s
-        target_tokens = choose_tokens(
-            logits=choosing, params=dec.params, seed=dec.seed, positions=tree.depths + (n + 1), first_position=n + 1,
-            num_positions=depth + 1,
-        )
-        path = accepted_path(
-            tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors,
-            target_tokens=target_tokens, max_length=depth + 1,
-        )
-        # the root's and accepted nodes' rows first
-        self.kv_cache.compact(dest_start=n, source_slots=planned.verify_base + path.nodes)
-        emitted = emitted_tokens(path=path, target_tokens=target_tokens)  # (depth + 1,) padded
-        cursor.length.add_(path.length)
-        cursor.root.copy_(emitted.index_select(0, path.length - 1))  # the bonus token is the next root
+        path, emitted = self._accept(tree=tree, logits=choosing, committed=n, depth=depth,
+                                     verify_base=planned.verify_base, cursor=cursor, dec=dec)
         chain = None if self.postspec is None else self.postspec.candidates(planned, path=path, emitted=emitted)
         verify_end = self._clock.mark()
         # the iteration's one host sync: length + tokens (+ post-speculation's chain candidates)
@@ -393,6 +422,27 @@ class Engine:
         # asked-for logprobs cost a second read, requests without them keep the one
         nodes = path.nodes[: len(values)]
         return _Step(values, size - 1, _step_logprobs(dec, logits.index_select(0, nodes), emitted[: len(values)]))
+
+    def _accept(self, *, tree: TokenTree, logits: torch.Tensor, committed: int, depth: int, verify_base: int,
+                cursor: _Cursor, dec: _Decoding, cache: KVCache | None = None) -> tuple[AcceptedPath, torch.Tensor]:
+        """After a verify: the target's choice at every node (row i of `logits` (size, V): after i's path), the
+        accepted path, its KV rows moved to [N, N + length) of `cache` and the cursor advanced past it, all on
+        the device; the path and the tokens it emits, (depth + 1,) padded (emitted_tokens)."""
+        n = committed
+        target_tokens = choose_tokens(
+            logits=logits, params=dec.params, seed=dec.seed, positions=tree.depths + (n + 1), first_position=n + 1,
+            num_positions=depth + 1,
+        )
+        path = accepted_path(
+            tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors,
+            target_tokens=target_tokens, max_length=depth + 1,
+        )
+        # the root's and accepted nodes' rows first
+        (cache or self.kv_cache).compact(dest_start=n, source_slots=verify_base + path.nodes)
+        emitted = emitted_tokens(path=path, target_tokens=target_tokens)  # (depth + 1,) padded
+        cursor.length.add_(path.length)
+        cursor.root.copy_(emitted.index_select(0, path.length - 1))  # the bonus token is the next root
+        return path, emitted
 
     def _emit(self, dec: _Decoding, step: _Step, *, accept_length: int | None) -> TokenEvent:
         """Apply EOS, max_tokens and stop strings to newly chosen tokens, in order, and make their event."""

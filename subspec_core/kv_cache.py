@@ -6,6 +6,10 @@ accepted path's rows to sit right after the prefix. Only those rows move; the re
 
 The cache also remembers which token each committed row holds (`token_ids`), so a request whose prompt
 starts like the last one's prompt and output (a chat's next turn, a retried prompt) prefills only the rest.
+
+Several sequences decoded together (batch.py) each own a region: `kv_regions` allocates one tensor holding
+`num_seqs` caches side by side along the slot axis, each a `KVCache` over its own view, with its own slot
+numbering from 0 and its own `token_ids` (prefix reuse per region). One region is exactly the single cache.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ class KVCache:
     """Preallocated keys/values for every layer: one tensor, shape (layers, 2, kv_heads, capacity, head_dim)."""
 
     def __init__(
-        self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+        self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+        device: torch.device, data: torch.Tensor | None = None,
     ) -> None:
         self.capacity = capacity
-        # One allocation for the whole cache makes compaction one gather and one scatter for all layers.
-        self.data = torch.zeros(num_layers, 2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        # One allocation for the whole cache makes compaction one gather and one scatter for all layers; a
+        # region of `kv_regions` is a view of the shared tensor instead, (layers, 2, kvh, capacity, hd) all the same
+        self.data = data if data is not None else torch.zeros(num_layers, 2, num_kv_heads, capacity, head_dim,
+                                                              dtype=dtype, device=device)
         # Views made once: indexing `data[layer]` inside the forward would cost ops on every layer.
         self._layers = [self.data[layer] for layer in range(num_layers)]  # (2, kvh, capacity, hd)
         self._keys = [self.data[layer, 0][None] for layer in range(num_layers)]  # (1, kvh, capacity, hd)
@@ -85,3 +92,17 @@ class KVCache:
         count = source_slots.numel()
         rows = self.data.index_select(3, source_slots)  # gather first: source and destination ranges may overlap
         self.data[:, :, :, dest_start : dest_start + count].copy_(rows)
+
+
+def kv_regions(*, num_seqs: int, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
+               dtype: torch.dtype, device: torch.device) -> tuple[KVCache, ...]:
+    """`num_seqs` caches of `capacity` slots each, views of one allocation (layers, 2, kvh, num_seqs * capacity, hd):
+    region r holds slots [r * capacity, (r + 1) * capacity). With num_seqs 1 it is one plain KVCache."""
+    if num_seqs < 1:
+        raise ValueError("num_seqs must be >= 1")
+    shape = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, capacity=capacity,
+                 dtype=dtype, device=device)
+    if num_seqs == 1:
+        return (KVCache(**shape),)
+    data = torch.zeros(num_layers, 2, num_kv_heads, num_seqs * capacity, head_dim, dtype=dtype, device=device)
+    return tuple(KVCache(**shape, data=data[:, :, :, r * capacity : (r + 1) * capacity]) for r in range(num_seqs))

@@ -167,28 +167,88 @@ def decoder_layer(
 ) -> torch.Tensor:
     """One decoder layer over hidden states x (n, hidden): attention (writing the n tokens' keys and values at
     `slots`, attending over cache slots [0, kv_length) under `mask`) and the MLP; the new hidden states."""
-    n = x.shape[0]
-    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    group = heads // kv_heads
-    fused_heads = heads + 2 * kv_heads
+    qkv = _rotated_qkv(shape=shape, shared=shared, layer=layer, linears=linears, x=x, rotary=rotary)
+    attn = _attend(shape=shape, layer=layer, kv_cache=kv_cache, qkv=qkv, mask=mask, slots=slots, kv_length=kv_length)
+    return _finish_layer(shape=shape, shared=shared, layer=layer, linears=linears, x=x, attn=attn)
+
+
+def _rotated_qkv(*, shape: ModelShape, shared: SharedWeights, layer: int, linears: Linears, x: torch.Tensor,
+                 rotary: RotaryTables) -> torch.Tensor:
+    """The layer's fused q/k/v projection of x (n, hidden), q and k normed (Qwen3) and rotated:
+    (n, heads + 2 kvh, 2, hd/2)."""
+    heads, kv_heads = shape.num_heads, shape.num_kv_heads
     eps = shape.rms_norm_eps
     norms = shared.layer_norms[layer]
     h = rms_norm(x, norms.input_norm, eps)
-    qkv = linears.qkv(h).unflatten(1, (fused_heads, 2, head_dim // 2))  # (n, heads + 2 kvh, 2, hd/2)
+    qkv = linears.qkv(h).unflatten(1, (heads + 2 * kv_heads, 2, shape.head_dim // 2))
     if norms.qk_norm is not None:  # Qwen3: RMSNorm per q and k head, written over them in place (3 ops)
         qk = qkv[:, : heads + kv_heads]
         torch.mul(F.rms_norm(qk, qk.shape[-2:], None, eps), norms.qk_norm, out=qk)
-    qkv = rotary.apply(qkv)
-    kv_cache.write(layer, slots, qkv[:, heads:].view(n, 2, kv_heads, head_dim))
-    q = qkv[:, :heads].view(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
+    return rotary.apply(qkv)
+
+
+def _attend(*, shape: ModelShape, layer: int, kv_cache: KVCache, qkv: torch.Tensor, mask: torch.Tensor | None,
+            slots: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """Attention of n rows of one sequence: store their keys and values at `slots` of its cache, attend over its
+    slots [0, kv_length) under `mask` (GQA-folded, gqa_mask); (n, heads * hd)."""
+    n = qkv.shape[0]
+    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    group = heads // kv_heads
+    kv_cache.write(layer, slots, qkv[:, heads:].reshape(n, 2, kv_heads, head_dim))
+    q = qkv[:, :heads].reshape(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
     keys, values = kv_cache.attention_views(layer, kv_length)  # (1, kvh, kv_length, hd) each
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, kvh, n*group, hd), any strides
     # (1, kvh, n, group, hd) -> (1, n, kvh, group, hd) -> (n, heads * hd): one copy whatever the strides
-    attn = attn.unflatten(2, (n, group)).transpose(1, 2).reshape(n, heads * head_dim)
+    return attn.unflatten(2, (n, group)).transpose(1, 2).reshape(n, heads * head_dim)
+
+
+def _finish_layer(*, shape: ModelShape, shared: SharedWeights, layer: int, linears: Linears, x: torch.Tensor,
+                  attn: torch.Tensor) -> torch.Tensor:
+    """The attention output's projection and residual, then the MLP and its residual."""
     x = x + linears.o(attn)
-    h = rms_norm(x, norms.post_attention_norm, eps)
+    h = rms_norm(x, shared.layer_norms[layer].post_attention_norm, shape.rms_norm_eps)
     gate, up = linears.gate_up(h).chunk(2, dim=-1)
     return x + linears.down(F.silu(gate) * up)
+
+
+@dataclass(frozen=True)
+class SequenceRows:
+    """Rows [start, stop) of a batched forward that belong to one sequence: they write their keys and values at
+    `slots` of its own KV region and attend over that region's slots [0, kv_length) under `bias`."""
+
+    kv_cache: KVCache  # the sequence's region (kv_cache.kv_regions)
+    start: int
+    stop: int
+    slots: torch.Tensor  # (stop - start,) slots in the region
+    kv_length: int
+    bias: torch.Tensor | None  # (stop - start, kv_length) additive mask (attention_bias); None = attend to all
+
+
+def forward_hidden_batched(
+    *, shape: ModelShape, shared: SharedWeights, layers: LayerSource, tokens: torch.Tensor, positions: torch.Tensor,
+    sequences: tuple[SequenceRows, ...],
+) -> torch.Tensor:
+    """Run all decoder layers over the rows of several sequences at once; the last hidden states (n, hidden).
+
+    Every linear runs on all n rows together, so a streamed layer is copied once for the whole batch; attention
+    alone runs per sequence, over its own KV region with its own mask (the simplest exact design: a row can
+    never see another sequence's keys). `tokens`, `positions` (n,) are the sequences' rows concatenated in order.
+    """
+    x = F.embedding(tokens, shared.embed)  # (n, H)
+    rotary = RotaryTables.build(shape, shared, positions, x.dtype)
+    group = shape.num_heads // shape.num_kv_heads
+    masks = [None if seq.bias is None else gqa_mask(seq.bias, group) for seq in sequences]  # once per forward
+    for i in range(shape.num_layers):
+        linears = layers.acquire(i)
+        qkv = _rotated_qkv(shape=shape, shared=shared, layer=i, linears=linears, x=x, rotary=rotary)
+        attn = torch.cat([
+            _attend(shape=shape, layer=i, kv_cache=seq.kv_cache, qkv=qkv[seq.start : seq.stop], mask=mask,
+                    slots=seq.slots, kv_length=seq.kv_length)
+            for seq, mask in zip(sequences, masks)
+        ])  # (n, heads * hd)
+        x = _finish_layer(shape=shape, shared=shared, layer=i, linears=linears, x=x, attn=attn)
+        layers.release(i)
+    return x
 
 
 def compute_logits(shape: ModelShape, shared: SharedWeights, hidden: torch.Tensor) -> torch.Tensor:

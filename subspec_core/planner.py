@@ -185,13 +185,15 @@ def plan_memory(
     shared_bytes: int,
     device_type: str = "cuda",
     cuda_graphs: bool = True,
+    max_num_seqs: int = 1,
 ) -> MemoryPlan:
     """Choose resident and streamed layers; raise BudgetTooSmallError when even the fixed part does not fit.
 
     The budget holds everything the process keeps on the device: tensors and the reserves (`reserves.py`).
     `prefill_chunk_size` None: after the layers are placed with the smallest chunk, the chunk grows (powers of
     two, up to max_model_len and MAX_AUTO_PREFILL_CHUNK) as far as the budget's remaining slack allows: a
-    larger chunk never costs a resident layer.
+    larger chunk never costs a resident layer. `max_num_seqs` sequences each hold a KV region of `capacity` slots
+    and one verify forward carries all their trees (batch.py).
     """
     speculative = mode == "subspec"
     capacity = kv_capacity(max_model_len=max_model_len, tree_slots=speculation.tree_slots if speculative else 1)
@@ -199,7 +201,7 @@ def plan_memory(
     def sizes_for(chunk: int) -> PlanSizes:
         return plan_sizes(shape=shape, dtype=dtype, mode=mode, speculation=speculation, capacity=capacity, chunk=chunk,
                           max_model_len=max_model_len, stream_slots=stream_slots, shared_bytes=shared_bytes,
-                          device_type=device_type, cuda_graphs=cuda_graphs)
+                          device_type=device_type, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
 
     chunk = prefill_chunk_size or min(MIN_AUTO_PREFILL_CHUNK, max_model_len)
     sizes = sizes_for(chunk)
@@ -221,7 +223,8 @@ def plan_memory(
                     else min(device_total(r, sizes) for r in range(cap + 1)))
             raise BudgetTooSmallError(
                 f"gpu_memory_budget {format_bytes(budget_bytes)} is too small for mode {mode!r}: it needs at least "
-                f"{format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len}, buffers"
+                f"{format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len} x max_num_seqs="
+                f"{max_num_seqs}, buffers"
                 f"{', 4-bit substitutes' if speculative else ''}, reserves); raise the budget or lower max_model_len"
             )
     if prefill_chunk_size is None:
@@ -234,7 +237,8 @@ def plan_memory(
             chunk, sizes = bigger, bigger_sizes
     streamed_ids = tuple(range(resident, num_layers))
     rows = _rows(sizes, resident=resident, streamed_ids=streamed_ids, shape=shape, mode=mode, speculation=speculation,
-                 capacity=capacity, chunk=chunk, chunk_auto=prefill_chunk_size is None, device_type=device_type)
+                 capacity=capacity, chunk=chunk, chunk_auto=prefill_chunk_size is None, device_type=device_type,
+                 max_num_seqs=max_num_seqs)
     plan = MemoryPlan(resident_layers=tuple(range(resident)), streamed_layers=streamed_ids, rows=tuple(rows),
                       budget_bytes=budget_bytes, device_type=device_type, prefill_chunk_size=chunk)
     host_ram = host_ram_at_load(plan, layer_bytes=sizes.layer, shared_bytes=shared_bytes)
@@ -243,16 +247,19 @@ def plan_memory(
 
 def _rows(s: PlanSizes, *, resident: int, streamed_ids: tuple[int, ...], shape: ModelShape, mode: str,
           speculation: SpeculationConfig, capacity: int, chunk: int, chunk_auto: bool,
-          device_type: str) -> list[PlanRow]:
+          device_type: str, max_num_seqs: int = 1) -> list[PlanRow]:
     """The plan's table rows: tensors first, then the reserves (PlanRow.reserve)."""
     speculative = mode == "subspec"
     streamed = len(streamed_ids)
     num_layers = shape.num_layers
-    tree_rows = speculation.verify_size if speculative else 1
+    tree_rows = (speculation.verify_size if speculative else 1) * max_num_seqs  # one verify carries every sequence's
+    slots = (f"{capacity} slots = max_model_len + tree (aligned), shared" if speculative
+             else f"{capacity} slots = max_model_len + 1 (aligned)")
+    seqs = "" if max_num_seqs == 1 else f"max_num_seqs {max_num_seqs} x "
+    per_seq = tree_rows // max_num_seqs
     rows = [
         PlanRow("shared: embeddings, norms, lm_head", DEVICE, s.shared, "shared by target and draft"),
-        PlanRow("KV cache", DEVICE, s.kv, f"{capacity} slots = max_model_len + tree (aligned), shared" if speculative
-                else f"{capacity} slots = max_model_len + 1 (aligned)"),
+        PlanRow("KV cache", DEVICE, s.kv, seqs + slots),
         PlanRow("activations + logits buffers", DEVICE, s.work,
                 f"{'verify' if speculative else 'decode'} {tree_rows} row{'s' * (tree_rows != 1)} / prefill chunk "
                 f"{chunk}{' (auto)' if chunk_auto else ''}"),
@@ -279,7 +286,8 @@ def _rows(s: PlanSizes, *, resident: int, streamed_ids: tuple[int, ...], shape: 
             rows.append(PlanRow("draft CUDA-graph pool" if speculative else "step CUDA-graph pool", DEVICE,
                                 s.graph_pool, what, reserve=True))
     rows.append(PlanRow("sampling + logprobs peak", DEVICE, s.sampling,
-                        f"beyond the logits: {tree_rows} row{'s' * (tree_rows != 1)} sampled / prompt logprobs",
+                        f"beyond the logits: {per_seq} row{'s' * (per_seq != 1)} sampled (one sequence at a time) "
+                        "/ prompt logprobs",
                         reserve=True))
     if speculative and streamed:
         working = s.quantize / MiB
@@ -312,7 +320,7 @@ def plan_for(
         shape=shape, dtype=dtype, mode=mode, speculation=config.speculation, max_model_len=config.max_model_len,
         prefill_chunk_size=config.prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=budget_bytes,
         max_resident_layers=config.max_resident_layers, shared_bytes=shared_nbytes(shape, dtype),
-        device_type=device_type, cuda_graphs=config.cuda_graphs,
+        device_type=device_type, cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
     )
 
 

@@ -164,12 +164,15 @@ class PlanSizes:
 
 def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation: SpeculationConfig, capacity: int,
                chunk: int, max_model_len: int, stream_slots: int, shared_bytes: int, device_type: str,
-               cuda_graphs: bool) -> PlanSizes:
-    """The sizes of a plan in `mode` with prefill chunks of `chunk` rows and a KV cache of `capacity` slots."""
+               cuda_graphs: bool, max_num_seqs: int = 1) -> PlanSizes:
+    """The sizes of a plan in `mode` with prefill chunks of `chunk` rows and a KV cache of `capacity` slots per
+    sequence, for `max_num_seqs` sequences: a KV region and tree buffers each, and one verify forward (and one
+    batched draft step) over all their rows; sampling runs per sequence, so its peak is one tree's."""
     speculative, cuda = mode == "subspec", device_type == "cuda"
     graphed = cuda and cuda_graphs
     post = speculative and speculation.post_levels > 0
-    tree_rows = speculation.verify_size if speculative else 1
+    seq_rows = speculation.verify_size if speculative else 1  # one sequence's verify (or one-token step)
+    tree_rows = seq_rows * max_num_seqs
     prompt_rows = min(chunk, max_model_len, PROMPT_SCORE_ROWS)  # a prefill chunk's logits, scored this many at a time
     work = max(
         activation_bytes(shape=shape, dtype=dtype, rows=tree_rows, kv_length=capacity, device_type=device_type)
@@ -186,19 +189,22 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
     streams = (MATMUL_STREAMS_GRAPHED if graphed else MATMUL_STREAMS_EAGER) + post
     # the captured pool and the warm-up's cached blocks: of the draft's level step, or of the one-token step; and
     # post-speculation's side stream caches one draft step's temporaries of its own
-    step = draft_step_bytes(shape=shape, dtype=dtype, topk=speculation.topk if speculative else 1, capacity=capacity,
-                            device_type=device_type)
+    step = draft_step_bytes(shape=shape, dtype=dtype, topk=(speculation.topk if speculative else 1) * max_num_seqs,
+                            capacity=capacity, device_type=device_type)
     return PlanSizes(
         layer=layer,
         substitute=substitute if speculative else 0,
         substitute_tensors=tuple(substitute_tensor_bytes(shape, speculation)) if speculative else (),
         ring=stream_slots * layer,
         kv=KVCache.bytes_needed(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-                                capacity=capacity, dtype=dtype),
+                                capacity=capacity, dtype=dtype) * max_num_seqs,
         work=work,
-        sampling=sampling_reserve_bytes(shape=shape, rows=tree_rows, positions=speculation.verify_depth + 1 if speculative
+        sampling=sampling_reserve_bytes(shape=shape, rows=seq_rows,
+                                        positions=speculation.verify_depth + 1 if speculative
                                         else 1, prompt_rows=prompt_rows),
-        tree=tree_rows * tree_rows + (1 + speculation.draft_levels * speculation.topk) ** 2 if speculative else 0,  # ancestor matrices
+        # ancestor matrices, per sequence
+        tree=(seq_rows * seq_rows + (1 + speculation.draft_levels * speculation.topk) ** 2) * max_num_seqs
+        if speculative else 0,
         graph_pool=(2 * step if graphed else 0) + (step if post and cuda else 0),
         workspaces=CUBLAS_WORKSPACE_BYTES * streams if cuda else 0,
         context=CUDA_CONTEXT_BYTES if cuda else 0,

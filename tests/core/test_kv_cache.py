@@ -129,3 +129,27 @@ def test_kept_attention_views_are_made_once_and_equal_slices():
     assert torch.equal(keys[0], cache.read(1, 16)[0]) and torch.equal(values[0], cache.read(1, 16)[1])
     assert cache.attention_views(1, CAPACITY)[0].shape == (1, HEADS, CAPACITY, HEAD_DIM)
     assert torch.equal(cache.attention_views(2, 10)[1][0], cache.read(2, 10)[1])  # any other length: a slice
+
+
+def test_regions_are_separate_caches_in_one_allocation():
+    """kv_regions: each region numbers its slots from 0, writes and compacts only its own rows, keeps its own
+    token_ids (prefix reuse per region); one region is a plain cache."""
+    from subspec_core.kv_cache import kv_regions
+
+    shape = dict(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM, capacity=CAPACITY, dtype=torch.float32,
+                 device=torch.device("cpu"))
+    (single,) = kv_regions(num_seqs=1, **shape)
+    assert single.data.shape == (LAYERS, 2, HEADS, CAPACITY, HEAD_DIM) and single.data.is_contiguous()
+    regions = kv_regions(num_seqs=3, **shape)
+    base = regions[0].data.untyped_storage().data_ptr()
+    assert all(r.data.untyped_storage().data_ptr() == base for r in regions)  # one allocation
+    kv = torch.arange(2 * 2 * HEADS * HEAD_DIM, dtype=torch.float32).view(2, 2, HEADS, HEAD_DIM) + 1
+    regions[1].write(0, torch.tensor([0, 5]), kv)
+    assert regions[0].data.abs().sum() == 0 and regions[2].data.abs().sum() == 0
+    keys, values = regions[1].attention_views(0, 6)
+    assert torch.equal(keys[0, :, 5], kv[1, 0]) and torch.equal(values[0, :, 0], kv[0, 1])
+    regions[1].compact(dest_start=1, source_slots=torch.tensor([5]))
+    assert torch.equal(regions[1].read(0, 2)[0][:, 1], kv[1, 0])
+    assert regions[0].data.abs().sum() == 0 and regions[2].data.abs().sum() == 0
+    regions[2].token_ids.extend([7, 8, 9])
+    assert regions[2].reusable_prefix([7, 8, 9, 10]) == 3 and regions[1].reusable_prefix([7, 8, 9, 10]) == 0

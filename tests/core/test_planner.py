@@ -375,3 +375,38 @@ def test_preset_shapes_are_what_the_loader_reads_from_the_hub_configs():
     for config, name in ((qwen3, "qwen3-8b-16gb.yaml"), (mistral, "mistral-7b-instruct-v0.3-8gb.yaml"),
                          (phi3, "phi-3-medium-128k-instruct-16gb.yaml")):
         assert shape_from_hf_config(config, max_model_len=2048) == shapes[name]
+
+
+def test_max_num_seqs_counts_a_kv_region_per_sequence_and_one_is_todays_plan():
+    """max_num_seqs 1 is exactly the single-sequence plan; 4 holds four KV regions (the table says so) and the
+    verify rows of four trees, and costs resident layers under the same budget."""
+    common = dict(shape=QWEN7B, dtype=torch.bfloat16, mode="subspec", speculation=SpeculationConfig(max_depth=48),
+                  max_model_len=2048, prefill_chunk_size=256, stream_slots=2, budget_bytes=10 * GiB,
+                  max_resident_layers=None, shared_bytes=QWEN7B_SHARED)
+    one = plan_memory(**common)
+    assert plan_memory(**common, max_num_seqs=1) == one
+    four = plan_memory(**common, max_num_seqs=4)
+    kv = {p: next(r for r in p.rows if r.component == "KV cache") for p in (one, four)}
+    assert kv[four].nbytes == 4 * kv[one].nbytes
+    assert kv[four].detail.startswith("max_num_seqs 4 x ")
+    assert "verify 1156 rows" in four.table()  # 4 x (48 x 6 + 1)
+    assert len(four.resident_layers) < len(one.resident_layers)
+    with pytest.raises(BudgetTooSmallError, match="max_num_seqs=64"):
+        plan_memory(**{**common, "budget_bytes": 4 * GiB}, max_num_seqs=64)
+
+
+def test_max_num_seqs_is_a_setting_like_every_other():
+    """YAML < SUBSPEC_MAX_NUM_SEQS < --max-num-seqs; below 1 is refused."""
+    import argparse
+
+    from server.engine_args import add_engine_arguments, engine_overrides
+
+    assert resolve_engine_config(yaml_data={"max_num_seqs": 2}, environ={}).max_num_seqs == 2
+    assert resolve_engine_config(yaml_data={"max_num_seqs": 2}, environ={"SUBSPEC_MAX_NUM_SEQS": "3"}).max_num_seqs == 3
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    flags = engine_overrides(parser.parse_args(["--max-num-seqs", "4"]))
+    assert resolve_engine_config(environ={"SUBSPEC_MAX_NUM_SEQS": "3"}, cli_overrides=flags).max_num_seqs == 4
+    assert resolve_engine_config(environ={}).max_num_seqs == 1
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        resolve_engine_config(environ={}, cli_overrides={"max_num_seqs": 0})

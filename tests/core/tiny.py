@@ -90,6 +90,7 @@ def tiny_engine(
     seed: int | None = None,
     simulate_link_gbps: float | None = None,
     simulate_link_jitter_s: float = 0.0,
+    max_num_seqs: int = 1,
 ) -> Engine:
     """An engine over a tiny model's weights on the CPU (streamed layers by default, like the paper)."""
     speculation = speculation or SpeculationConfig(topk=3, max_depth=6)
@@ -98,7 +99,7 @@ def tiny_engine(
         model="tiny", mode=mode, device="cpu", dtype=str(dtype).removeprefix("torch."),
         max_resident_layers=max_resident_layers, max_model_len=max_model_len, prefill_chunk_size=prefill_chunk_size,
         speculation=speculation, seed=seed, simulate_link_gbps=simulate_link_gbps,
-        simulate_link_jitter_s=simulate_link_jitter_s,
+        simulate_link_jitter_s=simulate_link_jitter_s, max_num_seqs=max_num_seqs,
     )
     shape = shape_from_hf_config(hf_model.config, max_model_len=max_model_len)
     shared, layer_linears = extract_weights(hf_model.to(dtype), shape)

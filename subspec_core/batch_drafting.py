@@ -1,0 +1,73 @@
+"""Growing the draft trees of several sequences together: one draft forward per level for all of them.
+
+Each sequence keeps its own `TreeDrafter` (its buffers, bucket and masks, over its own KV region); only the
+draft forward is shared. A level's rows are every still-growing sequence's frontier, concatenated (1 row per
+sequence at the root, topk at each later level), each row attending to its own region under its own mask
+(model.forward_hidden_batched). A sequence with a shallower tree simply stops contributing rows.
+
+    Two sequences, topk 2, depths 2 and 1:   level 0 (root):  rows [a0 | b0]        one forward
+                                             level 1:         rows [a1 a2]          one forward (b is done)
+
+Eager: the shapes vary with the batch's make-up. Static shapes per batch-size bucket, captured as one CUDA graph
+per bucket, are the next step (issue #20); the per-sequence halves (`root_inputs`/`root_update`, ...) are the
+same ops the single-sequence graphs capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from subspec_core.drafting import DraftBucket, DraftRows, TreeDrafter
+from subspec_core.kv_cache import KVCache
+from subspec_core.model import SequenceRows
+from subspec_core.tree import TokenTree
+
+# (tokens (n,), positions (n,), the sequences' rows) -> float32 draft logits (n, V)
+BatchedDraftFn = Callable[[torch.Tensor, torch.Tensor, tuple[SequenceRows, ...]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One sequence's grow: its drafter and KV region, the root (1,) and N (1,) on the device, N on the host."""
+
+    drafter: TreeDrafter
+    kv_cache: KVCache
+    root_token: torch.Tensor
+    prefix_length: torch.Tensor
+    committed: int
+    depth: int
+
+
+def _forward_rows(forward: BatchedDraftFn, rows: Sequence[tuple[KVCache, DraftRows]]) -> list[torch.Tensor]:
+    """One draft forward over every sequence's rows; each sequence's logits, in order."""
+    sequences, start = [], 0
+    for cache, (tokens, _, slots, bias) in rows:
+        stop = start + tokens.shape[0]
+        sequences.append(SequenceRows(kv_cache=cache, start=start, stop=stop, slots=slots, kv_length=bias.shape[1],
+                                      bias=bias))
+        start = stop
+    logits = forward(torch.cat([r[0] for _, r in rows]), torch.cat([r[1] for _, r in rows]), tuple(sequences))
+    return [logits[seq.start : seq.stop] for seq in sequences]
+
+
+def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn) -> list[TokenTree]:
+    """Grow each request's tree of 1 + depth * topk nodes, with max(depth) draft forwards shared by all: the
+    trees are those each drafter's own `grow` would make (the same steps on the same inputs; only the rows a
+    forward carries beside them differ). The trees are views of the drafters' buffers."""
+    buckets: list[DraftBucket] = [
+        r.drafter.start_tree(root_token=r.root_token, prefix_length=r.prefix_length, depth=r.depth,
+                             committed=r.committed)
+        for r in requests
+    ]
+    logits = _forward_rows(forward, [(r.kv_cache, r.drafter.root_inputs(b)) for r, b in zip(requests, buckets)])
+    for r, b, rows in zip(requests, buckets, logits):
+        r.drafter.root_update(b, rows)
+    for level in range(1, max(r.depth for r in requests)):
+        growing = [(r, b) for r, b in zip(requests, buckets) if r.depth > level]
+        logits = _forward_rows(forward, [(r.kv_cache, r.drafter.level_inputs(b)) for r, b in growing])
+        for (r, b), rows in zip(growing, logits):
+            r.drafter.level_update(b, rows)
+    return [r.drafter.finish_tree(b, r.depth) for r, b in zip(requests, buckets)]

@@ -1,0 +1,186 @@
+"""Several sequences decoded together (subspec_core/batch.py): each returns exactly its solo tokens, whatever
+joins, finishes or leaves around it; one batched forward streams the weights once for all of them.
+
+Solo references come from an engine with max_num_seqs 1 over the same weights. A first divergence passes only at
+a float32 near-tie of the target's decision there (agreement.py): a row computed beside other rows may round
+differently in the last bit, as a verify row and a one-token step already do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from subspec_core.agreement import compare_generations
+from subspec_core.batch import BatchDecoder
+from subspec_core.batch_drafting import DraftRequest, grow_batched
+from subspec_core.config import SpeculationConfig
+from subspec_core.engine import Engine
+from subspec_core.grammar import regex_constraint
+from subspec_core.types import GenerationRequest, SamplingParams, TokenEvent
+from tests.core.tiny import TINY_VOCAB, generate_ids, tiny_engine, tiny_hf_model
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+SPEC = SpeculationConfig(topk=3, max_depth=6)
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    return torch.randint(0, TINY_VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# (joins at iteration, request): different prompts, lengths, max_tokens, sampling parameters and seeds; "short"
+# finishes early, "late" joins after the others have decoded two iterations
+SCHEDULE = (
+    (0, GenerationRequest("greedy", tuple(prompt_of(5, 1)), SamplingParams(max_tokens=30, temperature=0))),
+    (0, GenerationRequest("short", tuple(prompt_of(23, 2)),
+                          SamplingParams(max_tokens=6, temperature=0.8, top_p=0.95, seed=11))),
+    (0, GenerationRequest("topk", tuple(prompt_of(12, 3)), SamplingParams(max_tokens=25, temperature=1.0, top_k=40,
+                                                                        seed=12))),
+    (2, GenerationRequest("late", tuple(prompt_of(3, 4)), SamplingParams(max_tokens=20, temperature=0))),
+)
+
+
+def decode_together(batch: BatchDecoder, schedule: tuple[tuple[int, GenerationRequest], ...],
+                    on_step: Callable[[int, list[TokenEvent]], None] | None = None) -> dict[str, list[int]]:
+    """Join each request at its iteration (an iteration boundary), step until every one finishes; token ids per
+    request."""
+    pending = sorted(schedule, key=lambda item: item[0])
+    tokens: dict[str, list[int]] = {}
+    iteration = 0
+    while pending or batch.active:
+        while pending and pending[0][0] <= iteration and batch.has_room:
+            request = pending.pop(0)[1]
+            tokens[request.request_id] = list(batch.join(request).token_ids)
+        events = batch.step()
+        for event in events:
+            tokens.setdefault(event.request_id, []).extend(event.token_ids)
+        if on_step is not None:
+            on_step(iteration, events)
+        iteration += 1
+    return tokens
+
+
+def assert_solo_tokens(solo: Engine, got: dict[str, list[int]],
+                       schedule: tuple[tuple[int, GenerationRequest], ...] = SCHEDULE) -> None:
+    for _, request in schedule:
+        params = request.sampling
+        expected, _ = generate_ids(solo, list(request.prompt_token_ids), **params.__dict__)
+        actual = got[request.request_id]
+        if actual != expected:
+            agreement = compare_generations(solo, request.prompt_token_ids, expected, actual, exact=False,
+                                            dtype=torch.float32, params=params, seed=params.seed)
+            assert agreement.ok, f"{request.request_id}: batched output differs from its solo run: {agreement}"
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return tiny_hf_model("llama", seed=7)
+
+
+@pytest.mark.parametrize("spec", [SPEC, SpeculationConfig(topk=2, max_depth=5, max_verify_tokens=6)],
+                         ids=["whole-tree", "pruned"])
+def test_subspec_batch_returns_each_requests_solo_tokens(model, tiny_tokenizer, spec) -> None:
+    """Four requests, three from the start and one joining later, one finishing early: each equals its solo run
+    (greedy and seeded sampling); sequences share every draft level's and every verify's forward."""
+    solo = tiny_engine(model, tiny_tokenizer, speculation=spec)
+    batched = tiny_engine(model, tiny_tokenizer, speculation=spec, max_num_seqs=4)
+    together: list[set[str]] = []
+    got = decode_together(BatchDecoder(batched), SCHEDULE,
+                          lambda _, events: together.append({e.request_id for e in events}))
+    assert len(got["short"]) == 6 and len(got["greedy"]) == 30 and len(got["late"]) == 20
+    assert {"greedy", "short", "topk"} in together  # three verified in one forward
+    assert any({"late", "greedy"} <= ids for ids in together)  # the late request decoded alongside the others
+    assert_solo_tokens(solo, got)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "resident"])
+def test_plain_modes_batch_too(model, tiny_tokenizer, mode) -> None:
+    """Vanilla (every layer streamed) and resident: one forward over every sequence's last token."""
+    resident = None if mode == "resident" else 0
+    solo = tiny_engine(model, tiny_tokenizer, mode=mode, max_resident_layers=resident)
+    batched = tiny_engine(model, tiny_tokenizer, mode=mode, max_resident_layers=resident, max_num_seqs=3)
+    got = decode_together(BatchDecoder(batched), SCHEDULE)  # 3 regions: "late" waits for "short" to finish
+    assert_solo_tokens(solo, got)
+
+
+def test_the_weight_stream_is_paid_once_per_batched_forward(model, tiny_tokenizer) -> None:
+    """A vanilla step over three sequences streams every layer once, as a step over one does; each request's
+    stats carry its share."""
+    engine = tiny_engine(model, tiny_tokenizer, mode="vanilla", max_num_seqs=3)
+    batch = BatchDecoder(engine)
+    per_forward = None
+    for count in (1, 3):
+        while batch.active < count:
+            batch.join(GenerationRequest(f"r{batch.active}", tuple(prompt_of(4 + batch.active, batch.active)),
+                                         SamplingParams(max_tokens=50, temperature=0)))
+        before = engine.target_layers.h2d_bytes
+        batch.step()
+        streamed = engine.target_layers.h2d_bytes - before
+        per_forward = per_forward or streamed
+        assert streamed == per_forward > 0
+
+
+def test_a_cancelled_or_dropped_request_leaves_the_others_exact(model, tiny_tokenizer) -> None:
+    """A request whose cancel check turns true is dropped at the next iteration, without an event, and one that
+    `leave`s frees its region for the next; the rest decode their solo tokens."""
+    solo = tiny_engine(model, tiny_tokenizer, speculation=SPEC)
+    batched = tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=3)
+    batch = BatchDecoder(batched)
+    steps = {"n": 0}
+    cancelled = GenerationRequest("cancelled", tuple(prompt_of(9, 5)), SamplingParams(max_tokens=40, temperature=0))
+    batch.join(cancelled, cancelled=lambda: steps["n"] >= 2)
+    dropped = GenerationRequest("dropped", tuple(prompt_of(7, 6)), SamplingParams(max_tokens=40, temperature=0))
+    batch.join(dropped)
+
+    def on_step(iteration: int, events: list[TokenEvent]) -> None:
+        steps["n"] = iteration + 1
+        if iteration == 1:
+            assert batch.leave("dropped") and not batch.leave("dropped")
+        if iteration >= 2:
+            assert {e.request_id for e in events}.isdisjoint({"cancelled", "dropped"})
+
+    schedule = SCHEDULE[:1] + ((3, SCHEDULE[3][1]),)
+    got = decode_together(batch, schedule, on_step)
+    assert batch.active == 0
+    assert_solo_tokens(solo, got, schedule)
+
+
+def test_batched_drafting_grows_each_sequences_own_tree(model, tiny_tokenizer) -> None:
+    """One draft forward per level for all sequences gives each the tree its own drafter grows alone."""
+    engine = tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=2)
+    prompts, depths = (prompt_of(10, 7), prompt_of(4, 8)), (6, 3)
+    with torch.inference_mode():
+        for prompt, region in zip(prompts, engine.kv_regions):
+            list(engine._prefill_chunks(prompt, cache=region))
+        roots = [torch.tensor([p[-1]]) for p in prompts]  # any root token: the drafter does not care
+        lengths = [torch.tensor([len(p)]) for p in prompts]
+        alone = []
+        for drafter, root, length, prompt, depth in zip(engine.drafters, roots, lengths, prompts, depths):
+            tree = drafter.grow(root_token=root, prefix_length=length, committed=len(prompt), depth=depth)
+            alone.append((tree.tokens.clone(), tree.parents.clone(), tree.scores.clone()))
+        trees = grow_batched(requests=[
+            DraftRequest(drafter=d, kv_cache=c, root_token=r, prefix_length=n, committed=len(p), depth=depth)
+            for d, c, r, n, p, depth in zip(engine.drafters, engine.kv_regions, roots, lengths, prompts, depths)
+        ], forward=engine.draft_forward_batched)
+    for tree, (tokens, parents, scores), depth in zip(trees, alone, depths):
+        assert tree.size == 1 + depth * SPEC.topk
+        assert torch.equal(tree.tokens, tokens) and torch.equal(tree.parents, parents)
+        torch.testing.assert_close(tree.scores, scores)
+
+
+def test_batch_refuses_what_runs_one_request_at_a_time(model, tiny_tokenizer) -> None:
+    """Structured outputs and post-speculation keep their single-sequence path for now; a full batch says so."""
+    engine = tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=1)
+    batch = BatchDecoder(engine)
+    constrained = SamplingParams(max_tokens=4, constraint=regex_constraint("[ab]+", "test"))
+    with pytest.raises(ValueError, match="structured outputs"):
+        batch.join(GenerationRequest("c", (1, 2, 3), constrained))
+    batch.join(GenerationRequest("a", (1, 2, 3), SamplingParams(max_tokens=4)))
+    with pytest.raises(RuntimeError, match="full"):
+        batch.join(GenerationRequest("b", (1, 2, 3), SamplingParams(max_tokens=4)))
+    post = tiny_engine(model, tiny_tokenizer, speculation=SpeculationConfig(topk=2, max_depth=3, post_levels=2))
+    with pytest.raises(ValueError, match="post-speculation"):
+        BatchDecoder(post)
