@@ -194,8 +194,8 @@ def _attend(*, shape: ModelShape, layer: int, kv_cache: KVCache, qkv: torch.Tens
     n = qkv.shape[0]
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     group = heads // kv_heads
-    kv_cache.write(layer, slots, qkv[:, heads:].reshape(n, 2, kv_heads, head_dim))
-    q = qkv[:, :heads].reshape(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
+    kv_cache.write(layer, slots, qkv[:, heads:].view(n, 2, kv_heads, head_dim))
+    q = qkv[:, :heads].view(n, kv_heads, group, head_dim).transpose(0, 1).reshape(1, kv_heads, n * group, head_dim)
     keys, values = kv_cache.attention_views(layer, kv_length)  # (1, kvh, kv_length, hd) each
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, kvh, n*group, hd), any strides
     # (1, kvh, n, group, hd) -> (1, n, kvh, group, hd) -> (n, heads * hd): one copy whatever the strides
