@@ -80,11 +80,14 @@ def model() -> Any:
     return tiny_hf_model("llama", seed=7)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("spec", [SPEC, SpeculationConfig(topk=2, max_depth=5, max_verify_tokens=6)],
                          ids=["whole-tree", "pruned"])
-def test_subspec_batch_returns_each_requests_solo_tokens(model, tiny_tokenizer, spec) -> None:
+def test_subspec_batch_returns_each_requests_solo_tokens(tiny_tokenizer, family, spec) -> None:
     """Four requests, three from the start and one joining later, one finishing early: each equals its solo run
-    (greedy and seeded sampling); sequences share every draft level's and every verify's forward."""
+    (greedy and seeded sampling); sequences share every draft level's and every verify's forward. Qwen2 has q/k/v
+    biases, Qwen3 a per-head q/k norm: both run on the batch's concatenated rows."""
+    model = tiny_hf_model(family, seed=7)
     solo = tiny_engine(model, tiny_tokenizer, speculation=spec)
     batched = tiny_engine(model, tiny_tokenizer, speculation=spec, max_num_seqs=4)
     together: list[set[str]] = []
