@@ -1,6 +1,7 @@
 """`subspec plan`: the memory plan a GPU start would make for a config, printed without a GPU and without weights.
 
-    subspec plan --config configs/qwen2.5-7b-instruct-8gb.yaml [--model M] [--gpu-memory-budget B] [--json]
+    subspec plan --config configs/qwen2.5-7b-instruct-8gb.yaml [--model M] [--gpu-memory-budget B]
+                 [--max-num-seqs N] [--json]
 
 The model's shape is read offline (`subspec_core.shapes`). The budget is --gpu-memory-budget, else the config's,
 else what the preset's card class allows (fit.CARD_SHARE of it); the start-up check against the GPU's free
@@ -23,6 +24,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", required=True, help="preset file (e.g. configs/default.yaml)")
     parser.add_argument("--model", default=None, help="the model to plan for instead of the preset's")
     parser.add_argument("--gpu-memory-budget", default=None, metavar="SIZE", help="e.g. 8GiB (default: the preset's)")
+    parser.add_argument("--max-num-seqs", default=None, type=int, metavar="N",
+                        help="sequences decoded together, each with its own KV region (default: the preset's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -42,7 +45,8 @@ def run_plan(args: argparse.Namespace) -> int:
         card = yaml_data.get("card")
         limit = None if card is None else card_limit(str(card))
         config = resolve_engine_config(yaml_data=yaml_data, environ=os.environ, cli_overrides={
-            "model": args.model, "gpu_memory_budget": args.gpu_memory_budget})
+            "model": args.model, "gpu_memory_budget": args.gpu_memory_budget,
+            "max_num_seqs": getattr(args, "max_num_seqs", None)})
         found = find_shape(config.model, gguf_file=config.gguf_file, max_model_len=config.max_model_len)
         dtype = resolve_dtype(config, torch.device("cuda"))  # what a GPU start runs in
         budget = config.budget_bytes if config.budget_bytes is not None else limit

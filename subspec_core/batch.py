@@ -164,9 +164,9 @@ class BatchDecoder:
                          kv_length=seq.committed + 1, bias=None)
             for i, seq in enumerate(sequences)
         )
-        logits = engine.target_forward_batched(
+        logits = engine.logits(engine.target_hidden_batched(
             torch.cat([seq.cursor.root for seq in sequences]), torch.cat([seq.cursor.length for seq in sequences]),
-            rows, backend=engine.attention.one_token_step)  # (B, V)
+            rows, backend=engine.attention.one_token_step))  # (B, V)
         chosen = []
         for i, seq in enumerate(sequences):
             dec = seq.dec
@@ -220,20 +220,22 @@ class BatchDecoder:
                                      slots=n + torch.arange(tree.size, device=engine.device), kv_length=n + tree.size,
                                      bias=attention_bias(mask, engine._dtype)))
             start += tree.size
-        logits = engine.target_forward_batched(
+        hidden = engine.target_hidden_batched(
             torch.cat([tree.tokens for tree in trees]),
             torch.cat([seq.committed + tree.depths for seq, tree in zip(sequences, trees)]),
-            tuple(rows), backend=engine.attention.verify_tree)  # (sum of sizes, V)
-        accepted = [
-            engine._accept(tree=tree, logits=logits[row.start : row.stop], committed=seq.committed, depth=depth,
-                           verify_base=seq.committed, cursor=seq.cursor, dec=seq.dec, cache=self._cache(seq))
-            for seq, tree, depth, row in zip(sequences, trees, depths, rows)
-        ]
+            tuple(rows), backend=engine.attention.verify_tree)  # (sum of sizes, hidden)
+        accepted, asked = [], []  # logits a sequence at a time; kept only where logprobs are asked for
+        for seq, tree, depth, row in zip(sequences, trees, depths, rows):
+            logits = engine.logits(hidden[row.start : row.stop])  # (size, V)
+            accepted.append(engine._accept(tree=tree, logits=logits, committed=seq.committed, depth=depth,
+                                           verify_base=seq.committed, cursor=seq.cursor, dec=seq.dec,
+                                           cache=self._cache(seq)))
+            asked.append(logits if seq.dec.params.logprobs is not None else None)
         verify_end = engine._clock.mark()
         # the iteration's one host sync: every sequence's path length and tokens
         read = torch.cat([torch.cat([path.length, emitted]) for path, emitted in accepted]).tolist()
         steps, offset = [], 0
-        for seq, tree, row, (path, emitted) in zip(sequences, trees, rows, accepted):
+        for seq, tree, logits, (path, emitted) in zip(sequences, trees, asked, accepted):
             count = read[offset]
             values = read[offset + 1 : offset + 1 + count]
             offset += 1 + emitted.shape[0]  # the length, then the padded tokens (depth + 1, fewer in a smaller tree)
@@ -243,9 +245,8 @@ class BatchDecoder:
             stats.iterations += 1
             stats.drafted_tokens += tree.size - 1
             stats.accepted_tokens += len(values) - 1
-            nodes = path.nodes[: len(values)]
-            logprobs = _step_logprobs(seq.dec, logits[row.start : row.stop].index_select(0, nodes),
-                                      emitted[: len(values)])
+            logprobs = None if logits is None else _step_logprobs(
+                seq.dec, logits.index_select(0, path.nodes[: len(values)]), emitted[: len(values)])
             steps.append(_Step(values, tree.size - 1, logprobs))
         return steps
 

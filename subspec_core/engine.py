@@ -200,13 +200,18 @@ class Engine:
             lambda layers: self._forward(layers, tokens, positions, slots, kv_length, bias, backend, cache),
             cancelled, while_waiting)
 
-    def target_forward_batched(self, tokens: torch.Tensor, positions: torch.Tensor, sequences: tuple[SequenceRows, ...],
-                               *, backend: SDPBackend | None) -> torch.Tensor:
+    def target_hidden_batched(self, tokens: torch.Tensor, positions: torch.Tensor, sequences: tuple[SequenceRows, ...],
+                              *, backend: SDPBackend | None) -> torch.Tensor:
         """One streamed target forward over the rows of several sequences (model.forward_hidden_batched): every
-        streamed layer is copied once for all of them; float32 logits (rows, V). No cancel checks inside: one
-        request's abort must not stop the others' forward (the batch drops it at the next iteration)."""
-        hidden = self._with_target_layers(lambda layers: self._forward_batched(layers, tokens, positions, sequences,
-                                                                               backend), None)
+        streamed layer is copied once for all of them; the hidden states (rows, hidden), whose logits the caller
+        computes a sequence at a time (lm_head is resident: (rows, V) logits of every tree at once would cost the
+        memory of B trees for nothing). No cancel checks inside: one request's abort must not stop the others'
+        forward (the batch drops it at the next iteration)."""
+        return self._with_target_layers(lambda layers: self._forward_batched(layers, tokens, positions, sequences,
+                                                                             backend), None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head over hidden states (rows, hidden): float32 logits (rows, V)."""
         return compute_logits(self.shape, self.shared, hidden)
 
     def draft_forward_batched(self, tokens: torch.Tensor, positions: torch.Tensor,

@@ -226,6 +226,7 @@ def plan_memory(
                 f"{format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len} x max_num_seqs="
                 f"{max_num_seqs}, buffers"
                 f"{', 4-bit substitutes' if speculative else ''}, reserves); raise the budget or lower max_model_len"
+                + (" or max_num_seqs" if max_num_seqs > 1 else "")
             )
     if prefill_chunk_size is None:
         largest = min(max_model_len, MAX_AUTO_PREFILL_CHUNK)

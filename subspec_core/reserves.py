@@ -175,8 +175,9 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
     tree_rows = seq_rows * max_num_seqs
     prompt_rows = min(chunk, max_model_len, PROMPT_SCORE_ROWS)  # a prefill chunk's logits, scored this many at a time
     work = max(
+        # a batched verify's logits are computed one sequence at a time (batch.py): one tree's at once
         activation_bytes(shape=shape, dtype=dtype, rows=tree_rows, kv_length=capacity, device_type=device_type)
-        + logits_buffer_bytes(rows=tree_rows, vocab_size=shape.vocab_size),
+        + logits_buffer_bytes(rows=seq_rows, vocab_size=shape.vocab_size),
         activation_bytes(shape=shape, dtype=dtype, rows=min(chunk, max_model_len), kv_length=capacity,
                          device_type=device_type)
         + logits_buffer_bytes(rows=prompt_rows, vocab_size=shape.vocab_size),
