@@ -187,3 +187,39 @@ def test_batch_refuses_what_runs_one_request_at_a_time(model, tiny_tokenizer) ->
     post = tiny_engine(model, tiny_tokenizer, speculation=SpeculationConfig(topk=2, max_depth=3, post_levels=2))
     with pytest.raises(ValueError, match="post-speculation"):
         BatchDecoder(post)
+
+
+def test_logprobs_stop_strings_and_text_are_per_request(model, tiny_tokenizer) -> None:
+    """A request asking for logprobs beside one that does not, and one with a stop string: each gets its own solo
+    tokens, text, logprobs (to float32 rounding) and finish reason."""
+    solo = tiny_engine(model, tiny_tokenizer, speculation=SPEC)
+    batched = tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=3)
+    free = GenerationRequest("free", tuple(prompt_of(8, 9)), SamplingParams(max_tokens=24, temperature=0))
+    solo_free = list(solo.generate(free))
+    text = "".join(e.text for e in solo_free)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]  # cut the same generation mid-way
+    requests = (
+        GenerationRequest("logprobs", tuple(prompt_of(14, 10)),
+                          SamplingParams(max_tokens=20, temperature=0.7, seed=3, logprobs=2, prompt_logprobs=1)),
+        GenerationRequest("stopped", free.prompt_token_ids, SamplingParams(max_tokens=24, temperature=0, stop=(stop,))),
+        GenerationRequest("plain", tuple(prompt_of(6, 11)), SamplingParams(max_tokens=16, temperature=0)),
+    )
+    batch = BatchDecoder(batched)
+    events: dict[str, list[TokenEvent]] = {r.request_id: [batch.join(r)] for r in requests}
+    while batch.active:
+        for event in batch.step():
+            events[event.request_id].append(event)
+    for request in requests:
+        alone, together = list(solo.generate(request)), events[request.request_id]
+        assert [t for e in together for t in e.token_ids] == [t for e in alone for t in e.token_ids]
+        assert "".join(e.text for e in together) == "".join(e.text for e in alone)
+        assert together[-1].finish_reason == alone[-1].finish_reason
+        got = [lp for e in together for lp in e.logprobs or ()]
+        expected = [lp for e in alone for lp in e.logprobs or ()]
+        assert [lp.token_id for lp in got] == [lp.token_id for lp in expected]
+        assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in expected], abs=1e-4)
+        assert [lp.logprob for lp in together[0].prompt_logprobs or ()] == pytest.approx(
+            [lp.logprob for lp in alone[0].prompt_logprobs or ()], abs=1e-4)
+    assert events["logprobs"][0].prompt_logprobs and events["logprobs"][1].logprobs
+    assert events["plain"][1].logprobs is None
+    assert events["stopped"][-1].finish_reason == "stop" and stop not in "".join(e.text for e in events["stopped"])
