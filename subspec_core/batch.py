@@ -31,20 +31,38 @@ from subspec_core.engine import Engine, _Cursor, _Decoding, _request_seed, _Step
 from subspec_core.kv_cache import KVCache
 from subspec_core.model import SequenceRows, attention_bias
 from subspec_core.sampling import choose_tokens
-from subspec_core.tree import TokenTree, select_verify_nodes, subtree, tree_attention_mask
+from subspec_core.tree import TokenTree, causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
 from subspec_core.types import FINISH_LENGTH, GenerationRequest, RequestStats, TokenEvent
 
 
 @dataclass
 class _Sequence:
-    """One request in the batch: its KV region, decoding state, cursor and host count of committed rows."""
+    """One request in the batch: its KV region, decoding state, cursor and host count of committed rows; while its
+    prompt is prefilled chunk by chunk inside the batch's forwards (`admit`), the prompt and the rows done."""
 
     region: int
     dec: _Decoding
-    cursor: _Cursor
-    committed: int  # KV rows written; the last step's last token (the root) is not in the cache yet
-    last: _Step
-    h2d_share: float  # weight bytes streamed on its behalf: its prefill's, and its share of each batched forward
+    prompt: list[int]
+    started: float  # when it was admitted (perf_counter): its first token's wait is its prefill_s
+    prefilled: int = 0  # prompt rows in its KV region
+    prefilling: bool = True  # until its first token is chosen
+    cursor: _Cursor | None = None  # set with the first token
+    committed: int = 0  # KV rows written; the last step's last token (the root) is not in the cache yet
+    last: _Step | None = None
+    h2d_share: float = 0.0  # weight bytes streamed on its behalf: its own prefill's, its share of each forward
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One participant's rows in a batched forward: tokens and positions (n,), written at `slots` of its region,
+    attending over the region's slots [0, kv_length) under `bias` (None: all of them)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    kv_cache: KVCache
+    slots: torch.Tensor
+    kv_length: int
+    bias: torch.Tensor | None
 
 
 class BatchDecoder:
@@ -76,17 +94,14 @@ class BatchDecoder:
         return max(free, key=lambda r: (self.engine.kv_regions[r].reusable_prefix(prompt), -r))
 
     # ------------------------------------------------------------------------------------- joining, leaving
-    def join(self, request: GenerationRequest, *, cancelled: CancelCheck | None = None) -> TokenEvent:
-        """Admit a request between iterations: prefill its prompt into a free region (a forward of its own) and
-        choose its first token; the first event (finished already when max_tokens allows one token, or none)."""
+    def _new_sequence(self, request: GenerationRequest, cancelled: CancelCheck | None) -> _Sequence:
+        """Validate a request and give it a free region (nothing runs yet)."""
         engine = self.engine
         engine.validate(request)
         params = request.sampling
         if params.constraint is not None:
             raise ValueError("structured outputs run one request at a time (Engine.generate), not in a batch")
         prompt = list(request.prompt_token_ids)
-        region = self._free_region(prompt)
-        cache = engine.kv_regions[region]
         dec = _Decoding(
             request_id=request.request_id, params=params, seed=_request_seed(params.seed, engine.config.seed),
             budget=min(params.max_tokens, engine.max_model_len - len(prompt)),
@@ -94,26 +109,53 @@ class BatchDecoder:
             detokenizer=IncrementalDetokenizer(engine.tokenizer, prompt_token_ids=prompt, stop=params.stop),
             stats=RequestStats(prompt_tokens=len(prompt)), cancelled=cancelled,
         )
+        return _Sequence(region=self._free_region(prompt), dec=dec, prompt=prompt, started=time.perf_counter())
+
+    def join(self, request: GenerationRequest, *, cancelled: CancelCheck | None = None) -> TokenEvent:
+        """Admit a request between iterations and prefill its prompt now, in forwards of its own (prompt logprobs
+        too); its first event (finished already when max_tokens allows one token, or none)."""
+        seq = self._new_sequence(request, cancelled)
+        engine = self.engine
         h2d = engine.target_layers.h2d_bytes
         with torch.inference_mode():
-            started = time.perf_counter()
-            logits, prompt_logprobs = engine._prefill(prompt, dec, cache)
-            length = torch.full((1,), len(prompt), dtype=torch.long, device=engine.device)
-            first = choose_tokens(logits=logits, params=params, seed=dec.seed, positions=length,
-                                  first_position=len(prompt), num_positions=1)
-            step = _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
-            dec.stats.prefill_s = time.perf_counter() - started
+            logits, prompt_logprobs = engine._prefill(seq.prompt, seq.dec, self._cache(seq))
+        seq.prefilled = len(seq.prompt)
+        seq.h2d_share = engine.target_layers.h2d_bytes - h2d
+        seq.dec.stats.h2d_bytes = int(seq.h2d_share)
+        return replace(self._first_event(seq, logits), prompt_logprobs=prompt_logprobs)
+
+    def admit(self, request: GenerationRequest, *, cancelled: CancelCheck | None = None) -> None:
+        """Admit a request between iterations without a forward of its own: from the next `step` on, its prompt is
+        prefilled a chunk per iteration inside the batch's forward (the weight stream the others' verification
+        pays), and the step that completes it returns its first event. Rows a region already holds for the
+        prompt are kept (prefix reuse). Prompt logprobs need `join`."""
+        if request.sampling.prompt_logprobs is not None:
+            raise ValueError("prompt logprobs are scored by join's own prefill, not inside a batched forward")
+        seq = self._new_sequence(request, cancelled)
+        cache = self._cache(seq)
+        seq.prefilled = seq.dec.stats.cached_prompt_tokens = cache.reusable_prefix(seq.prompt)
+        del cache.token_ids[seq.prefilled :]
+        self._sequences[seq.region] = seq
+
+    def _first_event(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
+        """The first token from the prompt's last logits (1, V), chosen as Engine.generate chooses it, and its
+        event; the sequence decodes from the next iteration on, unless that event finished it."""
+        engine, dec = self.engine, seq.dec
+        prompt_length = len(seq.prompt)
+        with torch.inference_mode():
+            length = torch.full((1,), prompt_length, dtype=torch.long, device=engine.device)
+            first = choose_tokens(logits=logits, params=dec.params, seed=dec.seed, positions=length,
+                                  first_position=prompt_length, num_positions=1)
+            seq.last = _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
+        seq.cursor, seq.committed, seq.prefilling = _Cursor(length=length, root=first), prompt_length, False
+        dec.stats.prefill_s = time.perf_counter() - seq.started
         if dec.budget == 0:  # scoring only: the prompt's logprobs, no output token
             event = TokenEvent(request_id=dec.request_id, token_ids=(), text="", finish_reason=FINISH_LENGTH,
                                stats=dec.stats)
         else:
-            event = engine._emit(dec, step, accept_length=None)
-        seq = _Sequence(region=region, dec=dec, cursor=_Cursor(length=length, root=first), committed=len(prompt),
-                        last=step, h2d_share=engine.target_layers.h2d_bytes - h2d)
-        dec.stats.h2d_bytes = int(seq.h2d_share)
-        if not event.finished:
-            self._sequences[region] = seq
-        return replace(event, prompt_logprobs=prompt_logprobs)
+            event = engine._emit(dec, seq.last, accept_length=None)
+        self._sequences[seq.region] = None if event.finished else seq
+        return event
 
     def leave(self, request_id: str) -> bool:
         """Drop a request (aborted, timed out) between iterations; its region is free for the next. Whether it was
@@ -126,9 +168,11 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------------------------- one iteration
     def step(self) -> list[TokenEvent]:
-        """One iteration for every active sequence: one event each, in region order; a finished sequence's event
-        is its last (finish_reason and stats) and frees its region. A sequence whose `cancelled` check answers
-        True is dropped first, without an event, as Engine.generate returns without one."""
+        """One iteration for every active sequence, in one streamed target forward: each decoding sequence gets one
+        event, in region order (a finished one's is its last, with finish_reason and stats, and frees its region);
+        each admitted sequence still prefilling adds its next prompt chunk to the same forward, and gets its first
+        event (after the decoding ones) from the forward that completes its prompt. A sequence whose `cancelled`
+        check answers True is dropped first, without an event, as Engine.generate returns without one."""
         for region, seq in enumerate(self._sequences):
             if seq is not None and seq.dec.cancelled is not None and seq.dec.cancelled():
                 self._sequences[region] = None
@@ -136,37 +180,89 @@ class BatchDecoder:
         if not sequences:
             return []
         engine = self.engine
+        decoding = [seq for seq in sequences if not seq.prefilling]
+        prefilling = [seq for seq in sequences if seq.prefilling]
         h2d = engine.target_layers.h2d_bytes
         with torch.inference_mode():
-            steps = self._speculative_steps(sequences) if engine.drafters else self._plain_steps(sequences)
-        share = (engine.target_layers.h2d_bytes - h2d) / len(sequences)  # the verify's stream, paid once for all
+            if engine.drafters:
+                steps, firsts = self._speculative_steps(decoding, prefilling)
+            else:
+                steps, firsts = self._plain_steps(decoding, prefilling)
+        share = (engine.target_layers.h2d_bytes - h2d) / len(sequences)  # the forward's stream, paid once for all
         events = []
-        for seq, step in zip(sequences, steps):
+        for seq in sequences:
+            seq.h2d_share += share
+            seq.dec.stats.h2d_bytes = int(seq.h2d_share)
+        for seq, step in zip(decoding, steps):
             engine._commit(seq.last.tokens[-1], step, self._cache(seq))
             seq.last = step
             seq.committed += len(step.tokens)
-            seq.h2d_share += share
             seq.dec.stats.verify_h2d_bytes += int(share)
-            seq.dec.stats.h2d_bytes = int(seq.h2d_share)
             event = engine._emit(seq.dec, step, accept_length=len(step.tokens))
             if event.finished:
                 self._sequences[seq.region] = None
             events.append(event)
+        for seq, first in zip(prefilling, firsts):
+            if first is not None:
+                events.append(self._first_event(seq, first))
         return events
 
-    def _plain_steps(self, sequences: list[_Sequence]) -> list[_Step]:
-        """One target forward over every sequence's last token (vanilla, resident): row i is sequence i's token
-        at slot and position N_i, seeing its region's slots [0, N_i]."""
+    def _forward(self, parts: list[_Rows], *, masked: bool) -> tuple[torch.Tensor, list[SequenceRows]]:
+        """One streamed target forward over every part's rows, concatenated in order: the hidden states (rows,
+        hidden) and each part's SequenceRows (its row range)."""
+        engine = self.engine
+        rows, start = [], 0
+        for part in parts:
+            stop = start + part.tokens.shape[0]
+            rows.append(SequenceRows(kv_cache=part.kv_cache, start=start, stop=stop, slots=part.slots,
+                                     kv_length=part.kv_length, bias=part.bias))
+            start = stop
+        # a masked part needs the masked kernel (flash takes no mask); it runs the unmasked parts as well
+        backend = engine.attention.verify_tree if masked else engine.attention.one_token_step
+        hidden = engine.target_hidden_batched(torch.cat([p.tokens for p in parts]),
+                                              torch.cat([p.positions for p in parts]), tuple(rows), backend=backend)
+        return hidden, rows
+
+    def _prefill_parts(self, prefilling: list[_Sequence]) -> list[_Rows]:
+        """Each prefilling sequence's next prompt chunk: rows at slots and positions [start, end) of its region,
+        causal among themselves, seeing its rows [0, start) (the same chunks its own prefill would run)."""
+        engine = self.engine
+        parts = []
+        for seq in prefilling:
+            start = seq.prefilled
+            end = min(start + engine.prefill_chunk_size, len(seq.prompt))
+            slots = torch.arange(start, end, device=engine.device)
+            mask = causal_chunk_mask(start=start, length=end - start, device=engine.device)
+            parts.append(_Rows(tokens=torch.tensor(seq.prompt[start:end], dtype=torch.long, device=engine.device),
+                               positions=slots, kv_cache=self._cache(seq), slots=slots, kv_length=end,
+                               bias=attention_bias(mask, engine._dtype)))
+        return parts
+
+    def _prefilled(self, prefilling: list[_Sequence], hidden: torch.Tensor,
+                   rows: list[SequenceRows]) -> list[torch.Tensor | None]:
+        """Record each prefilling sequence's chunk as committed rows; where it completed the prompt, the logits
+        (1, V) of its last row (they choose the first token), else None."""
+        done: list[torch.Tensor | None] = []
+        for seq, row in zip(prefilling, rows):
+            end = seq.prefilled + (row.stop - row.start)
+            self._cache(seq).token_ids.extend(seq.prompt[seq.prefilled : end])
+            seq.prefilled = end
+            done.append(self.engine.logits(hidden[row.stop - 1 : row.stop]) if end == len(seq.prompt) else None)
+        return done
+
+    def _plain_steps(self, sequences: list[_Sequence],
+                     prefilling: list[_Sequence]) -> tuple[list[_Step], list[torch.Tensor | None]]:
+        """One target forward over every sequence's last token (vanilla, resident) and the prefilling sequences'
+        chunks: row i is sequence i's token at slot and position N_i, seeing its region's slots [0, N_i]."""
         engine = self.engine
         start = engine._clock.mark()
-        rows = tuple(
-            SequenceRows(kv_cache=self._cache(seq), start=i, stop=i + 1, slots=seq.cursor.length,
-                         kv_length=seq.committed + 1, bias=None)
-            for i, seq in enumerate(sequences)
-        )
-        logits = engine.logits(engine.target_hidden_batched(
-            torch.cat([seq.cursor.root for seq in sequences]), torch.cat([seq.cursor.length for seq in sequences]),
-            rows, backend=engine.attention.one_token_step))  # (B, V)
+        parts = [_Rows(tokens=seq.cursor.root, positions=seq.cursor.length, kv_cache=self._cache(seq),
+                       slots=seq.cursor.length, kv_length=seq.committed + 1, bias=None) for seq in sequences]
+        hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=bool(prefilling))
+        firsts = self._prefilled(prefilling, hidden, rows[len(sequences):])
+        if not sequences:
+            return [], firsts
+        logits = engine.logits(hidden[: len(sequences)])  # (B, V)
         chosen = []
         for i, seq in enumerate(sequences):
             dec = seq.dec
@@ -182,7 +278,7 @@ class BatchDecoder:
             seq.dec.stats.verify_s += engine._clock.seconds(start, end)
             seq.dec.stats.iterations += 1
             steps.append(_Step([values[i]], 0, _step_logprobs(seq.dec, logits[i : i + 1], chosen[i])))
-        return steps
+        return steps, firsts
 
     def _trees(self, sequences: list[_Sequence], depths: list[int]) -> list[TokenTree]:
         """Each sequence's tree to verify: grown together (depth >= 1) and pruned to max_verify_tokens, or the
@@ -203,27 +299,26 @@ class BatchDecoder:
             trees[i] = tree
         return trees
 
-    def _speculative_steps(self, sequences: list[_Sequence]) -> list[_Step]:
-        """Draft every sequence's tree, verify all of them in one target forward, accept per sequence."""
+    def _speculative_steps(self, sequences: list[_Sequence],
+                           prefilling: list[_Sequence]) -> tuple[list[_Step], list[torch.Tensor | None]]:
+        """Draft every decoding sequence's tree, verify all of them (and the prefilling sequences' chunks) in one
+        target forward, accept per sequence."""
         engine = self.engine
         max_depth = engine.config.speculation.max_depth
         # a tree deeper than the tokens still allowed would only draft what gets cut
         depths = [min(max_depth, seq.dec.budget - seq.dec.stats.completion_tokens - 1) for seq in sequences]
         draft_start = engine._clock.mark()
-        trees = self._trees(sequences, depths)
+        trees = self._trees(sequences, depths) if sequences else []
         verify_start = engine._clock.mark()
-        rows, start = [], 0
+        parts = []
         for seq, tree in zip(sequences, trees):
             n = seq.committed
             mask = tree_attention_mask(ancestors=tree.ancestors, prefix_length=n)  # its prefix and its ancestors
-            rows.append(SequenceRows(kv_cache=self._cache(seq), start=start, stop=start + tree.size,
-                                     slots=n + torch.arange(tree.size, device=engine.device), kv_length=n + tree.size,
-                                     bias=attention_bias(mask, engine._dtype)))
-            start += tree.size
-        hidden = engine.target_hidden_batched(
-            torch.cat([tree.tokens for tree in trees]),
-            torch.cat([seq.committed + tree.depths for seq, tree in zip(sequences, trees)]),
-            tuple(rows), backend=engine.attention.verify_tree)  # (sum of sizes, hidden)
+            parts.append(_Rows(tokens=tree.tokens, positions=n + tree.depths, kv_cache=self._cache(seq),
+                               slots=n + torch.arange(tree.size, device=engine.device), kv_length=n + tree.size,
+                               bias=attention_bias(mask, engine._dtype)))
+        hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=True)  # (rows, hidden)
+        firsts = self._prefilled(prefilling, hidden, rows[len(sequences):])
         accepted, asked = [], []  # logits a sequence at a time; kept only where logprobs are asked for
         for seq, tree, depth, row in zip(sequences, trees, depths, rows):
             logits = engine.logits(hidden[row.start : row.stop])  # (size, V)
@@ -231,6 +326,8 @@ class BatchDecoder:
                                            verify_base=seq.committed, cursor=seq.cursor, dec=seq.dec,
                                            cache=self._cache(seq)))
             asked.append(logits if seq.dec.params.logprobs is not None else None)
+        if not sequences:
+            return [], firsts
         verify_end = engine._clock.mark()
         # the iteration's one host sync: every sequence's path length and tokens
         read = torch.cat([torch.cat([path.length, emitted]) for path, emitted in accepted]).tolist()
@@ -248,7 +345,7 @@ class BatchDecoder:
             logprobs = None if logits is None else _step_logprobs(
                 seq.dec, logits.index_select(0, path.nodes[: len(values)]), emitted[: len(values)])
             steps.append(_Step(values, tree.size - 1, logprobs))
-        return steps
+        return steps, firsts
 
 
 def root_only_tree(root: torch.Tensor) -> TokenTree:

@@ -44,16 +44,20 @@ SCHEDULE = (
 
 
 def decode_together(batch: BatchDecoder, schedule: tuple[tuple[int, GenerationRequest], ...],
-                    on_step: Callable[[int, list[TokenEvent]], None] | None = None) -> dict[str, list[int]]:
+                    on_step: Callable[[int, list[TokenEvent]], None] | None = None,
+                    ride: bool = False) -> dict[str, list[int]]:
     """Join each request at its iteration (an iteration boundary), step until every one finishes; token ids per
-    request."""
+    request. `ride`: `admit` (the prompt prefilled inside the batch's forwards) instead of `join`."""
     pending = sorted(schedule, key=lambda item: item[0])
     tokens: dict[str, list[int]] = {}
     iteration = 0
     while pending or batch.active:
         while pending and pending[0][0] <= iteration and batch.has_room:
             request = pending.pop(0)[1]
-            tokens[request.request_id] = list(batch.join(request).token_ids)
+            if ride:
+                batch.admit(request)
+            else:
+                tokens[request.request_id] = list(batch.join(request).token_ids)
         events = batch.step()
         for event in events:
             tokens.setdefault(event.request_id, []).extend(event.token_ids)
@@ -223,3 +227,35 @@ def test_logprobs_stop_strings_and_text_are_per_request(model, tiny_tokenizer) -
     assert events["logprobs"][0].prompt_logprobs and events["logprobs"][1].logprobs
     assert events["plain"][1].logprobs is None
     assert events["stopped"][-1].finish_reason == "stop" and stop not in "".join(e.text for e in events["stopped"])
+
+
+@pytest.mark.parametrize("mode", ["subspec", "vanilla"])
+def test_admitted_prompts_ride_on_the_batchs_forwards(model, tiny_tokenizer, mode) -> None:
+    """`admit`: a prompt is prefilled a chunk per iteration inside the forward that verifies the others (no
+    forward of its own), and every request still returns its solo tokens."""
+    solo = tiny_engine(model, tiny_tokenizer, mode=mode, speculation=SPEC)
+    batched = tiny_engine(model, tiny_tokenizer, mode=mode, speculation=SPEC, max_num_seqs=4)
+    batch = BatchDecoder(batched)
+    forwards: list[int] = []
+    before = {"h2d": batched.target_layers.h2d_bytes}
+
+    def on_step(iteration: int, events: list[TokenEvent]) -> None:
+        forwards.append(batched.target_layers.h2d_bytes - before["h2d"])
+        before["h2d"] = batched.target_layers.h2d_bytes
+
+    got = decode_together(batch, SCHEDULE, on_step, ride=True)
+    assert len(set(forwards)) == 1  # each iteration streamed the weights once, prompts included
+    assert_solo_tokens(solo, got)
+
+
+def test_an_admitted_prompt_is_prefilled_a_chunk_per_iteration(model, tiny_tokenizer) -> None:
+    """A 40-token prompt with 16-token chunks: its first event comes from the third iteration, beside the
+    decoding request's events; a prompt logprobs request needs `join`."""
+    batched = tiny_engine(model, tiny_tokenizer, mode="vanilla", max_num_seqs=2)
+    batch = BatchDecoder(batched)
+    batch.join(GenerationRequest("decoding", tuple(prompt_of(5, 1)), SamplingParams(max_tokens=30, temperature=0)))
+    batch.admit(GenerationRequest("long", tuple(prompt_of(40, 12)), SamplingParams(max_tokens=5, temperature=0)))
+    firsts = [[e.request_id for e in batch.step()] for _ in range(3)]
+    assert firsts == [["decoding"], ["decoding"], ["decoding", "long"]]
+    with pytest.raises(ValueError, match="prompt logprobs"):
+        batch.admit(GenerationRequest("scored", (1, 2, 3), SamplingParams(max_tokens=2, prompt_logprobs=1)))
