@@ -167,12 +167,17 @@ class BatchDecoder:
         return False
 
     # ------------------------------------------------------------------------------------- one iteration
-    def step(self) -> list[TokenEvent]:
+    def step(self, *, stop: CancelCheck | None = None) -> list[TokenEvent]:
         """One iteration for every active sequence, in one streamed target forward: each decoding sequence gets one
         event, in region order (a finished one's is its last, with finish_reason and stats, and frees its region);
         each admitted sequence still prefilling adds its next prompt chunk to the same forward, and gets its first
         event (after the decoding ones) from the forward that completes its prompt. A sequence whose `cancelled`
-        check answers True is dropped first, without an event, as Engine.generate returns without one."""
+        check answers True is dropped first, without an event, as Engine.generate returns without one.
+
+        `stop` is asked before each decoder layer of the forward (a worker's heartbeat hook, a shutdown): once it
+        answers True, GenerationCancelled is raised and the iteration is void, as if it had not begun (nothing
+        is committed before the forward ends; its draft and scratch rows are rewritten by the next step).
+        """
         for region, seq in enumerate(self._sequences):
             if seq is not None and seq.dec.cancelled is not None and seq.dec.cancelled():
                 self._sequences[region] = None
@@ -185,9 +190,9 @@ class BatchDecoder:
         h2d = engine.target_layers.h2d_bytes
         with torch.inference_mode():
             if engine.drafters:
-                steps, firsts = self._speculative_steps(decoding, prefilling)
+                steps, firsts = self._speculative_steps(decoding, prefilling, stop)
             else:
-                steps, firsts = self._plain_steps(decoding, prefilling)
+                steps, firsts = self._plain_steps(decoding, prefilling, stop)
         share = (engine.target_layers.h2d_bytes - h2d) / len(sequences)  # the forward's stream, paid once for all
         events = []
         for seq in sequences:
@@ -207,20 +212,22 @@ class BatchDecoder:
                 events.append(self._first_event(seq, first))
         return events
 
-    def _forward(self, parts: list[_Rows], *, masked: bool) -> tuple[torch.Tensor, list[SequenceRows]]:
+    def _forward(self, parts: list[_Rows], *, masked: bool,
+                 stop: CancelCheck | None) -> tuple[torch.Tensor, list[SequenceRows]]:
         """One streamed target forward over every part's rows, concatenated in order: the hidden states (rows,
         hidden) and each part's SequenceRows (its row range)."""
         engine = self.engine
         rows, start = [], 0
         for part in parts:
-            stop = start + part.tokens.shape[0]
-            rows.append(SequenceRows(kv_cache=part.kv_cache, start=start, stop=stop, slots=part.slots,
+            end = start + part.tokens.shape[0]
+            rows.append(SequenceRows(kv_cache=part.kv_cache, start=start, stop=end, slots=part.slots,
                                      kv_length=part.kv_length, bias=part.bias))
-            start = stop
+            start = end
         # a masked part needs the masked kernel (flash takes no mask); it runs the unmasked parts as well
         backend = engine.attention.verify_tree if masked else engine.attention.one_token_step
         hidden = engine.target_hidden_batched(torch.cat([p.tokens for p in parts]),
-                                              torch.cat([p.positions for p in parts]), tuple(rows), backend=backend)
+                                              torch.cat([p.positions for p in parts]), tuple(rows), backend=backend,
+                                              stop=stop)
         return hidden, rows
 
     def _prefill_parts(self, prefilling: list[_Sequence]) -> list[_Rows]:
@@ -250,15 +257,15 @@ class BatchDecoder:
             done.append(self.engine.logits(hidden[row.stop - 1 : row.stop]) if end == len(seq.prompt) else None)
         return done
 
-    def _plain_steps(self, sequences: list[_Sequence],
-                     prefilling: list[_Sequence]) -> tuple[list[_Step], list[torch.Tensor | None]]:
+    def _plain_steps(self, sequences: list[_Sequence], prefilling: list[_Sequence],
+                     stop: CancelCheck | None) -> tuple[list[_Step], list[torch.Tensor | None]]:
         """One target forward over every sequence's last token (vanilla, resident) and the prefilling sequences'
         chunks: row i is sequence i's token at slot and position N_i, seeing its region's slots [0, N_i]."""
         engine = self.engine
         start = engine._clock.mark()
         parts = [_Rows(tokens=seq.cursor.root, positions=seq.cursor.length, kv_cache=self._cache(seq),
                        slots=seq.cursor.length, kv_length=seq.committed + 1, bias=None) for seq in sequences]
-        hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=bool(prefilling))
+        hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=bool(prefilling), stop=stop)
         firsts = self._prefilled(prefilling, hidden, rows[len(sequences):])
         if not sequences:
             return [], firsts
@@ -299,8 +306,8 @@ class BatchDecoder:
             trees[i] = tree
         return trees
 
-    def _speculative_steps(self, sequences: list[_Sequence],
-                           prefilling: list[_Sequence]) -> tuple[list[_Step], list[torch.Tensor | None]]:
+    def _speculative_steps(self, sequences: list[_Sequence], prefilling: list[_Sequence],
+                           stop: CancelCheck | None) -> tuple[list[_Step], list[torch.Tensor | None]]:
         """Draft every decoding sequence's tree, verify all of them (and the prefilling sequences' chunks) in one
         target forward, accept per sequence."""
         engine = self.engine
@@ -317,7 +324,7 @@ class BatchDecoder:
             parts.append(_Rows(tokens=tree.tokens, positions=n + tree.depths, kv_cache=self._cache(seq),
                                slots=n + torch.arange(tree.size, device=engine.device), kv_length=n + tree.size,
                                bias=attention_bias(mask, engine._dtype)))
-        hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=True)  # (rows, hidden)
+        hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=True, stop=stop)  # (rows, hidden)
         firsts = self._prefilled(prefilling, hidden, rows[len(sequences):])
         accepted, asked = [], []  # logits a sequence at a time; kept only where logprobs are asked for
         for seq, tree, depth, row in zip(sequences, trees, depths, rows):

@@ -201,14 +201,14 @@ class Engine:
             cancelled, while_waiting)
 
     def target_hidden_batched(self, tokens: torch.Tensor, positions: torch.Tensor, sequences: tuple[SequenceRows, ...],
-                              *, backend: SDPBackend | None) -> torch.Tensor:
+                              *, backend: SDPBackend | None, stop: CancelCheck | None = None) -> torch.Tensor:
         """One streamed target forward over the rows of several sequences (model.forward_hidden_batched): every
         streamed layer is copied once for all of them; the hidden states (rows, hidden), whose logits the caller
         computes a sequence at a time (lm_head is resident: (rows, V) logits of every tree at once would cost the
-        memory of B trees for nothing). No cancel checks inside: one request's abort must not stop the others'
-        forward (the batch drops it at the next iteration)."""
+        memory of B trees for nothing). `stop` is the batch's own check before each layer (a shutdown; a worker's
+        heartbeat hook), never one request's: an abort must not stop the others' forward."""
         return self._with_target_layers(lambda layers: self._forward_batched(layers, tokens, positions, sequences,
-                                                                             backend), None)
+                                                                             backend), stop)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head over hidden states (rows, hidden): float32 logits (rows, V)."""

@@ -259,3 +259,28 @@ def test_an_admitted_prompt_is_prefilled_a_chunk_per_iteration(model, tiny_token
     assert firsts == [["decoding"], ["decoding"], ["decoding", "long"]]
     with pytest.raises(ValueError, match="prompt logprobs"):
         batch.admit(GenerationRequest("scored", (1, 2, 3), SamplingParams(max_tokens=2, prompt_logprobs=1)))
+
+
+@pytest.mark.parametrize("mode", ["subspec", "vanilla"])
+def test_a_step_stopped_inside_its_forward_is_void(model, tiny_tokenizer, mode) -> None:
+    """`step(stop=...)` asks before each layer; a stop raises GenerationCancelled and leaves the batch as before the
+    step (the ring reset, nothing committed), so the next steps still give every request its solo tokens."""
+    from subspec_core.cancel import GenerationCancelled
+
+    solo = tiny_engine(model, tiny_tokenizer, mode=mode, speculation=SPEC)
+    batched = tiny_engine(model, tiny_tokenizer, mode=mode, speculation=SPEC, max_num_seqs=4)
+    batch = BatchDecoder(batched)
+    schedule = SCHEDULE[:3]
+    for _, request in schedule[:2]:
+        batch.join(request)
+    batch.admit(schedule[2][1])  # its first chunk is in the stopped forward too
+    asked = []
+    with pytest.raises(GenerationCancelled):
+        batch.step(stop=lambda: asked.append(1) or len(asked) > 1)  # stops before the second layer
+    assert len(asked) == 2 and batch.active == 3
+    got = decode_together(batch, ())
+    for _, request in schedule[:2]:  # their first tokens came from join
+        expected, _ = generate_ids(solo, list(request.prompt_token_ids), **request.sampling.__dict__)
+        assert got[request.request_id] == expected[1:]
+    expected, _ = generate_ids(solo, list(schedule[2][1].prompt_token_ids), **schedule[2][1].sampling.__dict__)
+    assert got[schedule[2][1].request_id] == expected
