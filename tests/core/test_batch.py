@@ -284,3 +284,24 @@ def test_a_step_stopped_inside_its_forward_is_void(model, tiny_tokenizer, mode) 
         assert got[request.request_id] == expected[1:]
     expected, _ = generate_ids(solo, list(schedule[2][1].prompt_token_ids), **schedule[2][1].sampling.__dict__)
     assert got[schedule[2][1].request_id] == expected
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "subspec"])
+def test_streamed_bytes_per_generated_token_fall_with_the_batch(model, tiny_tokenizer, mode) -> None:
+    """Issue #20's measure on the tiny model: four requests admitted together stream at most 0.35x the weight
+    bytes per generated token of one alone (ideally 0.25x: one stream per iteration for four sequences)."""
+    def bytes_per_token(count: int) -> float:
+        engine = tiny_engine(model, tiny_tokenizer, mode=mode, speculation=SPEC, max_num_seqs=count)
+        batch = BatchDecoder(engine)
+        for i in range(count):
+            batch.admit(GenerationRequest(f"r{i}", tuple(range(10 + i, 30 + i)),
+                                          SamplingParams(max_tokens=48, temperature=0)))
+        start, tokens = engine.target_layers.h2d_bytes, 0
+        while batch.active:
+            tokens += sum(len(event.token_ids) for event in batch.step())
+        return (engine.target_layers.h2d_bytes - start) / tokens
+
+    ratio = bytes_per_token(4) / bytes_per_token(1)
+    assert ratio <= 0.35
+    if mode == "vanilla":  # one token per sequence per forward, the prompts' chunks riding along: exactly 1/4
+        assert ratio == pytest.approx(0.25)
