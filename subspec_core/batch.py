@@ -7,10 +7,12 @@ three calls, each over the batch: draft every sequence's tree with one draft for
 linears over every row, attention per sequence within its own KV region), then accept, commit and emit per
 sequence with its own sampling parameters and seed. Vanilla and resident: one forward over every last token.
 
-Requests join at iteration boundaries (`join`: a prefill of their own into a free region, then the first token)
-and leave when they finish, are cancelled or dropped (`leave`). No one else's tokens change: each sequence decodes
-what it would alone (its own region and position-keyed sampling; rows computed beside other rows may round
-differently in the last bit, which flips only a float32 near-tie, see agreement.py).
+Requests join at iteration boundaries into a free KV region: `admit` prefills the prompt a chunk per iteration
+inside the batch's own forwards (a prompt no longer costs everyone an extra pass over the weights), `join` in
+forwards of its own before returning the first event (prompt logprobs need it). They leave when they finish, are
+cancelled or dropped (`leave`). No one else's tokens change: each sequence decodes what it would alone (its own
+region and position-keyed sampling; rows computed beside other rows may round differently in the last bit, which
+flips only a float32 near-tie, see agreement.py). batch_rows.py builds each participant's rows.
 
 Restrictions for now: post-speculation (post_levels > 0) and structured outputs (a constraint) keep their
 single-sequence path, Engine.generate. A BatchDecoder decodes in every region, region 0 included, which
@@ -28,10 +30,11 @@ from subspec_core.batch_drafting import DraftRequest, grow_batched
 from subspec_core.cancel import CancelCheck
 from subspec_core.detokenize import IncrementalDetokenizer
 from subspec_core.engine import Engine, _Cursor, _Decoding, _request_seed, _Step, _step_logprobs
+from subspec_core.batch_rows import ForwardRows, concatenate, prefill_rows, root_only_tree, token_rows, tree_rows
 from subspec_core.kv_cache import KVCache
-from subspec_core.model import SequenceRows, attention_bias
+from subspec_core.model import SequenceRows
 from subspec_core.sampling import choose_tokens
-from subspec_core.tree import TokenTree, causal_chunk_mask, select_verify_nodes, subtree, tree_attention_mask
+from subspec_core.tree import TokenTree, select_verify_nodes, subtree
 from subspec_core.types import FINISH_LENGTH, GenerationRequest, RequestStats, TokenEvent
 
 
@@ -50,19 +53,6 @@ class _Sequence:
     committed: int = 0  # KV rows written; the last step's last token (the root) is not in the cache yet
     last: _Step | None = None
     h2d_share: float = 0.0  # weight bytes streamed on its behalf: its own prefill's, its share of each forward
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """One participant's rows in a batched forward: tokens and positions (n,), written at `slots` of its region,
-    attending over the region's slots [0, kv_length) under `bias` (None: all of them)."""
-
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    kv_cache: KVCache
-    slots: torch.Tensor
-    kv_length: int
-    bias: torch.Tensor | None
 
 
 class BatchDecoder:
@@ -212,41 +202,25 @@ class BatchDecoder:
                 events.append(self._first_event(seq, first))
         return events
 
-    def _forward(self, parts: list[_Rows], *, masked: bool,
-                 stop: CancelCheck | None) -> tuple[torch.Tensor, list[SequenceRows]]:
+    def _forward(self, parts: list[ForwardRows], *, masked: bool,
+                 stop: CancelCheck | None) -> tuple[torch.Tensor, tuple[SequenceRows, ...]]:
         """One streamed target forward over every part's rows, concatenated in order: the hidden states (rows,
         hidden) and each part's SequenceRows (its row range)."""
         engine = self.engine
-        rows, start = [], 0
-        for part in parts:
-            end = start + part.tokens.shape[0]
-            rows.append(SequenceRows(kv_cache=part.kv_cache, start=start, stop=end, slots=part.slots,
-                                     kv_length=part.kv_length, bias=part.bias))
-            start = end
+        tokens, positions, rows = concatenate(parts)
         # a masked part needs the masked kernel (flash takes no mask); it runs the unmasked parts as well
         backend = engine.attention.verify_tree if masked else engine.attention.one_token_step
-        hidden = engine.target_hidden_batched(torch.cat([p.tokens for p in parts]),
-                                              torch.cat([p.positions for p in parts]), tuple(rows), backend=backend,
-                                              stop=stop)
-        return hidden, rows
+        return engine.target_hidden_batched(tokens, positions, rows, backend=backend, stop=stop), rows
 
-    def _prefill_parts(self, prefilling: list[_Sequence]) -> list[_Rows]:
-        """Each prefilling sequence's next prompt chunk: rows at slots and positions [start, end) of its region,
-        causal among themselves, seeing its rows [0, start) (the same chunks its own prefill would run)."""
+    def _prefill_parts(self, prefilling: list[_Sequence]) -> list[ForwardRows]:
+        """Each prefilling sequence's next prompt chunk (batch_rows.prefill_rows)."""
         engine = self.engine
-        parts = []
-        for seq in prefilling:
-            start = seq.prefilled
-            end = min(start + engine.prefill_chunk_size, len(seq.prompt))
-            slots = torch.arange(start, end, device=engine.device)
-            mask = causal_chunk_mask(start=start, length=end - start, device=engine.device)
-            parts.append(_Rows(tokens=torch.tensor(seq.prompt[start:end], dtype=torch.long, device=engine.device),
-                               positions=slots, kv_cache=self._cache(seq), slots=slots, kv_length=end,
-                               bias=attention_bias(mask, engine._dtype)))
-        return parts
+        return [prefill_rows(prompt=seq.prompt, start=seq.prefilled, chunk_size=engine.prefill_chunk_size,
+                             kv_cache=self._cache(seq), dtype=engine._dtype, device=engine.device)
+                for seq in prefilling]
 
     def _prefilled(self, prefilling: list[_Sequence], hidden: torch.Tensor,
-                   rows: list[SequenceRows]) -> list[torch.Tensor | None]:
+                   rows: tuple[SequenceRows, ...]) -> list[torch.Tensor | None]:
         """Record each prefilling sequence's chunk as committed rows; where it completed the prompt, the logits
         (1, V) of its last row (they choose the first token), else None."""
         done: list[torch.Tensor | None] = []
@@ -263,8 +237,8 @@ class BatchDecoder:
         chunks: row i is sequence i's token at slot and position N_i, seeing its region's slots [0, N_i]."""
         engine = self.engine
         start = engine._clock.mark()
-        parts = [_Rows(tokens=seq.cursor.root, positions=seq.cursor.length, kv_cache=self._cache(seq),
-                       slots=seq.cursor.length, kv_length=seq.committed + 1, bias=None) for seq in sequences]
+        parts = [token_rows(token=seq.cursor.root, length=seq.cursor.length, committed=seq.committed,
+                            kv_cache=self._cache(seq)) for seq in sequences]
         hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=bool(prefilling), stop=stop)
         firsts = self._prefilled(prefilling, hidden, rows[len(sequences):])
         if not sequences:
@@ -317,13 +291,8 @@ class BatchDecoder:
         draft_start = engine._clock.mark()
         trees = self._trees(sequences, depths) if sequences else []
         verify_start = engine._clock.mark()
-        parts = []
-        for seq, tree in zip(sequences, trees):
-            n = seq.committed
-            mask = tree_attention_mask(ancestors=tree.ancestors, prefix_length=n)  # its prefix and its ancestors
-            parts.append(_Rows(tokens=tree.tokens, positions=n + tree.depths, kv_cache=self._cache(seq),
-                               slots=n + torch.arange(tree.size, device=engine.device), kv_length=n + tree.size,
-                               bias=attention_bias(mask, engine._dtype)))
+        parts = [tree_rows(tree=tree, committed=seq.committed, kv_cache=self._cache(seq), dtype=engine._dtype)
+                 for seq, tree in zip(sequences, trees)]
         hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=True, stop=stop)  # (rows, hidden)
         firsts = self._prefilled(prefilling, hidden, rows[len(sequences):])
         accepted, asked = [], []  # logits a sequence at a time; kept only where logprobs are asked for
@@ -353,12 +322,3 @@ class BatchDecoder:
                 seq.dec, logits.index_select(0, path.nodes[: len(values)]), emitted[: len(values)])
             steps.append(_Step(values, tree.size - 1, logprobs))
         return steps, firsts
-
-
-def root_only_tree(root: torch.Tensor) -> TokenTree:
-    """A tree of the root alone (1,): verifying it is a plain one-token step (its one row picks the next token)."""
-    device = root.device
-    return TokenTree(tokens=root.clone(), parents=torch.full((1,), -1, dtype=torch.long, device=device),
-                     depths=torch.zeros(1, dtype=torch.long, device=device),
-                     scores=torch.zeros(1, dtype=torch.float32, device=device),
-                     ancestors=torch.ones(1, 1, dtype=torch.bool, device=device))
