@@ -1,0 +1,77 @@
+"""GPU check of batched decoding (subspec_core/batch.py, issue #20): four chat prompts decoded together on the real
+CUDA path (memory-efficient attention per sequence, the copy stream's ring) each return their solo tokens, up to
+a bf16 near-tie (agreement.py), in subspec and vanilla mode; the batch streams the weights once per iteration.
+
+Skipped without CUDA. On the lent GPU machine: `python -m pytest -q tests/gpu/test_gpu_batch.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from subspec_core.agreement import compare_generations
+from subspec_core.batch import BatchDecoder
+from subspec_core.build import build_engine
+from subspec_core.config import resolve_engine_config
+from subspec_core.engine import Engine
+from subspec_core.types import GenerationRequest, SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+PROMPTS = [
+    "Write a haiku about autumn leaves.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "What is 12 times 13? Explain.",
+    "Décris Paris en deux phrases.",
+]
+SAMPLING = [SamplingParams(max_tokens=64, temperature=0), SamplingParams(max_tokens=40, temperature=0.8, seed=3),
+            SamplingParams(max_tokens=64, temperature=0), SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9,
+                                                                          seed=5)]
+
+
+def _engine(mode: str, max_num_seqs: int) -> Engine:
+    model = os.environ.get("SUBSPEC_DEVICE_MODEL", "default")
+    data = {"model": model, "mode": mode, "device": "cuda", "max_resident_layers": 0, "gpu_memory_budget": "6GiB",
+            "max_num_seqs": max_num_seqs}
+    return build_engine(resolve_engine_config(yaml_data=data, environ={}), progress=False)
+
+
+def _chat_prompt(engine: Engine, text: str) -> tuple[int, ...]:
+    tok = engine.tokenizer
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tuple(tok.encode(rendered, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("mode", ["subspec", "vanilla"])
+def test_four_requests_decoded_together_return_their_solo_tokens(mode) -> None:
+    solo, batched = _engine(mode, 1), _engine(mode, 4)
+    requests = [GenerationRequest(f"r{i}", _chat_prompt(solo, text), params)
+                for i, (text, params) in enumerate(zip(PROMPTS, SAMPLING))]
+    batch = BatchDecoder(batched)
+    got: dict[str, list[int]] = {}
+    for request in requests[:3]:
+        batch.admit(request)
+    iterations = 0
+    streamed = []
+    while batch.active or len(got) < len(requests):
+        if iterations == 2:
+            batch.admit(requests[3])  # joins after the others started
+        before = batched.target_layers.h2d_bytes
+        for event in batch.step():
+            got.setdefault(event.request_id, []).extend(event.token_ids)
+        streamed.append(batched.target_layers.h2d_bytes - before)
+        iterations += 1
+    torch.cuda.synchronize()
+    assert len(set(streamed)) == 1  # one weight stream per iteration, prompts riding along
+    for request in requests:
+        expected = [t for e in solo.generate(request) for t in e.token_ids]
+        params = request.sampling
+        agreement = compare_generations(solo, request.prompt_token_ids, expected, got[request.request_id],
+                                        exact=False, dtype=torch.bfloat16, params=params, seed=params.seed)
+        assert agreement.ok, f"{request.request_id}: {agreement}"
