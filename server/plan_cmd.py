@@ -5,9 +5,10 @@
 
 The model's shape is read offline (`subspec_core.shapes`). The budget is --gpu-memory-budget, else the config's,
 else what the preset's card class allows (fit.CARD_SHARE of it); the start-up check against the GPU's free
-memory comes after this plan. --json prints one object: mode, max_num_seqs and kv_bytes (the KV cache of all
-its sequences), device_total_bytes (everything the process holds on the GPU, reserves included), reserve_bytes
-(the part that is not tensors), budget_bytes, resident_layers and streamed_layers (counts), and the rows.
+memory comes after this plan. --json prints one object: mode, max_num_seqs, kv_bytes (the KV cache of all its
+sequences), seqs_that_fit (how many the budget holds at the same resident layers), device_total_bytes
+(everything the process holds on the GPU, reserves included), reserve_bytes (the part that is not tensors),
+budget_bytes, resident_layers and streamed_layers (counts), and the rows.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def run_plan(args: argparse.Namespace) -> int:
         "card_limit_bytes": limit, "resident_layers": len(plan.resident_layers),
         "streamed_layers": len(plan.streamed_layers), "prefill_chunk_size": plan.prefill_chunk_size,
         "host_ram_bytes": plan.host_ram_bytes, "max_num_seqs": config.max_num_seqs,
+        "seqs_that_fit": plan.seqs_that_fit,
         "kv_bytes": sum(r.nbytes for r in plan.rows if r.component == "KV cache"),
         "dtype": str(dtype).removeprefix("torch."),
         "rows": [{"component": r.component, "location": r.location, "bytes": r.nbytes, "detail": r.detail,
@@ -78,8 +80,10 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"{config.model}: {found.shape.architecture}, {found.shape.num_layers} layers, {report['dtype']} "
           f"(shape: {found.source})")
     print(choice.line())
+    fits = "" if plan.seqs_that_fit is None else (
+        f"; the budget holds up to {plan.seqs_that_fit} at these resident layers")
     print(f"max_num_seqs {config.max_num_seqs}: KV cache {report['kv_bytes'] / 2**20:.1f} MiB "
-          f"({report['kv_bytes'] / config.max_num_seqs / 2**20:.1f} MiB per sequence)")
+          f"({report['kv_bytes'] / config.max_num_seqs / 2**20:.1f} MiB per sequence){fits}")
     if card is not None:
         print(f"card {card}: device total {plan.device_bytes / 2**30:.2f} GiB, "
               f"{plan.device_bytes / card_bytes(str(card)):.1%} of its {card_bytes(str(card)) / 2**30:.0f} GiB "

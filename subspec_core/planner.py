@@ -57,6 +57,10 @@ class MemoryPlan:
     # Host RAM the weights need at load, at its peak: the streamed layers' arena, one layer being read and the
     # shared weights passing through (on a CPU also everything the device rows hold: it is the same memory).
     host_ram_bytes: int = 0
+    max_num_seqs: int = 1  # sequences decoded together, each with a KV region (config.max_num_seqs)
+    # with a budget: the most sequences the same resident layers and prefill chunk leave room for (capped at
+    # MAX_SEQS_PROBED), what an automatic choice of max_num_seqs would start from; None without a budget
+    seqs_that_fit: int | None = None
 
     @property
     def device_bytes(self) -> int:
@@ -168,6 +172,7 @@ def logits_bytes(*, rows: int, vocab_size: int, positions: int | None = None) ->
 # Prefill chunks the planner picks from when the config leaves the size unset: each chunk streams every offloaded
 # weight once, so fewer, larger chunks mean fewer weight passes; 256 is the paper's size at 8 GB, 4096 its largest.
 MIN_AUTO_PREFILL_CHUNK = 256
+MAX_SEQS_PROBED = 64  # MemoryPlan.seqs_that_fit looks no further
 MAX_AUTO_PREFILL_CHUNK = 4096
 
 
@@ -198,10 +203,10 @@ def plan_memory(
     speculative = mode == "subspec"
     capacity = kv_capacity(max_model_len=max_model_len, tree_slots=speculation.tree_slots if speculative else 1)
 
-    def sizes_for(chunk: int) -> PlanSizes:
+    def sizes_for(chunk: int, seqs: int = max_num_seqs) -> PlanSizes:
         return plan_sizes(shape=shape, dtype=dtype, mode=mode, speculation=speculation, capacity=capacity, chunk=chunk,
                           max_model_len=max_model_len, stream_slots=stream_slots, shared_bytes=shared_bytes,
-                          device_type=device_type, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
+                          device_type=device_type, cuda_graphs=cuda_graphs, max_num_seqs=seqs)
 
     chunk = prefill_chunk_size or min(MIN_AUTO_PREFILL_CHUNK, max_model_len)
     sizes = sizes_for(chunk)
@@ -240,8 +245,14 @@ def plan_memory(
     rows = _rows(sizes, resident=resident, streamed_ids=streamed_ids, shape=shape, mode=mode, speculation=speculation,
                  capacity=capacity, chunk=chunk, chunk_auto=prefill_chunk_size is None, device_type=device_type,
                  max_num_seqs=max_num_seqs)
+    fit = None
+    if budget_bytes is not None:  # sequences grow the KV, activations and tree rows: the first count that does not fit
+        fit = max_num_seqs
+        while fit < MAX_SEQS_PROBED and device_total(resident, sizes_for(chunk, fit + 1)) <= budget_bytes:
+            fit += 1
     plan = MemoryPlan(resident_layers=tuple(range(resident)), streamed_layers=streamed_ids, rows=tuple(rows),
-                      budget_bytes=budget_bytes, device_type=device_type, prefill_chunk_size=chunk)
+                      budget_bytes=budget_bytes, device_type=device_type, prefill_chunk_size=chunk,
+                      max_num_seqs=max_num_seqs, seqs_that_fit=fit)
     host_ram = host_ram_at_load(plan, layer_bytes=sizes.layer, shared_bytes=shared_bytes)
     return dataclasses.replace(plan, host_ram_bytes=host_ram)
 

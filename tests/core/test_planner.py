@@ -410,3 +410,21 @@ def test_max_num_seqs_is_a_setting_like_every_other():
     assert resolve_engine_config(environ={}).max_num_seqs == 1
     with pytest.raises(ValueError, match="max_num_seqs"):
         resolve_engine_config(environ={}, cli_overrides={"max_num_seqs": 0})
+
+
+def test_the_plan_says_how_many_sequences_its_budget_holds():
+    """seqs_that_fit: the most sequences the same resident layers and prefill chunk leave room for; one more costs
+    a resident layer. Without a budget there is no such number."""
+    assert plan(budget=None).seqs_that_fit is None
+    common = dict(shape=QWEN7B, dtype=torch.bfloat16, mode="subspec", speculation=SpeculationConfig(max_depth=48),
+                  max_model_len=2048, prefill_chunk_size=256, stream_slots=2, max_resident_layers=None,
+                  shared_bytes=QWEN7B_SHARED)
+    for budget in (10 * GiB, 12 * GiB):
+        one = plan_memory(**common, budget_bytes=budget)
+        fit = one.seqs_that_fit
+        assert fit is not None and 1 <= fit < 64 and one.max_num_seqs == 1
+        fitted = plan_memory(**common, budget_bytes=budget, max_num_seqs=fit)
+        assert fitted.resident_layers == one.resident_layers and fitted.device_bytes <= budget
+        assert fitted.seqs_that_fit == fit
+        over = plan_memory(**common, budget_bytes=budget, max_num_seqs=fit + 1)
+        assert len(over.resident_layers) < len(one.resident_layers)
