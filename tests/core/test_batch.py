@@ -305,3 +305,14 @@ def test_streamed_bytes_per_generated_token_fall_with_the_batch(model, tiny_toke
     assert ratio <= 0.35
     if mode == "vanilla":  # one token per sequence per forward, the prompts' chunks riding along: exactly 1/4
         assert ratio == pytest.approx(0.25)
+
+
+def test_generate_still_decodes_one_request_on_an_engine_with_regions(model, tiny_tokenizer) -> None:
+    """Engine.generate on a max_num_seqs 3 engine decodes in region 0 (a view of the shared allocation): the same
+    tokens as on a single-sequence engine."""
+    solo = tiny_engine(model, tiny_tokenizer, speculation=SPEC)
+    batched = tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=3)
+    assert batched.kv_cache is batched.kv_regions[0] and not batched.kv_cache.data.is_contiguous()
+    for _, request in SCHEDULE:
+        prompt, params = list(request.prompt_token_ids), request.sampling.__dict__
+        assert generate_ids(batched, prompt, **params)[0] == generate_ids(solo, prompt, **params)[0]
