@@ -103,7 +103,8 @@ class BatchDecoder:
 
     def join(self, request: GenerationRequest, *, cancelled: CancelCheck | None = None) -> TokenEvent:
         """Admit a request between iterations and prefill its prompt now, in forwards of its own (prompt logprobs
-        too); its first event (finished already when max_tokens allows one token, or none)."""
+        too); its first event (finished already when max_tokens allows one token, or none). Its `cancelled` is
+        asked before each layer of that prefill: a True answer raises GenerationCancelled and admits nothing."""
         seq = self._new_sequence(request, cancelled)
         engine = self.engine
         h2d = engine.target_layers.h2d_bytes

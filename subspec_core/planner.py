@@ -277,7 +277,8 @@ def _rows(s: PlanSizes, *, resident: int, streamed_ids: tuple[int, ...], shape: 
                 f"{chunk}{' (auto)' if chunk_auto else ''}"),
     ]
     if speculative:
-        rows.append(PlanRow("tree masks", DEVICE, s.tree, f"{seqs}depth {speculation.max_depth} x topk {speculation.topk}"))
+        rows.append(PlanRow("tree masks", DEVICE, s.tree,
+                            f"{seqs}depth {speculation.max_depth} x topk {speculation.topk}"))
         rows.append(PlanRow(f"draft substitutes ({speculation.quant_type})", DEVICE, streamed * s.substitute,
                             f"{streamed} streamed layers, block {speculation.quant_block_size}"))
     rows.append(PlanRow("resident decoder layers", DEVICE, resident * s.layer,
