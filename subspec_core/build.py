@@ -184,13 +184,14 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
         plan=plan, device=device, hardware=hardware, tokenizer=weights.tokenizer, eos_token_ids=weights.eos_token_ids,
         model_name=model_name, kv_regions=regions,
     ))
-    phases.note(engine.attention.line())
     if engine.drafter is None and config.cuda_graphs and device.type == "cuda":
         with torch.inference_mode(), phases.phase("graphs") as phase:
             graphs = StepGraphs(shape=shape, shared=shared, kv_cache=kv_cache, layers=target_layers,
                                 backend=engine.attention.draft_level, device=device)
             graphed = graphs.capture()
             engine.step_graphs = graphs if graphed else None
+            if graphed:  # the graphed step attends masked over its bucket, with the masked calls' kernel
+                engine.attention = dataclasses.replace(engine.attention, one_token_step=engine.attention.draft_level)
             phase.detail = (f"one-token step captured per layer for {len(graphs.lengths)} attention lengths "
                             f"{list(graphs.lengths)}" if graphed else "capture failed: eager one-token step")
     if engine.drafter is not None and config.cuda_graphs and device.type == "cuda":
@@ -199,4 +200,5 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
             lengths = engine.drafter.bucket_lengths
             phase.detail = (f"draft root and level steps captured for {len(lengths)} attention lengths {list(lengths)}"
                             if graphed else "capture failed: eager drafting")
+    phases.note(engine.attention.line())
     return engine

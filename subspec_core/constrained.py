@@ -101,8 +101,8 @@ class TreeMasks:
         """Add a drafted level (`nodes` (k,) into the tree's `tokens` and `parents`) and return its (k, V) masks:
         what may follow each new node."""
         started = time.perf_counter()
-        ids = nodes.tolist()  # the level's one host read
-        words = self._grammar.add(parents[nodes].tolist(), tokens[nodes].tolist())
+        ids, level_parents, level_tokens = torch.stack([nodes, parents[nodes], tokens[nodes]]).tolist()  # one read
+        words = self._grammar.add(level_parents, level_tokens)
         assert ids == list(range(len(self._grammar) - len(ids), len(self._grammar))), "levels are added in order"
         return self._to_device(words, started)
 

@@ -72,6 +72,9 @@ class CudaCopies:
     def __init__(self, *, device: torch.device, num_slots: int) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
+        # the ring's slots were allocated on the compute stream, whose last kernels (quantizing the draft) may
+        # still read memory the allocator handed them: the first copies wait for that work
+        self.stream.wait_stream(torch.cuda.current_stream(device))
         self.filled = [torch.cuda.Event() for _ in range(num_slots)]
         self.free = [torch.cuda.Event() for _ in range(num_slots)]
 

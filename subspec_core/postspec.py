@@ -27,7 +27,9 @@ Races, and why there are none:
   only ever covers draft rows of verified levels; the extension's rows lie past them.
 - `rebase` moves the kept nodes' draft rows to sit right after the new committed length and re-numbers the
   tree, so a chained tree is laid out like a fresh one: the tree's size stays within `max_levels`, the
-  bucket's mask buffer and the KV capacity, whatever the chain's length (the authors' unbounded growth).
+  bucket's mask buffer and the KV capacity, whatever the chain's length (the authors' unbounded growth). A
+  rebase keeps the tree's attention bucket while N moves on, so no chain is made once its extension could
+  write past that bucket (`settle`); the next tree is grown fresh, in the longer bucket.
 - No draft work survives a request: extension levels run only from inside the verify they belong to (the
   wait hook is an argument of that one forward); an abort raises out of it and `abandon` drops the chain
   (on CUDA the compute stream first waits for the side stream, so the next request's KV writes follow it).
@@ -174,11 +176,18 @@ class PostSpeculation:
         return torch.cat([node, member.sum().view(1), deepest])
 
     def settle(self, *, node: int, live: int, deepest: int, committed: int) -> None:
-        """After the iteration's read: chain when its candidates say so, re-rooting the tree at `node`."""
+        """After the iteration's read: chain when its candidates say so, re-rooting the tree at `node`. Not when
+        the new root has no level below it (the chain would verify nothing drafted), nor when the re-rooted
+        tree's extension could write past its attention bucket (a rebase keeps the bucket while N moves on;
+        a fresh grow picks the longer one)."""
         if node < 0:
             return
-        level = 1 + (node - 1) // self.drafter.topk
-        self.drafter.rebase(node=node, committed=committed, kv_move=self._kv_move)
+        drafter = self.drafter
+        level = 1 + (node - 1) // drafter.topk
+        assert drafter.bucket is not None
+        if deepest - level < 1 or committed + self.draft_rows > drafter.bucket.length:
+            return
+        drafter.rebase(node=node, committed=committed, kv_move=self._kv_move)
         self._chain = _Chain(live=live, depth=deepest - level)
 
     def abandon(self) -> None:

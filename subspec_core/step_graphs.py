@@ -17,6 +17,7 @@ over L slots with the masked calls' kernel (memory-efficient); the eager step at
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -62,11 +63,15 @@ class StepGraphs:
         return next(length for length in self.lengths if length > prefix_length)
 
     def _weights(self) -> list[tuple[int, Linears]]:
-        """Every (layer, linears) a step may run: the resident layers, and each streamed layer in every slot."""
+        """Every (layer, linears) a step may run: the resident layers, and each streamed layer in each ring slot
+        it can land in. The ring hands out copy p (from 0, again after a reset) as layer order[p % n] in slot
+        p % S, so the pairs repeat with period lcm(n, S): with n a multiple of S a layer always has one slot."""
         out: list[tuple[int, Linears]] = [(i, linears) for i, linears in self.layers.resident.items()]
         streamer = self.layers.streamer
         if streamer is not None:
-            out += [(i, DenseLinears(views)) for i in streamer.order for views in streamer.slot_views]
+            n, slots = len(streamer.order), streamer.num_slots
+            pairs = {(streamer.order[p % n], p % slots) for p in range(math.lcm(n, slots))}
+            out += [(i, DenseLinears(streamer.slot_views[s])) for i, s in sorted(pairs)]
         return out
 
     @staticmethod
@@ -131,11 +136,16 @@ class StepGraphs:
         N as `prefix_length` on the host), replaying the graphs; `layers` hands out each layer as in an eager
         forward (the ring's waits, cancel checks)."""
         length = self.bucket(prefix_length)
-        self.token.copy_(token)
-        self.position.copy_(position)
-        self.head[length].replay()
-        for i in range(self.shape.num_layers):
-            linears = layers.acquire(i)
-            self.layer[self._key(i, linears, length)].replay()
-            layers.release(i)
+        with torch.inference_mode():  # the buffers were made under it (at build); a caller outside may update them
+            self.token.copy_(token)
+            self.position.copy_(position)
+            self.head[length].replay()
+            for i in range(self.shape.num_layers):
+                linears = layers.acquire(i)
+                graph = self.layer.get(self._key(i, linears, length))
+                if graph is None:  # a (layer, slot) pair the ring's cycle was not expected to produce: run it eagerly
+                    self._layer_step(i, linears, length)
+                else:
+                    graph.replay()
+                layers.release(i)
         return self.x

@@ -100,6 +100,11 @@ class ServerMetrics:
                                             labels, registry=r)
         self.vllm_accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
                                              "Accepted tokens per draft position", [*labels, "position"], registry=r)
+        # vLLM's scheduler gauges under its names and labels (dashboards and autoscalers built for vLLM)
+        self.vllm_running = Gauge("vllm:num_requests_running", "Number of requests running on the GPU", labels,
+                                  registry=r)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed", labels,
+                                  registry=r)
         self.model_name = ""
 
     def bind(self, *, waiting: Callable[[], int], running: Callable[[], int],
@@ -110,6 +115,8 @@ class ServerMetrics:
             counter.labels(model_name=model_name, engine="0")  # exported (at 0) before the first request
         self.queue_depth.set_function(lambda: float(waiting()))
         self.running.set_function(lambda: float(running()))
+        self.vllm_waiting.labels(model_name=model_name, engine="0").set_function(lambda: float(waiting()))
+        self.vllm_running.labels(model_name=model_name, engine="0").set_function(lambda: float(running()))
         self.registry.register(_EngineStateCollector(engine_status))
 
     def start(self, endpoint: str) -> RequestRecord:

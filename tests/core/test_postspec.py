@@ -32,7 +32,7 @@ def model() -> Any:
 
 
 def pipelined(model: Any, tokenizer: Any, **overrides: Any) -> Engine:
-    return tiny_engine(model, tokenizer, speculation=SPEC, **{"max_resident_layers": 2, **LINK, **overrides})
+    return tiny_engine(model, tokenizer, **{"speculation": SPEC, "max_resident_layers": 2, **LINK, **overrides})
 
 
 class Spy:
@@ -185,4 +185,33 @@ def test_a_constrained_request_after_a_chain_is_grown_fresh_and_never_chained(mo
         assert stats.chained_iterations == 0 and stats.iterations > 0
     expected, _ = generate_ids(vanilla, PROMPTS[0], max_tokens=40, temperature=0)
     assert generate_ids(engine, PROMPTS[0], max_tokens=40, temperature=0)[0] == expected
+    engine.close()
+
+
+def test_a_chain_across_an_attention_bucket_boundary_grows_fresh_in_the_longer_bucket(model, tiny_tokenizer):
+    """A re-rooted tree keeps its attention bucket; once the committed prefix has moved so far that the chained
+    tree's extension would write past that bucket's last slot, the iteration grows fresh (a longer bucket)
+    instead of chaining. Prompts end just before the first bucket's limit, so chains cross it."""
+    vanilla = tiny_engine(model, tiny_tokenizer, mode="vanilla", max_model_len=512)
+    engine = pipelined(model, tiny_tokenizer, max_model_len=512, simulate_link_gbps=None, simulate_link_jitter_s=0.0)
+    first = engine.drafter.buckets[0].length
+    chained = 0
+    for start in (first - 1 - engine.config.speculation.draft_levels * SPEC.topk - 6, first - 40):
+        prompt = [(7 * i) % 500 + 3 for i in range(start)]
+        expected, _ = generate_ids(vanilla, prompt, max_tokens=60, temperature=0)
+        got, stats = generate_ids(engine, prompt, max_tokens=60, temperature=0)
+        assert got == expected
+        chained += stats.chained_iterations
+    assert chained > 0
+
+
+def test_one_extension_level_never_chains_a_tree_without_levels(model, tiny_tokenizer):
+    """post_levels 1: the bonus token's node is on the extension's only level, so its subtree has no level below
+    it; such a chain is never made (its rebase would number frontier nodes below 0)."""
+    vanilla = tiny_engine(model, tiny_tokenizer, mode="vanilla")
+    engine = pipelined(model, tiny_tokenizer, speculation=SpeculationConfig(topk=2, max_depth=3, post_levels=1))
+    for prompt in PROMPTS:
+        expected, _ = generate_ids(vanilla, prompt, max_tokens=40, temperature=0)
+        got, stats = generate_ids(engine, prompt, max_tokens=40, temperature=0)
+        assert got == expected and stats.chained_iterations == 0
     engine.close()

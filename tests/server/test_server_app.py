@@ -310,6 +310,11 @@ def test_queue_full_is_a_429_and_admitted_requests_complete_in_order():
         assert error_of(rejected, 429)["code"] == "queue_full"
         assert rejected.headers["Retry-After"] == "1"
         assert httpx.get(f"{server.base_url}/health").json()["queue_depth"] == 2
+        with httpx.Client(base_url=server.base_url) as http:
+            gauges = scrape_metrics(http)
+        labels = '{engine="0",model_name="fake-model"}'
+        assert gauges["subspec_requests_running"] == gauges["vllm:num_requests_running" + labels] == 1
+        assert gauges["subspec_queue_depth"] == gauges["vllm:num_requests_waiting" + labels] == 2
         gate.set()
         for thread in threads:
             thread.join(30)
