@@ -1,8 +1,9 @@
-"""Admission control: one request on the GPU at a time, a bounded FIFO of the ones waiting behind it.
+"""Admission control: up to `slots` requests on the GPU at once (the engine's max_num_seqs; 1 by default), a
+bounded FIFO of the ones waiting behind them.
 
 A request first `reserve()`s a ticket: synchronously, before any response byte is sent, so a full queue
-is an immediate 429. The ticket either holds the GPU slot at once or waits in line; `wait_turn()` returns
-when it holds the slot. `release()` hands the slot to the oldest waiter. Releasing (or cancelling) a
+is an immediate 429. The ticket either holds a GPU slot at once or waits in line; `wait_turn()` returns
+when it holds one. `release()` hands the slot to the oldest waiter. Releasing (or cancelling) a
 ticket in any state is safe and idempotent, so every exit path can simply release. `close()` (graceful
 shutdown) turns new requests away and ends every waiting ticket's wait with `AdmissionClosed`.
 """
@@ -53,14 +54,17 @@ class Ticket:
 
 
 class Admission:
-    """Bounded FIFO in front of a single execution slot (batch size 1)."""
+    """Bounded FIFO in front of `slots` execution slots (the sequences the engine decodes together)."""
 
-    def __init__(self, max_waiting: int) -> None:
+    def __init__(self, max_waiting: int, slots: int = 1) -> None:
         if max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
         self.max_waiting = max_waiting
+        self.slots = slots
         self._waiting: deque[Ticket] = deque()
-        self._running: Ticket | None = None
+        self._running: set[Ticket] = set()
         self.closed = False
         self._idle = asyncio.Event()  # set while nothing runs or waits
         self._idle.set()
@@ -72,7 +76,8 @@ class Admission:
 
     @property
     def running(self) -> int:
-        return 0 if self._running is None else 1
+        """Requests holding a slot (at most `slots`)."""
+        return len(self._running)
 
     def reserve(self, request_id: str) -> Ticket:
         """Admit a request or raise `QueueFull` (`AdmissionClosed` once closed). The slot goes to it at once
@@ -81,7 +86,7 @@ class Admission:
             raise AdmissionClosed("the server is shutting down")
         ticket = Ticket(self, request_id)
         self._idle.clear()
-        if self._running is None and not self._waiting:
+        if len(self._running) < self.slots and not self._waiting:
             self._grant(ticket)
         elif len(self._waiting) >= self.max_waiting:
             raise QueueFull(f"the request queue is full ({self.max_waiting} waiting)")
@@ -90,8 +95,8 @@ class Admission:
         return ticket
 
     def close(self) -> int:
-        """Admit nothing more and end every waiting ticket's wait with AdmissionClosed; the running one
-        keeps the slot. Returns how many waiting tickets were ended."""
+        """Admit nothing more and end every waiting ticket's wait with AdmissionClosed; the running ones
+        keep their slots. Returns how many waiting tickets were ended."""
         self.closed = True
         ended = 0
         while self._waiting:
@@ -107,15 +112,15 @@ class Admission:
         await self._idle.wait()
 
     def _grant(self, ticket: Ticket) -> None:
-        self._running = ticket
+        self._running.add(ticket)
         ticket._turn.set_result(None)
 
     def _release(self, ticket: Ticket) -> None:
         if ticket.released:
             return
         ticket.released = True
-        if ticket is self._running:
-            self._running = None
+        if ticket in self._running:
+            self._running.discard(ticket)
             if self._waiting:
                 self._grant(self._waiting.popleft())
         else:
@@ -123,5 +128,5 @@ class Admission:
         self._update_idle()
 
     def _update_idle(self) -> None:
-        if self._running is None and not self._waiting:
+        if not self._running and not self._waiting:
             self._idle.set()

@@ -85,3 +85,24 @@ async def test_close_ends_the_waiters_keeps_the_running_one_and_refuses_new_requ
     first.release()  # already ended: a no-op
     running.release()
     await asyncio.wait_for(idle, 1)
+
+
+async def test_several_slots_run_that_many_requests_and_queue_the_rest_in_order():
+    """max_num_seqs slots: the first `slots` requests run at once, the next wait (429 past max_waiting), and each
+    released slot goes to the oldest waiter."""
+    admission = Admission(max_waiting=2, slots=3)
+    tickets = [admission.reserve(f"r{i}") for i in range(5)]
+    assert [t.holds_slot for t in tickets] == [True, True, True, False, False]
+    assert admission.running == 3 and admission.waiting == 2
+    with pytest.raises(QueueFull):
+        admission.reserve("r5")
+    tickets[1].release()
+    assert tickets[3].holds_slot and not tickets[4].holds_slot and admission.running == 3
+    tickets[4].release()  # a waiter giving up its place frees no slot
+    assert admission.running == 3 and admission.waiting == 0
+    for ticket in tickets:
+        ticket.release()
+    assert admission.running == 0
+    await asyncio.wait_for(admission.wait_idle(), 1)
+    with pytest.raises(ValueError):
+        Admission(max_waiting=1, slots=0)
