@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch.nn.attention import SDPBackend
@@ -43,6 +43,9 @@ from subspec_core.types import (
     FINISH_LENGTH, FINISH_STOP, GenerationRequest, RequestStats, SamplingParams, TokenEvent, TokenLogprob,
 )
 from subspec_core.verify import AcceptedPath, accepted_path, emitted_tokens
+
+if TYPE_CHECKING:  # batch.py imports this module
+    from subspec_core.batch import BatchDecoder
 from subspec_core.weights import ModelShape, SharedWeights
 
 log = logging.getLogger(__name__)
@@ -475,6 +478,15 @@ class Engine:
         )
 
     # ----------------------------------------------------------------------------------------- the loop
+    def batch_decoder(self) -> BatchDecoder | None:
+        """A BatchDecoder over this engine when it decodes several sequences together (max_num_seqs > 1), else
+        None. Post-speculation keeps one request at a time (Engine.generate), so it gives None too."""
+        if len(self.kv_regions) <= 1 or self.postspec is not None:
+            return None
+        from subspec_core.batch import BatchDecoder  # batch.py builds on this module
+
+        return BatchDecoder(self)
+
     def validate(self, request: GenerationRequest) -> None:
         """Reject a request the engine cannot serve, before any work (ValueError with a client-facing message)."""
         prompt_len = len(request.prompt_token_ids)

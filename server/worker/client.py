@@ -142,6 +142,10 @@ class EngineClient(ABC):
     def status(self) -> dict[str, Any]:
         """Plain data for /health and /metrics: state, worker pid, restarts, last error."""
 
+    @abstractmethod
+    def on_step(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(sequences)` for each batched iteration the worker reports (max_num_seqs > 1)."""
+
 
 class RoutingEngineClient(EngineClient):
     """Shared part of both clients: route worker messages to per-request streams; track readiness.
@@ -157,6 +161,11 @@ class RoutingEngineClient(EngineClient):
         self._fatal: str | None = None  # set when no worker will come back: wait_ready fails at once
         self._last_error: str | None = None
         self._state_changed = asyncio.Event()
+        self._step_listeners: list[Callable[[int], None]] = []
+
+    def on_step(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(sequences)` for each batched iteration the worker reports (max_num_seqs > 1)."""
+        self._step_listeners.append(listener)
 
     @abstractmethod
     def _send(self, message: ipc.ToWorker) -> None:
@@ -225,6 +234,9 @@ class RoutingEngineClient(EngineClient):
                                        error_type=message.error_type))
         elif isinstance(message, ipc.Done):
             self._on_done(message.request_id)
+        elif isinstance(message, ipc.Step):
+            for listener in self._step_listeners:
+                listener(message.sequences)
         elif isinstance(message, ipc.Heartbeat):
             pass  # progress only: the process client's stall watchdog counts every message
         elif isinstance(message, ipc.Ready):

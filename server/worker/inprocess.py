@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from server.worker import ipc
 from server.worker.client import EngineNotReady, RoutingEngineClient, WorkerDied
-from server.worker.loop import EngineLike, EngineLoop
+from server.worker.loop import EngineLike, EngineLoop, engine_loop
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ class InProcessEngineClient(RoutingEngineClient):
         self._fail_in_flight(EngineNotReady("the server is shutting down"))
 
     def _send(self, message: ipc.ToWorker) -> None:
-        engine_loop = self._engine_loop
-        if engine_loop is not None:
-            engine_loop.notice(message)  # an abort reaches the running request inside its engine step
+        running_loop = self._engine_loop
+        if running_loop is not None:
+            running_loop.notice(message)  # an abort reaches the running request inside its engine step
         self._inbox.put(message)
 
     def _receive(self, timeout: float | None) -> ipc.ToWorker | None:
@@ -71,7 +71,7 @@ class InProcessEngineClient(RoutingEngineClient):
             self._loop.call_soon_threadsafe(self._set_fatal, f"{type(exc).__name__}: {exc}")
             return
         self.engine = engine
-        self._engine_loop = EngineLoop(engine, receive=self._receive, send=self._deliver)
+        self._engine_loop = engine_loop(engine, receive=self._receive, send=self._deliver)
         self._deliver(ipc.Ready(engine.model_name, engine.max_model_len, pid=0))
         try:
             self._engine_loop.run()

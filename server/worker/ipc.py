@@ -3,7 +3,7 @@
 Everything here is a plain, picklable dataclass: a `multiprocessing` pipe carries them unchanged. The API
 sends `Submit`, `Abort` and `Shutdown`; the worker answers with `Ready` once (after loading the engine) or
 `Fatal` (it could not load), then per request any number of `Event`s and `Heartbeat`s, at most one `Error`,
-and one `Done`.
+and one `Done`; a worker that decodes several requests together also sends a `Step` per iteration.
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class Step:
+    """A batched iteration ended: its target forward served `sequences` requests (max_num_seqs > 1 only)."""
+
+    sequences: int
+
+
+@dataclass(frozen=True)
 class Error:
     """A request failed on the worker; status_code and error_type are what the HTTP client sees."""
 
@@ -80,4 +87,4 @@ class Done:
 
 
 ToWorker = Submit | Abort | Shutdown
-FromWorker = Ready | Fatal | Event | Heartbeat | Error | Done
+FromWorker = Ready | Fatal | Event | Heartbeat | Step | Error | Done

@@ -1,5 +1,8 @@
 """The worker's request loop: serve Submit/Abort messages against one engine, one request at a time.
 
+(`engine_loop` picks this loop, or the BatchLoop of server/worker/batch_loop.py when the engine decodes several
+requests together: max_num_seqs > 1.)
+
 The same loop runs inside the worker process (production) and inside a thread (the in-process client used
 by tests), so both clients share one definition of ordering, abort and error semantics:
 - requests run in the order they were submitted (batch size 1);
@@ -43,6 +46,18 @@ class EngineLike(Protocol):
 
     def generate(self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None) -> Any:
         """Iterator[TokenEvent] with .close(); returns early once `cancelled()` answers True."""
+
+
+def engine_loop(engine: EngineLike, *, receive: Receive, send: Send) -> EngineLoop:
+    """The request loop for `engine`: a BatchLoop when its `batch_decoder()` gives a decoder (max_num_seqs > 1,
+    no post-speculation), else the one-request-at-a-time EngineLoop (also for an engine without that method)."""
+    open_batch = getattr(engine, "batch_decoder", None)
+    batch = None if open_batch is None else open_batch()
+    if batch is None:
+        return EngineLoop(engine, receive=receive, send=send)
+    from server.worker.batch_loop import BatchLoop  # imports the engine's cancel module: the worker side only
+
+    return BatchLoop(engine, batch=batch, open_batch=open_batch, receive=receive, send=send)
 
 
 class EngineLoop:

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Callable
 
 from server.worker import ipc
-from server.worker.loop import EngineLike, EngineLoop
+from server.worker.loop import EngineLike, EngineLoop, engine_loop
 from subspec_core.config import EngineConfig
 from subspec_core.errors import SetupError
 from subspec_core.startup import quiet_third_party_warnings
@@ -68,7 +68,7 @@ def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, out
         except queue.Empty:
             return None
 
-    loop = EngineLoop(engine, receive=receive, send=outbox.send)
+    loop = engine_loop(engine, receive=receive, send=outbox.send)
     threading.Thread(target=_read_inbox, args=(inbox, loop, received), name="subspec-worker-inbox",
                      daemon=True).start()
     outbox.send(ipc.Ready(model_name=engine.model_name, max_model_len=engine.max_model_len, pid=os.getpid()))

@@ -31,6 +31,7 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ACCEPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
 _THROUGHPUT_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 STATUS_CLIENT_CLOSED = 499  # nginx's "client closed request": the client went away mid-request
 
@@ -59,7 +60,11 @@ class ServerMetrics:
                                 "(499: client disconnected, 504: deadline exceeded)", ["endpoint", "status"],
                                 registry=r)
         self.queue_depth = Gauge("subspec_queue_depth", "Requests admitted and waiting for the GPU", registry=r)
-        self.running = Gauge("subspec_requests_running", "Requests running on the GPU (0 or 1)", registry=r)
+        self.running = Gauge("subspec_requests_running", "Requests running on the GPU (at most max_num_seqs)",
+                             registry=r)
+        # observed once per batched iteration (max_num_seqs > 1): its mean is the sequences each weight stream served
+        self.batch_size = Histogram("subspec_batch_size", "Sequences per target forward (one per batched iteration; "
+                                    "only with max_num_seqs > 1)", buckets=_BATCH_BUCKETS, registry=r)
         self.prompt_tokens = Counter("subspec_prompt_tokens", "Prompt tokens of requests that ran", registry=r)
         self.generation_tokens = Counter("subspec_generation_tokens", "Tokens generated", registry=r)
         self.queue_time = Histogram("subspec_request_queue_seconds", "Time from arrival to getting the GPU",

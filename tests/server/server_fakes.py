@@ -90,7 +90,7 @@ class FakeEngine:
     levels_per_event: int = 1
     trace_path: str | None = None
     gate: threading.Event | None = None  # when given, generation starts only once it is set
-
+    max_num_seqs: int = 1  # > 1: batch_decoder() gives a FakeBatch, and the worker decodes requests together
 
     def __post_init__(self) -> None:
         self.tokenizer = FakeTokenizer()
@@ -99,15 +99,21 @@ class FakeEngine:
         self.finished: list[str] = []  # ... that ran to their last event
         self.closed_early: list[str] = []  # ... whose generator was closed before the end (aborts)
 
-    def generate(self, request: GenerationRequest, *,
-                 cancelled: Callable[[], bool] | None = None) -> Iterator[TokenEvent]:
+    def generate(self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None,
+                 paced: bool = True) -> Iterator[TokenEvent]:
+        """The script's events; `paced` False: no per-level work or cancel checks (a FakeBatch does them once per
+        step for all its requests)."""
         prompt = self.tokenizer.decode(list(request.prompt_token_ids))
         sampling = request.sampling
         if "RAISE_VALUE" in prompt:
             raise ValueError("the fake engine rejects this prompt")
         if len(request.prompt_token_ids) + sampling.max_tokens > self.max_model_len:
             raise ValueError("prompt + max_tokens exceeds max_model_len")
-        return self._events(request, prompt, cancelled)
+        return self._events(request, prompt, cancelled, paced)
+
+    def batch_decoder(self) -> FakeBatch | None:
+        """A FakeBatch when max_num_seqs > 1 (as Engine.batch_decoder), else None."""
+        return FakeBatch(self) if self.max_num_seqs > 1 else None
 
     def _level(self, rid: str, event: int, level: int) -> None:
         if self.trace_path is not None:
@@ -115,8 +121,8 @@ class FakeEngine:
                 trace.write(f"{rid} {event} {level}\n")
         time.sleep(self.delay_s / self.levels_per_event)
 
-    def _events(self, request: GenerationRequest, prompt: str,
-                cancelled: Callable[[], bool] | None) -> Iterator[TokenEvent]:
+    def _events(self, request: GenerationRequest, prompt: str, cancelled: Callable[[], bool] | None,
+                paced: bool = True) -> Iterator[TokenEvent]:
         rid = request.request_id
         self.served.append(rid)
         self.requests.append(request)
@@ -136,7 +142,7 @@ class FakeEngine:
             for i, piece in enumerate(pieces):
                 if i == 1 and "HANG" in prompt:
                     time.sleep(self.hang_s)  # deaf to `cancelled`: a hung step
-                for level in range(self.levels_per_event):
+                for level in range(self.levels_per_event if paced else 0):
                     if cancelled is not None and cancelled():
                         return  # stopped inside the step, like the real engine: no final event
                     self._level(rid, i, level)
@@ -169,6 +175,63 @@ class FakeEngine:
         finally:
             if not done:
                 self.closed_early.append(rid)
+
+
+class FakeBatch:
+    """`subspec_core.batch.BatchDecoder`'s interface over a FakeEngine: a step is one "forward" for every member
+    (`levels_per_event` levels of `delay_s / levels_per_event` each, `stop` asked before each, whatever the number
+    of members), then each member's next scripted event. An admitted request's first event comes from the next
+    step (its prompt rides on that forward); `join` gives it at once. `sizes`: members per step."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self._members: dict[str, tuple[Iterator[TokenEvent], Callable[[], bool] | None]] = {}
+        self.sizes: list[int] = []
+
+    @property
+    def active(self) -> int:
+        return len(self._members)
+
+    @property
+    def has_room(self) -> bool:
+        return self.active < self.engine.max_num_seqs
+
+    def admit(self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None) -> None:
+        if not self.has_room:
+            raise RuntimeError("the batch is full")
+        self._members[request.request_id] = (self.engine.generate(request, paced=False), cancelled)
+
+    def join(self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None) -> TokenEvent:
+        self.admit(request, cancelled=cancelled)
+        return self._next(request.request_id)
+
+    def leave(self, request_id: str) -> bool:
+        member = self._members.pop(request_id, None)
+        if member is not None:
+            member[0].close()
+        return member is not None
+
+    def _next(self, request_id: str) -> TokenEvent:
+        event = next(self._members[request_id][0])
+        if event.finished:
+            del self._members[request_id]
+        return event
+
+    def step(self, *, stop: Callable[[], bool] | None = None) -> list[TokenEvent]:
+        for request_id, (_, cancelled) in list(self._members.items()):
+            if cancelled is not None and cancelled():
+                self.leave(request_id)
+        if not self._members:
+            return []
+        levels = self.engine.levels_per_event
+        for _ in range(levels):
+            if stop is not None and stop():
+                from subspec_core.cancel import GenerationCancelled  # the engine side's exception (imports torch)
+
+                raise GenerationCancelled()
+            time.sleep(self.engine.delay_s / levels)
+        self.sizes.append(len(self._members))
+        return [self._next(request_id) for request_id in list(self._members)]
 
 
 def make_fake_engine(**kwargs: object) -> FakeEngine:
