@@ -98,6 +98,7 @@ class FakeEngine:
         self.requests: list[GenerationRequest] = []  # ... and the requests themselves
         self.finished: list[str] = []  # ... that ran to their last event
         self.closed_early: list[str] = []  # ... whose generator was closed before the end (aborts)
+        self.batch_sizes: list[int] = []  # members of each FakeBatch step
 
     def generate(self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None,
                  paced: bool = True) -> Iterator[TokenEvent]:
@@ -181,12 +182,12 @@ class FakeBatch:
     """`subspec_core.batch.BatchDecoder`'s interface over a FakeEngine: a step is one "forward" for every member
     (`levels_per_event` levels of `delay_s / levels_per_event` each, `stop` asked before each, whatever the number
     of members), then each member's next scripted event. An admitted request's first event comes from the next
-    step (its prompt rides on that forward); `join` gives it at once. `sizes`: members per step."""
+    step (its prompt rides on that forward); `join` gives it at once. Each step's members are counted in the
+    engine's `batch_sizes`."""
 
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
         self._members: dict[str, tuple[Iterator[TokenEvent], Callable[[], bool] | None]] = {}
-        self.sizes: list[int] = []
 
     @property
     def active(self) -> int:
@@ -230,7 +231,7 @@ class FakeBatch:
 
                 raise GenerationCancelled()
             time.sleep(self.engine.delay_s / levels)
-        self.sizes.append(len(self._members))
+        self.engine.batch_sizes.append(len(self._members))
         return [self._next(request_id) for request_id in list(self._members)]
 
 
