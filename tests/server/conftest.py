@@ -52,6 +52,12 @@ def real_server(tmp_path_factory: pytest.TempPathFactory, default_model_path: Pa
 
 
 @pytest.fixture(scope="session")
+def real_server_batch(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Iterator[ServeProcess]:
+    """Four requests decoded together (--max-num-seqs 4): continuous batching through the real worker."""
+    yield from _serve(tmp_path_factory, "batch", {"max_queue": 8}, "--max-num-seqs", "4")
+
+
+@pytest.fixture(scope="session")
 def real_server_queue1(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Iterator[ServeProcess]:
     """One request may wait behind the running one (queue-full and worker-crash tests)."""
     yield from _serve(tmp_path_factory, "queue1", {}, "--max-queue", "1")

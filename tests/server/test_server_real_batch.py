@@ -1,0 +1,79 @@
+"""Continuous batching through `subspec serve --max-num-seqs 4` with the real default model (subspec mode, every
+layer streamed): concurrent greedy requests each return exactly the text the one-at-a-time server gives them, and
+a newcomer streams its first token while the others are still generating."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import API_KEY
+from tests.server.server_harness import ServeProcess, scrape_metrics
+
+pytestmark = pytest.mark.slow
+
+# different prompts and lengths: each is decoded beside the others, and must equal its solo run
+PROMPTS = (("The capital of France is", 8), ("def fibonacci(n):", 14), ("Once upon a time, in a small village,", 20),
+           ("List three primary colors:", 11))
+
+
+def complete(base_url: str, prompt: str, max_tokens: int, headers: dict | None = None) -> str:
+    response = httpx.post(f"{base_url}/v1/completions", headers=headers or {}, timeout=600,
+                          json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def test_four_concurrent_greedy_requests_each_return_their_solo_text(real_server: ServeProcess,
+                                                                     real_server_batch: ServeProcess):
+    solo = {prompt: complete(real_server.base_url, prompt, n, {"Authorization": f"Bearer {API_KEY}"})
+            for prompt, n in PROMPTS}
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda p=p, n=n: together.__setitem__(p, complete(real_server_batch.base_url,
+                                                                                           p, n)))
+               for p, n in PROMPTS]
+    with httpx.Client(base_url=real_server_batch.base_url) as http:
+        before = scrape_metrics(http)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        after = scrape_metrics(http)
+    assert together == solo
+    steps = after["subspec_batch_size_count"] - before.get("subspec_batch_size_count", 0)
+    sequences = after["subspec_batch_size_sum"] - before.get("subspec_batch_size_sum", 0)
+    assert steps > 0 and sequences / steps > 1.5  # the requests shared forwards
+
+
+def first_token_and_end(base_url: str, prompt: str, max_tokens: int, out: dict) -> None:
+    first = None
+    with httpx.stream("POST", f"{base_url}/v1/completions", timeout=600, json={
+            "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}) as response:
+        for line in response.iter_lines():
+            if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                first = time.monotonic()
+    out[prompt] = (first, time.monotonic())
+
+
+def test_a_newcomer_streams_its_first_token_before_any_running_request_finishes(real_server_batch: ServeProcess):
+    out: dict = {}
+    running = [threading.Thread(target=first_token_and_end, args=(real_server_batch.base_url, p, 40, out))
+               for p, _ in PROMPTS[:3]]
+    for thread in running:
+        thread.start()
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{real_server_batch.base_url}/health").json()["running"] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # they are generating
+    late = threading.Thread(target=first_token_and_end, args=(real_server_batch.base_url, PROMPTS[3][0], 4, out))
+    late.start()
+    for thread in (*running, late):
+        thread.join(600)
+    late_first = out[PROMPTS[3][0]][0]
+    assert late_first is not None and late_first < min(out[p][1] for p, _ in PROMPTS[:3])
