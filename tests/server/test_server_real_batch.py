@@ -21,9 +21,9 @@ PROMPTS = (("The capital of France is", 8), ("def fibonacci(n):", 14), ("Once up
            ("List three primary colors:", 11))
 
 
-def complete(base_url: str, prompt: str, max_tokens: int, headers: dict | None = None) -> str:
+def complete(base_url: str, prompt: str, max_tokens: int, headers: dict | None = None, **sampling) -> str:
     response = httpx.post(f"{base_url}/v1/completions", headers=headers or {}, timeout=600,
-                          json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+                          json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **sampling})
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
 
@@ -77,3 +77,30 @@ def test_a_newcomer_streams_its_first_token_before_any_running_request_finishes(
         thread.join(600)
     late_first = out[PROMPTS[3][0]][0]
     assert late_first is not None and late_first < min(out[p][1] for p, _ in PROMPTS[:3])
+
+
+def test_seeded_sampling_and_an_abort_leave_every_other_request_exact(real_server: ServeProcess,
+                                                                       real_server_batch: ServeProcess):
+    """Seeded sampling beside greedy requests, and a fourth request whose client disconnects after its first
+    chunk: the others return their solo text."""
+    kept = [(prompt, n, {"temperature": 0.8, "seed": 17 + i} if i == 1 else {}) for i, (prompt, n) in
+            enumerate(PROMPTS[:3])]
+    solo = {prompt: complete(real_server.base_url, prompt, n, {"Authorization": f"Bearer {API_KEY}"}, **sampling)
+            for prompt, n, sampling in kept}
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda p=p, n=n, s=s: together.__setitem__(
+        p, complete(real_server_batch.base_url, p, n, **s))) for p, n, s in kept]
+    for thread in threads:
+        thread.start()
+    with httpx.stream("POST", f"{real_server_batch.base_url}/v1/completions", timeout=600, json={
+            "prompt": PROMPTS[3][0], "max_tokens": 60, "ignore_eos": True, "stream": True}) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: {"))  # then hang up
+    for thread in threads:
+        thread.join(600)
+    assert together == solo
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{real_server_batch.base_url}/health").json()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with httpx.Client(base_url=real_server_batch.base_url) as http:
+        assert scrape_metrics(http)['subspec_requests_total{endpoint="/v1/completions",status="499"}'] >= 1
