@@ -40,7 +40,8 @@ class ServerSettings:
     host: str = _setting("127.0.0.1", "interface to listen on (0.0.0.0: all)")
     port: int = _setting(8000, "TCP port")
     api_key: str | None = _setting(None, "require 'Authorization: Bearer KEY' on /v1 endpoints", metavar="KEY")
-    max_queue: int = _setting(64, "requests that may wait behind the running one; more get 429", metavar="N")
+    max_queue: int = _setting(64, "requests that may wait behind the running one(s) (max_num_seqs run at once); "
+                                  "more get 429", metavar="N")
     request_timeout_s: float | None = _setting(
         None, "deadline per request in seconds, from arrival to its last byte sent, queue time included "
               "(none: no deadline)", "--request-timeout",

@@ -242,3 +242,60 @@ def test_http_four_concurrent_streams_each_exact_with_running_gauges_and_batch_s
         assert metrics["subspec_batch_size_count"] == len(engine.batch_sizes)
         assert metrics["subspec_batch_size_sum"] / metrics["subspec_batch_size_count"] > 2
         assert app.state.admission.running == 0
+
+
+def test_running_slots_follow_max_num_seqs_except_with_post_speculation():
+    from server.serve import running_slots
+    from subspec_core.config import EngineConfig, SpeculationConfig
+
+    assert running_slots(EngineConfig(model="m")) == 1
+    assert running_slots(EngineConfig(model="m", max_num_seqs=4)) == 4
+    assert running_slots(EngineConfig(model="m", max_num_seqs=4,
+                                      speculation=SpeculationConfig(topk=2, max_depth=3, post_levels=2))) == 1
+
+
+def test_a_killed_batch_worker_fails_every_running_request_with_500_and_keeps_the_queued_one():
+    """Two requests decoded together in a real spawned worker, a third waiting in the API's queue: the worker dies,
+    both running requests get a 500, the queued one runs on the replacement."""
+    import functools
+    import os
+    import signal
+
+    from server.worker.process import ProcessEngineClient
+    from tests.server.server_fakes import make_fake_engine
+
+    client = ProcessEngineClient(functools.partial(make_fake_engine, max_num_seqs=2, delay_s=0.02,
+                                                   chars_per_event=1), log_level="CRITICAL")
+    app = create_app(settings=ServerSettings(max_queue=4), engine_client=client, tokenizer=FakeTokenizer(),
+                     model_name="fake-model", max_num_seqs=2)
+    with UvicornThread(app) as server:
+        server.wait_healthy(60)
+        url = f"{server.base_url}/v1/chat/completions"
+        pid = httpx.get(f"{server.base_url}/health").json()["worker_pid"]
+        results: dict[str, httpx.Response] = {}
+
+        def post(key: str, max_tokens: int) -> threading.Thread:
+            body = {"messages": [{"role": "user", "content": key}], "max_tokens": max_tokens, "ignore_eos": True}
+            thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=60)))
+            thread.start()
+            return thread
+
+        running = [post("r0", 200), post("r1", 200)]
+        deadline = time.monotonic() + 30
+        while app.state.admission.running < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        queued = post("queued", 5)
+        while app.state.admission.waiting == 0:
+            time.sleep(0.01)
+        with httpx.Client(base_url=server.base_url) as http:
+            while scrape_metrics(http)["subspec_generation_tokens_total"] < 4:
+                time.sleep(0.01)  # both are generating on the worker
+        os.kill(pid, signal.SIGKILL)
+        for thread in running:
+            thread.join(30)
+        for key in ("r0", "r1"):
+            assert results[key].status_code == 500 and results[key].json()["error"]["code"] == "worker_died"
+        queued.join(60)
+        assert results["queued"].status_code == 200, results["queued"].text
+        assert results["queued"].json()["choices"][0]["message"]["content"] == render_reply(5, ignore_eos=True)[0]
