@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol
 from server.edge.request_id import log_suffix
 from server.worker import ipc
 from server.worker.loop import (
-    HEARTBEAT_INTERVAL_S, EngineLike, EngineLoop, Receive, Send, _as_token_event, _log_finished,
+    HEARTBEAT_INTERVAL_S, EngineLike, EngineLoop, Receive, Send, as_token_event, log_finished,
 )
 from subspec_core.cancel import CancelCheck, GenerationCancelled
 from subspec_core.types import GenerationRequest, TokenEvent
@@ -199,10 +199,10 @@ class BatchLoop(EngineLoop):
         member = self._members.get(event.request_id)
         if member is None:  # it left while the step ran
             return
-        self._send(ipc.Event(_as_token_event(event)))
+        self._send(ipc.Event(as_token_event(event)))
         if event.finished:
             del self._members[event.request_id]
-            _log_finished(event.request_id, member.tag, event, time.perf_counter() - member.started)
+            log_finished(event.request_id, member.tag, event, time.perf_counter() - member.started)
             self._send(ipc.Done(event.request_id))
 
     def _fail(self, request_id: str, status: int, kind: str, message: str) -> None:

@@ -146,10 +146,10 @@ class EngineLoop:
             events = self._engine.generate(request, cancelled=self._cancel_check(request_id, flag))
             for event in events:
                 emitted = True
-                self._send(ipc.Event(_as_token_event(event)))
+                self._send(ipc.Event(as_token_event(event)))
                 if event.finished:
                     finished = True
-                    _log_finished(request_id, tag, event, time.perf_counter() - started)
+                    log_finished(request_id, tag, event, time.perf_counter() - started)
                     break
                 self._poll()
                 if flag.is_set():
@@ -171,7 +171,8 @@ class EngineLoop:
             self._send(ipc.Done(request_id))
 
 
-def _log_finished(request_id: str, tag: str, event: TokenEvent, seconds: float) -> None:
+def log_finished(request_id: str, tag: str, event: TokenEvent, seconds: float) -> None:
+    """One log line for a finished request: its tokens, time and forwards."""
     stats = event.stats
     if stats is None:
         logger.info("request %s finished (%s) in %.2f s%s", request_id, event.finish_reason, seconds, tag)
@@ -181,7 +182,8 @@ def _log_finished(request_id: str, tag: str, event: TokenEvent, seconds: float) 
                 stats.completion_tokens, seconds, stats.iterations, stats.mean_accept_length, tag)
 
 
-def _as_token_event(event: Any) -> TokenEvent:
+def as_token_event(event: Any) -> TokenEvent:
+    """The engine's event, checked to be a TokenEvent (what crosses the pipe)."""
     if not isinstance(event, TokenEvent):
         raise TypeError(f"engine.generate must yield TokenEvent, got {type(event).__name__}")
     return event

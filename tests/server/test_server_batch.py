@@ -134,22 +134,19 @@ def test_an_abort_leaves_the_others_exact_and_frees_its_place():
     h.shutdown()
 
 
-def test_heartbeats_flow_during_a_long_step_and_shutdown_stops_it():
+def test_heartbeats_flow_during_a_long_step_and_shutdown_stops_it(monkeypatch):
     """A step of 3 s asks its stop check before each of its 30 levels: heartbeats go out during it, and a Shutdown
     ends it within a level."""
     import server.worker.batch_loop as batch_loop
 
+    monkeypatch.setattr(batch_loop, "HEARTBEAT_INTERVAL_S", 0.05)
     h = Harness(FakeEngine(max_num_seqs=2, delay_s=3.0, levels_per_event=30))
-    original, batch_loop.HEARTBEAT_INTERVAL_S = batch_loop.HEARTBEAT_INTERVAL_S, 0.05
-    try:
-        h.send(ipc.Submit(request("slow")))
-        h.until(lambda m: isinstance(m, ipc.Heartbeat))
-        h.until(lambda m: isinstance(m, ipc.Heartbeat))
-        started = time.monotonic()
-        h.shutdown()
-        assert time.monotonic() - started < 1.0
-    finally:
-        batch_loop.HEARTBEAT_INTERVAL_S = original
+    h.send(ipc.Submit(request("slow")))
+    h.until(lambda m: isinstance(m, ipc.Heartbeat))
+    h.until(lambda m: isinstance(m, ipc.Heartbeat))
+    started = time.monotonic()
+    h.shutdown()
+    assert time.monotonic() - started < 1.0
     assert not any(isinstance(m, ipc.Event) for m in h.seen)
 
 
@@ -299,3 +296,30 @@ def test_a_killed_batch_worker_fails_every_running_request_with_500_and_keeps_th
         queued.join(60)
         assert results["queued"].status_code == 200, results["queued"].text
         assert results["queued"].json()["choices"][0]["message"]["content"] == render_reply(5, ignore_eos=True)[0]
+
+
+def test_http_a_request_timeout_ends_one_request_and_the_other_finishes_exact():
+    engine = FakeEngine(max_num_seqs=2, delay_s=0.02, chars_per_event=1)
+    app = batch_app(engine, request_timeout_s=1.0)
+    with UvicornThread(app) as server:
+        server.wait_healthy()
+        url = f"{server.base_url}/v1/chat/completions"
+        results: dict = {}
+
+        def post(key: str, max_tokens: int) -> threading.Thread:
+            body = {"messages": [{"role": "user", "content": key}], "max_tokens": max_tokens, "ignore_eos": True}
+            thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=30)))
+            thread.start()
+            return thread
+
+        threads = [post("long", 200), post("short", 30)]  # 4 s against the 1 s deadline; 0.6 s
+        for thread in threads:
+            thread.join(30)
+        assert results["long"].status_code == 504 and results["long"].json()["error"]["code"] == "request_timeout"
+        assert results["short"].status_code == 200
+        assert results["short"].json()["choices"][0]["message"]["content"] == render_reply(30, ignore_eos=True)[0]
+        deadline = time.monotonic() + 5
+        while app.state.admission.running or not engine.closed_early:  # the abort reaches the worker
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert max(engine.batch_sizes) == 2 and len(engine.closed_early) == 1
