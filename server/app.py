@@ -72,7 +72,7 @@ def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokeniz
     admission = Admission(settings.max_queue, slots=max_num_seqs)
     server_metrics.bind(waiting=lambda: admission.waiting, running=lambda: admission.running,
                         engine_status=engine_client.status, model_name=model_name)
-    engine_client.on_step(server_metrics.batch_size.observe)
+    engine_client.on_step(lambda step: server_metrics.observe_step(step.sequences, step.rows))
     runner = JobRunner(engine_client, request_timeout_s=settings.request_timeout_s)
     chat_template = None if settings.chat_template is None else Path(settings.chat_template).read_text()
     prompt_pool = PromptPool()

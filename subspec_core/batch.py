@@ -63,6 +63,7 @@ class BatchDecoder:
             raise ValueError("post-speculation (post_levels > 0) runs one request at a time (Engine.generate)")
         self.engine = engine
         self._sequences: list[_Sequence | None] = [None] * len(engine.kv_regions)
+        self.forward_rows = 0  # rows of the last step's target forward (trees and prompt chunks): a metric
 
     @property
     def active(self) -> int:
@@ -209,6 +210,7 @@ class BatchDecoder:
         hidden) and each part's SequenceRows (its row range)."""
         engine = self.engine
         tokens, positions, rows = concatenate(parts)
+        self.forward_rows = int(tokens.shape[0])
         # a masked part needs the masked kernel (flash takes no mask); it runs the unmasked parts as well
         backend = engine.attention.verify_tree if masked else engine.attention.one_token_step
         return engine.target_hidden_batched(tokens, positions, rows, backend=backend, stop=stop), rows

@@ -18,8 +18,8 @@ keeps the message semantics of the one-at-a-time EngineLoop (server/worker/loop.
   cannot be starved by a steady stream of batchable ones;
 - a ValueError from admitting a request is that request's 400; any other failure of a step fails every member
   with a 500 (whose fault it was is unknown) and the loop carries on with a fresh batch.
-Each step also sends `Step(sequences)`, the sequences its target forward served (the `subspec_batch_size`
-histogram).
+Each step also sends `Step(sequences, rows)`, what its target forward served (the `subspec_batch_size` and
+`subspec_forward_rows` histograms).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class BatchLike(Protocol):
     def step(self, *, stop: CancelCheck | None = None) -> list[TokenEvent]: ...
 
     def leave(self, request_id: str) -> bool: ...
+
+    forward_rows: int  # rows of the last step's target forward
 
 
 @dataclass
@@ -175,7 +177,7 @@ class BatchLoop(EngineLoop):
                 self._fail(request_id, 500, "server_error", f"engine error: {type(exc).__name__}: {exc}")
             self._batch = self._open_batch()
             return
-        self._send(ipc.Step(sequences))
+        self._send(ipc.Step(sequences, self._batch.forward_rows))
         for event in events:
             self._emit(event)
         for request_id in [rid for rid, member in self._members.items() if member.aborted.is_set()]:

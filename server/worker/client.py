@@ -143,8 +143,8 @@ class EngineClient(ABC):
         """Plain data for /health and /metrics: state, worker pid, restarts, last error."""
 
     @abstractmethod
-    def on_step(self, listener: Callable[[int], None]) -> None:
-        """Call `listener(sequences)` for each batched iteration the worker reports (max_num_seqs > 1)."""
+    def on_step(self, listener: Callable[[ipc.Step], None]) -> None:
+        """Call `listener(step)` for each batched iteration the worker reports (max_num_seqs > 1)."""
 
 
 class RoutingEngineClient(EngineClient):
@@ -161,10 +161,10 @@ class RoutingEngineClient(EngineClient):
         self._fatal: str | None = None  # set when no worker will come back: wait_ready fails at once
         self._last_error: str | None = None
         self._state_changed = asyncio.Event()
-        self._step_listeners: list[Callable[[int], None]] = []
+        self._step_listeners: list[Callable[[ipc.Step], None]] = []
 
-    def on_step(self, listener: Callable[[int], None]) -> None:
-        """Call `listener(sequences)` for each batched iteration the worker reports (max_num_seqs > 1)."""
+    def on_step(self, listener: Callable[[ipc.Step], None]) -> None:
+        """Call `listener(step)` for each batched iteration the worker reports (max_num_seqs > 1)."""
         self._step_listeners.append(listener)
 
     @abstractmethod
@@ -236,7 +236,7 @@ class RoutingEngineClient(EngineClient):
             self._on_done(message.request_id)
         elif isinstance(message, ipc.Step):
             for listener in self._step_listeners:
-                listener(message.sequences)
+                listener(message)
         elif isinstance(message, ipc.Heartbeat):
             pass  # progress only: the process client's stall watchdog counts every message
         elif isinstance(message, ipc.Ready):

@@ -64,9 +64,11 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class Step:
-    """A batched iteration ended: its target forward served `sequences` requests (max_num_seqs > 1 only)."""
+    """A batched iteration ended: its target forward served `sequences` requests with `rows` rows (their trees
+    and prompt chunks); max_num_seqs > 1 only."""
 
     sequences: int
+    rows: int
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 _ACCEPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
 _THROUGHPUT_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 STATUS_CLIENT_CLOSED = 499  # nginx's "client closed request": the client went away mid-request
 
@@ -65,6 +66,9 @@ class ServerMetrics:
         # observed once per batched iteration (max_num_seqs > 1): its mean is the sequences each weight stream served
         self.batch_size = Histogram("subspec_batch_size", "Sequences per target forward (one per batched iteration; "
                                     "only with max_num_seqs > 1)", buckets=_BATCH_BUCKETS, registry=r)
+        self.forward_rows = Histogram("subspec_forward_rows", "Rows per batched target forward: every sequence's tree "
+                                      "(or token) and prompt chunk (only with max_num_seqs > 1)", buckets=_ROW_BUCKETS,
+                                      registry=r)
         self.prompt_tokens = Counter("subspec_prompt_tokens", "Prompt tokens of requests that ran", registry=r)
         self.generation_tokens = Counter("subspec_generation_tokens", "Tokens generated", registry=r)
         self.queue_time = Histogram("subspec_request_queue_seconds", "Time from arrival to getting the GPU",
@@ -123,6 +127,11 @@ class ServerMetrics:
         self.vllm_waiting.labels(model_name=model_name, engine="0").set_function(lambda: float(waiting()))
         self.vllm_running.labels(model_name=model_name, engine="0").set_function(lambda: float(running()))
         self.registry.register(_EngineStateCollector(engine_status))
+
+    def observe_step(self, sequences: int, rows: int) -> None:
+        """One batched iteration: the sequences and rows its target forward served."""
+        self.batch_size.observe(sequences)
+        self.forward_rows.observe(rows)
 
     def start(self, endpoint: str) -> RequestRecord:
         return RequestRecord(self, endpoint)

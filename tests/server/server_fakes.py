@@ -188,6 +188,7 @@ class FakeBatch:
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
         self._members: dict[str, tuple[Iterator[TokenEvent], Callable[[], bool] | None]] = {}
+        self.forward_rows = 0  # a row per member, as a plain step has
 
     @property
     def active(self) -> int:
@@ -232,6 +233,7 @@ class FakeBatch:
                 raise GenerationCancelled()
             time.sleep(self.engine.delay_s / levels)
         self.engine.batch_sizes.append(len(self._members))
+        self.forward_rows = len(self._members)
         return [self._next(request_id) for request_id in list(self._members)]
 
 

@@ -238,6 +238,7 @@ def test_http_four_concurrent_streams_each_exact_with_running_gauges_and_batch_s
             metrics = scrape_metrics(http)
         assert metrics["subspec_batch_size_count"] == len(engine.batch_sizes)
         assert metrics["subspec_batch_size_sum"] / metrics["subspec_batch_size_count"] > 2
+        assert metrics["subspec_forward_rows_sum"] == metrics["subspec_batch_size_sum"]  # the fake: a row each
         assert app.state.admission.running == 0
 
 

@@ -47,6 +47,8 @@ def test_four_concurrent_greedy_requests_each_return_their_solo_text(real_server
     steps = after["subspec_batch_size_count"] - before.get("subspec_batch_size_count", 0)
     sequences = after["subspec_batch_size_sum"] - before.get("subspec_batch_size_sum", 0)
     assert steps > 0 and sequences / steps > 1.5  # the requests shared forwards
+    rows = after["subspec_forward_rows_sum"] - before.get("subspec_forward_rows_sum", 0)
+    assert rows > sequences  # trees of several nodes, and prompt chunks
 
 
 def first_token_and_end(base_url: str, prompt: str, max_tokens: int, out: dict) -> None:
