@@ -111,7 +111,7 @@ class BatchLoop(EngineLoop):
                 self._admit_waiting()
                 if self._members:
                     self._step()
-                elif self._pending:  # the head is a request the batch cannot take, and the batch is empty
+                elif self._pending and not self._stopping.is_set():  # the head cannot join, and the batch is empty
                     self._run_one(self._pending.popleft())
         finally:
             for request_id in list(self._members):
