@@ -5,6 +5,7 @@ a newcomer streams its first token while the others are still generating."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -106,3 +107,22 @@ def test_seeded_sampling_and_an_abort_leave_every_other_request_exact(real_serve
         time.sleep(0.05)
     with httpx.Client(base_url=real_server_batch.base_url) as http:
         assert scrape_metrics(http)['subspec_requests_total{endpoint="/v1/completions",status="499"}'] >= 1
+
+
+def test_a_structured_output_runs_alone_beside_a_batch_and_everyone_gets_their_solo_text(
+        real_server: ServeProcess, real_server_batch: ServeProcess):
+    """A constrained request cannot join a batch: it waits for the batch to empty and runs alone (Engine.generate);
+    the batched requests and it each return what they return one at a time."""
+    regex = {"structured_outputs": {"regex": "[A-F]{4}-[0-9]{2}"}}
+    jobs = [(PROMPTS[0][0], 12, {}), ("The code is", 20, regex), (PROMPTS[1][0], 12, {})]
+    solo = [complete(real_server.base_url, p, n, {"Authorization": f"Bearer {API_KEY}"}, **extra) for p, n, extra in jobs]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i, p=p, n=n, e=e: together.__setitem__(
+        i, complete(real_server_batch.base_url, p, n, **e))) for i, (p, n, e) in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)  # in this order
+    for thread in threads:
+        thread.join(600)
+    assert [together[i] for i in range(len(jobs))] == solo
+    assert re.fullmatch("[A-F]{4}-[0-9]{2}", together[1])
