@@ -150,6 +150,19 @@ def test_heartbeats_flow_during_a_long_step_and_shutdown_stops_it(monkeypatch):
     assert not any(isinstance(m, ipc.Event) for m in h.seen)
 
 
+def test_a_request_for_prompt_logprobs_joins_with_its_first_event_at_once():
+    """Prompt logprobs are scored by `join`'s own prefill: its first event (with them) comes before the next step."""
+    h = Harness(FakeEngine(max_num_seqs=2, delay_s=0.01, chars_per_event=1))
+    h.send(ipc.Submit(request("running", max_tokens=30)))
+    h.until(lambda m: isinstance(m, ipc.Event) and m.event.request_id == "running")
+    h.send(ipc.Submit(request("scored", "score me", max_tokens=3, prompt_logprobs=1)))
+    messages = h.until_done("running", "scored")
+    events = events_of(messages, "scored")
+    assert events[0].prompt_logprobs is not None and len(events[0].prompt_logprobs) == len("score me") - 1
+    assert text_of(messages, "scored") == render_reply(3)[0] and text_of(messages, "running") == render_reply(30)[0]
+    h.shutdown()
+
+
 def test_a_structured_output_waits_for_an_empty_batch_and_runs_alone():
     """A constrained request runs through engine.generate once the batch is empty; requests behind it wait."""
     engine = FakeEngine(max_num_seqs=3, delay_s=0.01, chars_per_event=1)
