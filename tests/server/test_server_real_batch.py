@@ -1,6 +1,7 @@
 """Continuous batching through `subspec serve --max-num-seqs 4` with the real default model (subspec mode, every
-layer streamed): concurrent greedy requests each return exactly the text the one-at-a-time server gives them, and
-a newcomer streams its first token while the others are still generating."""
+layer streamed; and the default preset, resident on a CPU): concurrent greedy requests each return exactly the text
+the one-at-a-time server gives them, and a newcomer streams its first token while the others are still
+generating."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import re
 import threading
 import time
 
+from typing import Iterator
+
 import httpx
 import pytest
 
+from server.engine_args import DEFAULT_PRESET
+from subspec_core.config import load_yaml
 from tests.server.conftest import API_KEY
 from tests.server.server_harness import ServeProcess, scrape_metrics
 
@@ -126,3 +131,34 @@ def test_a_structured_output_runs_alone_beside_a_batch_and_everyone_gets_their_s
         thread.join(600)
     assert [together[i] for i in range(len(jobs))] == solo
     assert re.fullmatch("[A-F]{4}-[0-9]{2}", together[1])
+
+
+@pytest.fixture(scope="module")
+def resident_servers(tmp_path_factory: pytest.TempPathFactory, default_model_path) -> Iterator[tuple[ServeProcess, ...]]:
+    """The default preset (mode auto: resident on a CPU) one request at a time, and with --max-num-seqs 4."""
+    servers = (ServeProcess(tmp_path_factory.mktemp("resident1"), "resident1", load_yaml(DEFAULT_PRESET)),
+               ServeProcess(tmp_path_factory.mktemp("resident4"), "resident4", load_yaml(DEFAULT_PRESET),
+                            "--max-num-seqs", "4"))
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_resident_mode_batches_too_with_each_requests_solo_text(resident_servers):
+    one, four = resident_servers
+    solo = {prompt: complete(one.base_url, prompt, n) for prompt, n in PROMPTS}
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda p=p, n=n: together.__setitem__(p, complete(four.base_url, p, n)))
+               for p, n in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert together == solo
+    with httpx.Client(base_url=four.base_url) as http:
+        metrics = scrape_metrics(http)
+    assert metrics["subspec_batch_size_sum"] / metrics["subspec_batch_size_count"] > 1.5
