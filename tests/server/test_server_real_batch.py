@@ -120,7 +120,8 @@ def test_a_structured_output_runs_alone_beside_a_batch_and_everyone_gets_their_s
     the batched requests and it each return what they return one at a time."""
     regex = {"structured_outputs": {"regex": "[A-F]{4}-[0-9]{2}"}}
     jobs = [(PROMPTS[0][0], 12, {}), ("The code is", 20, regex), (PROMPTS[1][0], 12, {})]
-    solo = [complete(real_server.base_url, p, n, {"Authorization": f"Bearer {API_KEY}"}, **extra) for p, n, extra in jobs]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    solo = [complete(real_server.base_url, p, n, auth, **extra) for p, n, extra in jobs]
     together: dict[int, str] = {}
     threads = [threading.Thread(target=lambda i=i, p=p, n=n, e=e: together.__setitem__(
         i, complete(real_server_batch.base_url, p, n, **e))) for i, (p, n, e) in enumerate(jobs)]
@@ -134,7 +135,8 @@ def test_a_structured_output_runs_alone_beside_a_batch_and_everyone_gets_their_s
 
 
 @pytest.fixture(scope="module")
-def resident_servers(tmp_path_factory: pytest.TempPathFactory, default_model_path) -> Iterator[tuple[ServeProcess, ...]]:
+def resident_servers(tmp_path_factory: pytest.TempPathFactory,
+                     default_model_path) -> Iterator[tuple[ServeProcess, ...]]:
     """The default preset (mode auto: resident on a CPU) one request at a time, and with --max-num-seqs 4."""
     servers = (ServeProcess(tmp_path_factory.mktemp("resident1"), "resident1", load_yaml(DEFAULT_PRESET)),
                ServeProcess(tmp_path_factory.mktemp("resident4"), "resident4", load_yaml(DEFAULT_PRESET),
