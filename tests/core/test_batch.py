@@ -316,3 +316,13 @@ def test_generate_still_decodes_one_request_on_an_engine_with_regions(model, tin
     for _, request in SCHEDULE:
         prompt, params = list(request.prompt_token_ids), request.sampling.__dict__
         assert generate_ids(batched, prompt, **params)[0] == generate_ids(solo, prompt, **params)[0]
+
+
+def test_engine_batch_decoder_only_where_several_sequences_batch(model, tiny_tokenizer) -> None:
+    """Engine.batch_decoder (what the server's worker asks): a BatchDecoder with max_num_seqs > 1, none with one
+    sequence or with post-speculation (which runs one request at a time)."""
+    assert tiny_engine(model, tiny_tokenizer, speculation=SPEC).batch_decoder() is None
+    assert isinstance(tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=2).batch_decoder(), BatchDecoder)
+    post = tiny_engine(model, tiny_tokenizer, speculation=SpeculationConfig(topk=2, max_depth=3, post_levels=2),
+                       max_num_seqs=2)
+    assert post.batch_decoder() is None
