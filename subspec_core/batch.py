@@ -166,9 +166,10 @@ class BatchDecoder:
         event (after the decoding ones) from the forward that completes its prompt. A sequence whose `cancelled`
         check answers True is dropped first, without an event, as Engine.generate returns without one.
 
-        `stop` is asked before each decoder layer of the forward (a worker's heartbeat hook, a shutdown): once it
-        answers True, GenerationCancelled is raised and the iteration is void, as if it had not begun (nothing
-        is committed before the forward ends; its draft and scratch rows are rewritten by the next step).
+        `stop` is asked before each draft level and each decoder layer of the forward (a worker's heartbeat hook, a
+        shutdown): once it answers True, GenerationCancelled is raised and the iteration is void, as if it had not
+        begun (nothing is committed before the forward ends; its draft and scratch rows are rewritten by the next
+        step).
         """
         for region, seq in enumerate(self._sequences):
             if seq is not None and seq.dec.cancelled is not None and seq.dec.cancelled():
@@ -264,7 +265,7 @@ class BatchDecoder:
             steps.append(_Step([values[i]], 0, _step_logprobs(seq.dec, logits[i : i + 1], chosen[i])))
         return steps, firsts
 
-    def _trees(self, sequences: list[_Sequence], depths: list[int]) -> list[TokenTree]:
+    def _trees(self, sequences: list[_Sequence], depths: list[int], stop: CancelCheck | None) -> list[TokenTree]:
         """Each sequence's tree to verify: grown together (depth >= 1) and pruned to max_verify_tokens, or the
         root alone where one token is all the budget allows (the solo loop's plain step, as a one-node tree)."""
         engine = self.engine
@@ -274,7 +275,7 @@ class BatchDecoder:
                          root_token=sequences[i].cursor.root, prefix_length=sequences[i].cursor.length,
                          committed=sequences[i].committed, depth=depths[i])
             for i in growing
-        ], forward=engine.draft_forward_batched) if growing else []
+        ], forward=engine.draft_forward_batched, stop=stop) if growing else []
         trees: list[TokenTree] = [root_only_tree(seq.cursor.root) for seq in sequences]
         verify_size = engine.config.speculation.verify_size
         for i, tree in zip(growing, grown):
@@ -292,7 +293,7 @@ class BatchDecoder:
         # a tree deeper than the tokens still allowed would only draft what gets cut
         depths = [min(max_depth, seq.dec.budget - seq.dec.stats.completion_tokens - 1) for seq in sequences]
         draft_start = engine._clock.mark()
-        trees = self._trees(sequences, depths) if sequences else []
+        trees = self._trees(sequences, depths, stop) if sequences else []
         verify_start = engine._clock.mark()
         parts = [tree_rows(tree=tree, committed=seq.committed, kv_cache=self._cache(seq), dtype=engine._dtype)
                  for seq, tree in zip(sequences, trees)]

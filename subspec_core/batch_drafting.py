@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from subspec_core.cancel import CancelCheck, raise_if_cancelled
 from subspec_core.drafting import DraftBucket, DraftRows, TreeDrafter
 from subspec_core.kv_cache import KVCache
 from subspec_core.model import SequenceRows
@@ -53,19 +54,23 @@ def _forward_rows(forward: BatchedDraftFn, rows: Sequence[tuple[KVCache, DraftRo
     return [logits[seq.start : seq.stop] for seq in sequences]
 
 
-def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn) -> list[TokenTree]:
+def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn,
+                 stop: CancelCheck | None = None) -> list[TokenTree]:
     """Grow each request's tree of 1 + depth * topk nodes, with max(depth) draft forwards shared by all: the
     trees are those each drafter's own `grow` would make (the same steps on the same inputs; only the rows a
-    forward carries beside them differ). The trees are views of the drafters' buffers."""
+    forward carries beside them differ). The trees are views of the drafters' buffers. `stop` is asked before
+    each level's forward (GenerationCancelled once it answers True), as Engine.generate asks between levels."""
     buckets: list[DraftBucket] = [
         r.drafter.start_tree(root_token=r.root_token, prefix_length=r.prefix_length, depth=r.depth,
                              committed=r.committed)
         for r in requests
     ]
+    raise_if_cancelled(stop)
     logits = _forward_rows(forward, [(r.kv_cache, r.drafter.root_inputs(b)) for r, b in zip(requests, buckets)])
     for r, b, rows in zip(requests, buckets, logits):
         r.drafter.root_update(b, rows)
     for level in range(1, max(r.depth for r in requests)):
+        raise_if_cancelled(stop)
         growing = [(r, b) for r, b in zip(requests, buckets) if r.depth > level]
         logits = _forward_rows(forward, [(r.kv_cache, r.drafter.level_inputs(b)) for r, b in growing])
         for (r, b), rows in zip(growing, logits):

@@ -261,10 +261,12 @@ def test_an_admitted_prompt_is_prefilled_a_chunk_per_iteration(model, tiny_token
         batch.admit(GenerationRequest("scored", (1, 2, 3), SamplingParams(max_tokens=2, prompt_logprobs=1)))
 
 
-@pytest.mark.parametrize("mode", ["subspec", "vanilla"])
-def test_a_step_stopped_inside_its_forward_is_void(model, tiny_tokenizer, mode) -> None:
-    """`step(stop=...)` asks before each layer; a stop raises GenerationCancelled and leaves the batch as before the
-    step (the ring reset, nothing committed), so the next steps still give every request its solo tokens."""
+@pytest.mark.parametrize("mode,answers", [("subspec", 1), ("subspec", 7), ("vanilla", 1)],
+                         ids=["subspec-drafting", "subspec-forward", "vanilla"])
+def test_a_step_stopped_inside_its_forward_is_void(model, tiny_tokenizer, mode, answers) -> None:
+    """`step(stop=...)` asks before each draft level and each layer; a stop raises GenerationCancelled and leaves the
+    batch as before the step (the ring reset, nothing committed), so the next steps still give every request its
+    solo tokens. Subspec asks 6 times while drafting (depth 6), so its 8th ask is inside the target forward."""
     from subspec_core.cancel import GenerationCancelled
 
     solo = tiny_engine(model, tiny_tokenizer, mode=mode, speculation=SPEC)
@@ -276,8 +278,8 @@ def test_a_step_stopped_inside_its_forward_is_void(model, tiny_tokenizer, mode) 
     batch.admit(schedule[2][1])  # its first chunk is in the stopped forward too
     asked = []
     with pytest.raises(GenerationCancelled):
-        batch.step(stop=lambda: asked.append(1) or len(asked) > 1)  # stops before the second layer
-    assert len(asked) == 2 and batch.active == 3
+        batch.step(stop=lambda: asked.append(1) or len(asked) > answers)  # stops at ask answers + 1
+    assert len(asked) == answers + 1 and batch.active == 3
     got = decode_together(batch, ())
     for _, request in schedule[:2]:  # their first tokens came from join
         expected, _ = generate_ids(solo, list(request.prompt_token_ids), **request.sampling.__dict__)
