@@ -9,9 +9,9 @@ keeps the message semantics of the one-at-a-time EngineLoop (server/worker/loop.
   its place for the next;
 - an Abort (the API's abort, request timeout or client disconnect) makes that member leave between iterations,
   without touching the others; if every member is aborted, or the worker shuts down, the step in flight stops
-  at its next layer (`step(stop=...)`) and is void;
-- the stop check, asked before each layer, also sends the throttled Heartbeat, so the API's stall watchdog
-  sees progress during a long streamed step;
+  at its next draft level or layer (`step(stop=...)`) and is void;
+- the stop check, asked before each draft level and layer, also sends the throttled Heartbeat, so the API's
+  stall watchdog sees progress during a long streamed step;
 - a request the batch cannot take (a structured-output constraint) waits at the head of the queue until the
   batch is empty and then runs alone through `Engine.generate`, as in the one-at-a-time loop (the two share
   KV region 0, so never at the same time). Requests behind it wait too: first come, first served, so it
@@ -184,8 +184,8 @@ class BatchLoop(EngineLoop):
             self._let_go(request_id, "aborted")  # the decoder dropped it, or its Abort is still on the way
 
     def _stop_check(self) -> bool:
-        """Asked before each layer of a step: a heartbeat, and stop when shutting down or no member wants the
-        step any more."""
+        """Asked before each draft level and layer of a step: a heartbeat, and stop when shutting down or no member
+        wants the step any more."""
         members = list(self._members.values())
         if members:
             self._beat(members[0].request_id)
