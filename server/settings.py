@@ -70,8 +70,8 @@ class ServerSettings:
         4 * MIB, "event-stream bytes a request may have made but not yet sent; a client reading slower than "
                  "this lets the engine run ahead gets its stream stopped with an error event", metavar="N")
     shutdown_timeout_s: float = _setting(
-        30.0, "on SIGTERM/SIGINT: new requests get 503, queued ones end at once with an error, the running one "
-              "may finish for this many seconds before it is ended with an error event",
+        30.0, "on SIGTERM/SIGINT: new requests get 503, queued ones end at once with an error, the running ones "
+              "may finish for this many seconds before they are ended with an error event",
         "--shutdown-timeout", metavar="S")
     log_level: str = _setting("info", f"one of {', '.join(LOG_LEVELS)}")
     chat_template: str | None = _setting(
