@@ -2,47 +2,11 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 
 from server.worker import ipc
-from server.worker.loop import EngineLoop
-from subspec_core.types import GenerationRequest, SamplingParams
+from tests.server.loop_harness import Harness, request
 from tests.server.server_fakes import FakeEngine, render_reply
-
-
-def request(rid: str, prompt: str = "hello", **sampling) -> GenerationRequest:
-    return GenerationRequest(rid, tuple(ord(c) for c in prompt), SamplingParams(**{"max_tokens": 12, **sampling}))
-
-
-class Harness:
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine = engine
-        self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
-        self.loop = EngineLoop(engine, receive=self.receive, send=self.outbox.put)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
-
-    def receive(self, timeout):
-        try:
-            return self.inbox.get(timeout=timeout) if timeout != 0 else self.inbox.get_nowait()
-        except queue.Empty:
-            return None
-
-    def until_done(self, rid: str) -> list:
-        messages = []
-        while True:
-            message = self.outbox.get(timeout=10)
-            messages.append(message)
-            if isinstance(message, ipc.Done) and message.request_id == rid:
-                return messages
-
-    def shutdown(self) -> None:
-        self.inbox.put(ipc.Shutdown())
-        self.thread.join(10)
-        assert not self.thread.is_alive()
 
 
 def texts(messages, rid):
