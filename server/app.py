@@ -58,18 +58,20 @@ def _counted_by_middleware(path: str) -> str | None:
 
 
 def create_app(*, settings: ServerSettings, engine_client: EngineClient, tokenizer: Any, model_name: str,
-               server_metrics: ServerMetrics | None = None, max_num_seqs: int = 1) -> FastAPI:
+               server_metrics: ServerMetrics | None = None) -> FastAPI:
     """An OpenAI-compatible app serving `model_name` through `engine_client`.
 
     `tokenizer` is the model's tokenizer (no weights): chat template (or `settings.chat_template`'s) and
     prompt lengths are handled here, before a request is queued. The app starts the engine client on startup
     and closes it on shutdown; `app.state.shutdown` drains it gracefully first (see
     server.edge.shutdown.DrainingServer). Bodies are limited to `settings.max_body_bytes` (1 MiB when unset;
-    `subspec serve` sizes it from max_model_len). `max_num_seqs`: requests that run on the engine at once
-    (server.serve.running_slots; 1: one at a time); the rest wait in the queue.
+    `subspec serve` sizes it from max_model_len). As many requests run on the engine at once as its worker
+    reports in Ready (max_num_seqs, the planner's choice when auto; one until a worker is ready); the rest wait
+    in the queue.
     """
     server_metrics = server_metrics if server_metrics is not None else ServerMetrics()
-    admission = Admission(settings.max_queue, slots=max_num_seqs)
+    admission = Admission(settings.max_queue)
+    engine_client.on_worker_ready(lambda info: admission.resize(info.max_num_seqs))
     server_metrics.bind(waiting=lambda: admission.waiting, running=lambda: admission.running,
                         engine_status=engine_client.status, model_name=model_name)
     engine_client.on_step(lambda step: server_metrics.observe_step(step.sequences, step.rows))

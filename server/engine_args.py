@@ -38,7 +38,8 @@ _HELP = {
     "cuda_graphs": "true/false: replay the draft steps and the one-token step as captured CUDA graphs (CUDA only)",
     "stream_slots": "GPU layer buffers in the weight-streaming ring (>= 2)",
     "max_model_len": "prompt + completion tokens",
-    "max_num_seqs": "sequences decoded together, each with its own KV region, verified in one streamed forward",
+    "max_num_seqs": "sequences decoded together, each with its own KV region, verified in one streamed forward; auto "
+                    "(default): as many as the GPU memory left after the layers holds, up to 8 (1 on a CPU)",
     "prefill_chunk_size": "prompt tokens per prefill forward (default: the largest the memory budget allows)",
     "seed": "seed for requests that give none (default: a fresh random seed per request)",
     "simulate_link_gbps": "CPU only, a development and benchmarking aid: stream layers over a simulated link of this "
@@ -73,7 +74,22 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def count_or_auto(text: str) -> int | str:
+    """`auto` or a whole number (max_num_seqs)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {text!r}") from None
+
+
+_TYPES = {"max_num_seqs": count_or_auto}  # fields whose annotation is not one plain type
+
+
 def _arg_type(f: dataclasses.Field) -> Any:
+    if f.name in _TYPES:
+        return _TYPES[f.name]
     annotation = str(f.type).split(" |")[0]
     return {"int": int, "float": float, "str": str, "bool": _bool}[annotation]
 

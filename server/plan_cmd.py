@@ -5,7 +5,8 @@
 
 The model's shape is read offline (`subspec_core.shapes`). The budget is --gpu-memory-budget, else the config's,
 else what the preset's card class allows (fit.CARD_SHARE of it); the start-up check against the GPU's free
-memory comes after this plan. --json prints one object: mode, max_num_seqs, kv_bytes (the KV cache of all its
+memory comes after this plan. --json prints one object: mode, max_num_seqs (the count the plan decodes together:
+the planner's choice when it is auto) with max_num_seqs_reason, kv_bytes (the KV cache of all its
 sequences), seqs_that_fit (how many the budget holds at the same resident layers), device_total_bytes
 (everything the process holds on the GPU, reserves included), reserve_bytes (the part that is not tensors),
 budget_bytes, resident_layers and streamed_layers (counts), and the rows.
@@ -20,13 +21,16 @@ import os
 import sys
 from typing import Any
 
+from server.engine_args import count_or_auto
+
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", required=True, help="preset file (e.g. configs/default.yaml)")
     parser.add_argument("--model", default=None, help="the model to plan for instead of the preset's")
     parser.add_argument("--gpu-memory-budget", default=None, metavar="SIZE", help="e.g. 8GiB (default: the preset's)")
-    parser.add_argument("--max-num-seqs", default=None, type=int, metavar="N",
-                        help="sequences decoded together, each with its own KV region (default: the preset's)")
+    parser.add_argument("--max-num-seqs", default=None, type=count_or_auto, metavar="N",
+                        help="sequences decoded together, each with its own KV region, or auto (default: the "
+                             "preset's, else auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -67,9 +71,8 @@ def run_plan(args: argparse.Namespace) -> int:
         "budget_bytes": plan.budget_bytes, "card": card, "card_bytes": None if card is None else card_bytes(str(card)),
         "card_limit_bytes": limit, "resident_layers": len(plan.resident_layers),
         "streamed_layers": len(plan.streamed_layers), "prefill_chunk_size": plan.prefill_chunk_size,
-        "host_ram_bytes": plan.host_ram_bytes, "max_num_seqs": config.max_num_seqs,
-        "seqs_that_fit": plan.seqs_that_fit,
-        "kv_bytes": sum(r.nbytes for r in plan.rows if r.component == "KV cache"),
+        "host_ram_bytes": plan.host_ram_bytes, "max_num_seqs": plan.max_num_seqs,
+        "max_num_seqs_reason": plan.seqs_reason, "seqs_that_fit": plan.seqs_that_fit, "kv_bytes": plan.kv_bytes,
         "dtype": str(dtype).removeprefix("torch."),
         "rows": [{"component": r.component, "location": r.location, "bytes": r.nbytes, "detail": r.detail,
                   "reserve": r.reserve} for r in plan.rows],
@@ -80,10 +83,7 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"{config.model}: {found.shape.architecture}, {found.shape.num_layers} layers, {report['dtype']} "
           f"(shape: {found.source})")
     print(choice.line())
-    fits = "" if plan.seqs_that_fit is None else (
-        f"; the budget holds up to {plan.seqs_that_fit} at these resident layers")
-    print(f"max_num_seqs {config.max_num_seqs}: KV cache {report['kv_bytes'] / 2**20:.1f} MiB "
-          f"({report['kv_bytes'] / config.max_num_seqs / 2**20:.1f} MiB per sequence){fits}")
+    print(plan.seqs_line())
     if card is not None:
         print(f"card {card}: device total {plan.device_bytes / 2**30:.2f} GiB, "
               f"{plan.device_bytes / card_bytes(str(card)):.1%} of its {card_bytes(str(card)) / 2**30:.0f} GiB "

@@ -22,7 +22,7 @@ from server.engine_args import add_engine_arguments, engine_config_from_args, ya
 from server.worker.client import ModelInfo
 from server.settings import (API_KEY_ENV, ServerSettings, add_settings_arguments, default_body_limit,
                              resolve_server_settings, settings_overrides)
-from subspec_core.config import EngineConfig, config_as_dict
+from subspec_core.config import config_as_dict
 
 if TYPE_CHECKING:
     import uvicorn
@@ -107,22 +107,15 @@ def run_serve(args: argparse.Namespace) -> int:
     client = ProcessEngineClient(functools.partial(load_engine, engine_config), log_level=settings.log_level,
                                  max_start_failures=settings.max_worker_start_failures,
                                  abort_timeout_s=settings.abort_timeout_s,
-                                 heartbeat_timeout_s=settings.heartbeat_timeout_s, on_fatal=on_fatal,
-                                 on_ready=on_ready)
-    app = create_app(settings=settings, engine_client=client, tokenizer=tokenizer, model_name=model_name,
-                     max_num_seqs=running_slots(engine_config))
+                                 heartbeat_timeout_s=settings.heartbeat_timeout_s, on_fatal=on_fatal)
+    client.on_worker_ready(on_ready)
+    app = create_app(settings=settings, engine_client=client, tokenizer=tokenizer, model_name=model_name)
     server = DrainingServer(uvicorn_config(app, settings), shutdown=app.state.shutdown)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         pass
     return 1 if failures else 0
-
-
-def running_slots(config: EngineConfig) -> int:
-    """How many requests the worker runs at once: max_num_seqs, decoded together by a BatchDecoder; post-speculation
-    decodes one request at a time (Engine.batch_decoder gives none), so 1 there."""
-    return 1 if config.speculation.post_levels > 0 else config.max_num_seqs
 
 
 def uvicorn_config(app: object, settings: ServerSettings) -> uvicorn.Config:

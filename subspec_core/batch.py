@@ -71,8 +71,13 @@ class BatchDecoder:
         return sum(seq is not None for seq in self._sequences)
 
     @property
+    def capacity(self) -> int:
+        """Sequences it decodes at most (one per KV region)."""
+        return len(self._sequences)
+
+    @property
     def has_room(self) -> bool:
-        return self.active < len(self._sequences)
+        return self.active < self.capacity
 
     def _cache(self, seq: _Sequence) -> KVCache:
         return self.engine.kv_regions[seq.region]

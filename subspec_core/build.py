@@ -109,6 +109,7 @@ def build_engine(config: EngineConfig, *, progress: bool = True, phases: Startup
     config = dataclasses.replace(config, mode=choice.mode)
     plan = plan_for(config, reader.shape, dtype=dtype, device_type=device.type, budget_bytes=budget)
     plan = fit_device(config, reader.shape, plan, dtype=dtype, device=device, note=phases.note)
+    phases.note(plan.seqs_line())
     log.info("memory plan (%s on %s, %s):\n%s", config.mode, device, dtype, plan.table())
     name = config.served_model_name or resolved.display_name
     return _place(config, reader, plan=plan, dtype=dtype, device=device, model_name=name, progress=progress,
@@ -173,7 +174,7 @@ def _place(config: EngineConfig, weights: WeightSource, *, plan: MemoryPlan, dty
     else:
         phases.skipped("quantize", f"mode {config.mode} has no draft")
     regions = kv_regions(
-        num_seqs=config.max_num_seqs, num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+        num_seqs=plan.max_num_seqs, num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
         head_dim=shape.head_dim, dtype=dtype,
         capacity=kv_capacity(max_model_len=config.max_model_len, tree_slots=spec.tree_slots if speculative else 1),
         device=device,

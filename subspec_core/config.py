@@ -125,8 +125,10 @@ class EngineConfig:
     stream_slots: int = 2  # GPU layer buffers in the streaming ring (>= 2: copy of layer i+1 overlaps compute of i)
     max_model_len: int = 2048  # prompt + completion tokens
     # sequences decoded together (vLLM's name): each gets its own KV region of max_model_len + tree slots, and one
-    # streamed target forward verifies all their trees (batch.py); 1: one request at a time, today's memory exactly
-    max_num_seqs: int = 1
+    # streamed target forward verifies all their trees (batch.py). auto: the planner fits as many as the memory
+    # left after the layers are placed holds, up to planner.AUTO_MAX_NUM_SEQS (1 on a CPU, which has no budget to
+    # size them from); a number is honoured or refused with the plan's numbers; 1: one request at a time
+    max_num_seqs: int | str = "auto"
     prefill_chunk_size: int | None = None  # None: the planner picks the largest chunk the memory budget allows
     seed: int | None = None  # for requests that give none; None: each such request draws a fresh one
     # A development and benchmarking aid, CPU only: stream layers over a simulated link of this many GB/s
@@ -150,8 +152,8 @@ class EngineConfig:
             raise ValueError("stream_slots must be >= 2 (one being filled while one is read)")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
-        if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_seqs != "auto" and (type(self.max_num_seqs) is not int or self.max_num_seqs < 1):
+            raise ValueError(f"max_num_seqs must be auto or an integer >= 1, got {self.max_num_seqs!r}")
         if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
             raise ValueError("prefill_chunk_size must be >= 1")
         if self.simulate_link_gbps is not None and self.simulate_link_gbps <= 0:
@@ -166,6 +168,11 @@ class EngineConfig:
     @property
     def budget_bytes(self) -> int | None:
         return None if self.gpu_memory_budget is None else parse_byte_size(self.gpu_memory_budget)
+
+    @property
+    def requested_num_seqs(self) -> int | None:
+        """max_num_seqs as the planner takes it: None for auto (planner.plan_memory chooses)."""
+        return None if self.max_num_seqs == "auto" else int(self.max_num_seqs)
 
 
 def check_keys(data: Mapping[str, Any], known: Iterable[str], where: str) -> None:

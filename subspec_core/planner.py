@@ -8,12 +8,15 @@ substitutes, the KV cache, activation and tree buffers, the streaming ring, and 
 the CUDA context, library workspaces, the draft's graph pool, the sampling peak, load temporaries and a
 fragmentation margin); then as many full-precision decoder layers as still fit stay resident (beyond the
 paper, which streams them all). A resident layer needs no substitute: the draft uses the target's own weights
-there. `plan_for` is how callers plan: the builder and the benchmarks pass their EngineConfig whole.
+there. With `max_num_seqs: auto` the sequences decoded together come last: as many as the memory left after the
+layers holds, up to AUTO_MAX_NUM_SEQS (an explicit count is placed before the layers instead, which give way to
+it). `plan_for` is how callers plan: the builder and the benchmarks pass their EngineConfig whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +34,7 @@ from subspec_core.weights import ModelShape, shared_nbytes
 
 DEVICE, HOST = "device", "host"  # PlanRow locations: the compute device's memory, or (pinned) host memory
 CUDA_CONTEXT_ROW = "CUDA context"
+KV_CACHE_ROW = "KV cache"
 
 
 class BudgetTooSmallError(SetupError, ValueError):
@@ -57,10 +61,11 @@ class MemoryPlan:
     # Host RAM the weights need at load, at its peak: the streamed layers' arena, one layer being read and the
     # shared weights passing through (on a CPU also everything the device rows hold: it is the same memory).
     host_ram_bytes: int = 0
-    max_num_seqs: int = 1  # sequences decoded together, each with a KV region (config.max_num_seqs)
+    max_num_seqs: int = 1  # sequences decoded together, each with a KV region (config.max_num_seqs, resolved)
     # with a budget: the most sequences the same resident layers and prefill chunk leave room for (capped at
-    # MAX_SEQS_PROBED), what an automatic choice of max_num_seqs would start from; None without a budget
+    # MAX_SEQS_PROBED); None without a budget
     seqs_that_fit: int | None = None
+    seqs_reason: str = "as configured"  # how max_num_seqs was chosen (the plan's sequences line)
 
     @property
     def device_bytes(self) -> int:
@@ -79,6 +84,17 @@ class MemoryPlan:
     @property
     def host_bytes(self) -> int:
         return sum(r.nbytes for r in self.rows if r.location == HOST)
+
+    @property
+    def kv_bytes(self) -> int:
+        """The KV cache of every sequence's region."""
+        return sum(r.nbytes for r in self.rows if r.component == KV_CACHE_ROW)
+
+    def seqs_line(self) -> str:
+        """One line: the sequences decoded together, their KV cost and why that many (start-up log, `subspec plan`)."""
+        fits = "" if self.seqs_that_fit is None else f"; the budget holds up to {self.seqs_that_fit} at these layers"
+        return (f"max_num_seqs {self.max_num_seqs} ({self.seqs_reason}): KV cache {self.kv_bytes / 2**20:.1f} MiB, "
+                f"{self.kv_bytes / self.max_num_seqs / 2**20:.1f} MiB per sequence{fits}")
 
     @property
     def device_label(self) -> str:
@@ -174,6 +190,10 @@ def logits_bytes(*, rows: int, vocab_size: int, positions: int | None = None) ->
 MIN_AUTO_PREFILL_CHUNK = 256
 MAX_SEQS_PROBED = 64  # MemoryPlan.seqs_that_fit looks no further
 MAX_AUTO_PREFILL_CHUNK = 4096
+# max_num_seqs auto stops here: by estimate a consumer GPU's verify forward of a 7B model stays bound by the weight
+# stream up to about 5-11 trees of ~200-300 rows (issue #20); past that, rows cost compute and a sequence more
+# mostly adds memory and latency for the others
+AUTO_MAX_NUM_SEQS = 8
 
 
 def plan_memory(
@@ -190,26 +210,29 @@ def plan_memory(
     shared_bytes: int,
     device_type: str = "cuda",
     cuda_graphs: bool = True,
-    max_num_seqs: int = 1,
+    max_num_seqs: int | None = 1,
 ) -> MemoryPlan:
     """Choose resident and streamed layers; raise BudgetTooSmallError when even the fixed part does not fit.
 
     The budget holds everything the process keeps on the device: tensors and the reserves (`reserves.py`).
-    `prefill_chunk_size` None: after the layers are placed with the smallest chunk, the chunk grows (powers of
-    two, up to max_model_len and MAX_AUTO_PREFILL_CHUNK) as far as the budget's remaining slack allows: a
-    larger chunk never costs a resident layer. `max_num_seqs` sequences each hold a KV region of `capacity` slots
-    and one verify forward carries all their trees (batch.py).
+    `max_num_seqs` sequences each hold a KV region of `capacity` slots and one verify forward carries all their
+    trees (batch.py). A count is placed first, and resident layers give way to it; None (auto) places the layers
+    for one sequence, then adds sequences while the budget's slack holds them, up to AUTO_MAX_NUM_SEQS
+    (`auto_num_seqs`). `prefill_chunk_size` None: after that, the chunk grows (powers of two, up to max_model_len
+    and MAX_AUTO_PREFILL_CHUNK) as far as the remaining slack allows: a larger chunk never costs a resident layer
+    or a sequence.
     """
     speculative = mode == "subspec"
     capacity = kv_capacity(max_model_len=max_model_len, tree_slots=speculation.tree_slots if speculative else 1)
+    seqs = 1 if max_num_seqs is None else max_num_seqs
 
-    def sizes_for(chunk: int, seqs: int = max_num_seqs) -> PlanSizes:
+    def sizes_for(chunk: int, seqs: int) -> PlanSizes:
         return plan_sizes(shape=shape, dtype=dtype, mode=mode, speculation=speculation, capacity=capacity, chunk=chunk,
                           max_model_len=max_model_len, stream_slots=stream_slots, shared_bytes=shared_bytes,
                           device_type=device_type, cuda_graphs=cuda_graphs, max_num_seqs=seqs)
 
     chunk = prefill_chunk_size or min(MIN_AUTO_PREFILL_CHUNK, max_model_len)
-    sizes = sizes_for(chunk)
+    sizes = sizes_for(chunk, seqs)
     num_layers = shape.num_layers
     cap = num_layers if max_resident_layers is None else min(num_layers, max_resident_layers)
     if mode == "resident":
@@ -229,32 +252,55 @@ def plan_memory(
             raise BudgetTooSmallError(
                 f"gpu_memory_budget {format_bytes(budget_bytes)} is too small for mode {mode!r}: it needs at least "
                 f"{format_bytes(need)} (shared modules, KV cache for max_model_len={max_model_len} x max_num_seqs="
-                f"{max_num_seqs}, buffers"
+                f"{seqs}, buffers"
                 f"{', 4-bit substitutes' if speculative else ''}, reserves); raise the budget or lower max_model_len"
-                + (" or max_num_seqs" if max_num_seqs > 1 else "")
+                + (" or max_num_seqs" if seqs > 1 else "")
             )
+
+    def fits(chunk: int, seqs: int) -> bool:
+        return budget_bytes is None or device_total(resident, sizes_for(chunk, seqs)) <= budget_bytes
+
+    reason = "as configured"
+    if max_num_seqs is None:
+        seqs, reason = auto_num_seqs(budget_bytes=budget_bytes, post_levels=speculation.post_levels,
+                                     fits=functools.partial(fits, chunk))
+        sizes = sizes_for(chunk, seqs)
     if prefill_chunk_size is None:
         largest = min(max_model_len, MAX_AUTO_PREFILL_CHUNK)
         candidates = sorted({largest} | {c for c in (2**p for p in range(8, 13)) if chunk < c < largest})
         for bigger in candidates:
-            bigger_sizes = sizes_for(bigger)
-            if budget_bytes is not None and device_total(resident, bigger_sizes) > budget_bytes:
+            if not fits(bigger, seqs):
                 break
-            chunk, sizes = bigger, bigger_sizes
+            chunk, sizes = bigger, sizes_for(bigger, seqs)
     streamed_ids = tuple(range(resident, num_layers))
     rows = _rows(sizes, resident=resident, streamed_ids=streamed_ids, shape=shape, mode=mode, speculation=speculation,
                  capacity=capacity, chunk=chunk, chunk_auto=prefill_chunk_size is None, device_type=device_type,
-                 max_num_seqs=max_num_seqs)
+                 max_num_seqs=seqs)
     fit = None
     if budget_bytes is not None:  # sequences grow the KV, activations and tree rows: the first count that does not fit
-        fit = max_num_seqs
-        while fit < MAX_SEQS_PROBED and device_total(resident, sizes_for(chunk, fit + 1)) <= budget_bytes:
+        fit = seqs
+        while fit < MAX_SEQS_PROBED and fits(chunk, fit + 1):
             fit += 1
     plan = MemoryPlan(resident_layers=tuple(range(resident)), streamed_layers=streamed_ids, rows=tuple(rows),
                       budget_bytes=budget_bytes, device_type=device_type, prefill_chunk_size=chunk,
-                      max_num_seqs=max_num_seqs, seqs_that_fit=fit)
+                      max_num_seqs=seqs, seqs_that_fit=fit, seqs_reason=reason)
     host_ram = host_ram_at_load(plan, layer_bytes=sizes.layer, shared_bytes=shared_bytes)
     return dataclasses.replace(plan, host_ram_bytes=host_ram)
+
+
+def auto_num_seqs(*, budget_bytes: int | None, post_levels: int, fits: Callable[[int], bool]) -> tuple[int, str]:
+    """max_num_seqs auto, once the layers are placed for one sequence: the most sequences (up to AUTO_MAX_NUM_SEQS)
+    for which `fits(count)` holds, and why, in a few words. One without a budget (a CPU: host memory is the
+    compute memory, and nothing bounds it but the machine) and with post-speculation (Engine.batch_decoder: it
+    decodes one request at a time)."""
+    if post_levels > 0:
+        return 1, "auto: post-speculation decodes one request at a time"
+    if budget_bytes is None:
+        return 1, "auto: no memory budget to size more from, as on a CPU; --max-num-seqs N decodes N together"
+    count = 1
+    while count < AUTO_MAX_NUM_SEQS and fits(count + 1):
+        count += 1
+    return count, f"auto: as many as the budget left after the layers holds, up to {AUTO_MAX_NUM_SEQS}"
 
 
 def _rows(s: PlanSizes, *, resident: int, streamed_ids: tuple[int, ...], shape: ModelShape, mode: str,
@@ -271,7 +317,7 @@ def _rows(s: PlanSizes, *, resident: int, streamed_ids: tuple[int, ...], shape: 
     per_seq = tree_rows // max_num_seqs
     rows = [
         PlanRow("shared: embeddings, norms, lm_head", DEVICE, s.shared, "shared by target and draft"),
-        PlanRow("KV cache", DEVICE, s.kv, seqs + slots),
+        PlanRow(KV_CACHE_ROW, DEVICE, s.kv, seqs + slots),
         PlanRow("activations + logits buffers", DEVICE, s.work,
                 f"{'verify' if speculative else 'decode'} {tree_rows} row{'s' * (tree_rows != 1)} / prefill chunk "
                 f"{chunk}{' (auto)' if chunk_auto else ''}"),
@@ -333,7 +379,7 @@ def plan_for(
         shape=shape, dtype=dtype, mode=mode, speculation=config.speculation, max_model_len=config.max_model_len,
         prefill_chunk_size=config.prefill_chunk_size, stream_slots=config.stream_slots, budget_bytes=budget_bytes,
         max_resident_layers=config.max_resident_layers, shared_bytes=shared_nbytes(shape, dtype),
-        device_type=device_type, cuda_graphs=config.cuda_graphs, max_num_seqs=config.max_num_seqs,
+        device_type=device_type, cuda_graphs=config.cuda_graphs, max_num_seqs=config.requested_num_seqs,
     )
 
 

@@ -89,6 +89,8 @@ class HealthStatus(BaseModel):
     worker_restarts: int = 0
     queue_depth: int = 0
     running: int = 0
+    max_num_seqs: int = Field(1, description="requests that run at once, as the ready worker reports it (the "
+                                            "planner's choice under max_num_seqs auto)")
     last_error: str | None = None
 
 
@@ -110,6 +112,7 @@ async def health(request: Request) -> JSONResponse:
         "worker_restarts": status.get("worker_restarts", 0),
         "queue_depth": state.admission.waiting,
         "running": state.admission.running,
+        "max_num_seqs": state.admission.slots,
         "last_error": status.get("last_error"),
     }
     if word == "ok":

@@ -1,5 +1,5 @@
-"""Admission control: up to `slots` requests on the GPU at once (the engine's max_num_seqs; 1 by default), a
-bounded FIFO of the ones waiting behind them.
+"""Admission control: up to `slots` requests on the GPU at once (the engine's max_num_seqs, as its worker reports
+it when ready; 1 before), a bounded FIFO of the ones waiting behind them.
 
 A request first `reserve()`s a ticket: synchronously, before any response byte is sent, so a full queue
 is an immediate 429. The ticket either holds a GPU slot at once or waits in line; `wait_turn()` returns
@@ -94,6 +94,16 @@ class Admission:
             self._waiting.append(ticket)
         return ticket
 
+    def resize(self, slots: int) -> None:
+        """Run up to `slots` requests at once from now on (the worker's count, known once it is ready). Waiting
+        tickets take new slots at once; with fewer slots, running requests keep theirs and the next waiter starts
+        when the running count is under the new number."""
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self.slots = slots
+        while self._waiting and len(self._running) < self.slots:
+            self._grant(self._waiting.popleft())
+
     def close(self) -> int:
         """Admit nothing more and end every waiting ticket's wait with AdmissionClosed; the running ones
         keep their slots. Returns how many waiting tickets were ended."""
@@ -121,7 +131,7 @@ class Admission:
         ticket.released = True
         if ticket in self._running:
             self._running.discard(ticket)
-            if self._waiting:
+            if self._waiting and len(self._running) < self.slots:
                 self._grant(self._waiting.popleft())
         else:
             self._waiting.remove(ticket)

@@ -48,6 +48,9 @@ class BatchLike(Protocol):
     def active(self) -> int: ...
 
     @property
+    def capacity(self) -> int: ...
+
+    @property
     def has_room(self) -> bool: ...
 
     def admit(self, request: GenerationRequest, *, cancelled: CancelCheck | None = None) -> None: ...
@@ -88,6 +91,10 @@ class BatchLoop(EngineLoop):
         # read by `notice` on another thread: only looked up there, never iterated, so mutation here is safe
         self._members: dict[str, _Member] = {}
         self._stopping = threading.Event()  # a Shutdown was noticed: the step in flight stops at its next layer
+
+    @property
+    def slots(self) -> int:
+        return self._batch.capacity
 
     def notice(self, message: ipc.ToWorker) -> None:
         super().notice(message)  # a request running alone (a structured output)

@@ -54,6 +54,7 @@ class ModelInfo:
 
     name: str
     max_model_len: int
+    max_num_seqs: int = 1  # requests the worker runs at once
 
 
 _END = object()  # ends a stream without a final event (the request was aborted)
@@ -146,6 +147,10 @@ class EngineClient(ABC):
     def on_step(self, listener: Callable[[ipc.Step], None]) -> None:
         """Call `listener(step)` for each batched iteration the worker reports (max_num_seqs > 1)."""
 
+    @abstractmethod
+    def on_worker_ready(self, listener: Callable[[ModelInfo], None]) -> None:
+        """Call `listener(info)` on the event loop each time a worker reports ready (a replacement too)."""
+
 
 class RoutingEngineClient(EngineClient):
     """Shared part of both clients: route worker messages to per-request streams; track readiness.
@@ -162,10 +167,15 @@ class RoutingEngineClient(EngineClient):
         self._last_error: str | None = None
         self._state_changed = asyncio.Event()
         self._step_listeners: list[Callable[[ipc.Step], None]] = []
+        self._ready_listeners: list[Callable[[ModelInfo], None]] = []
 
     def on_step(self, listener: Callable[[ipc.Step], None]) -> None:
         """Call `listener(step)` for each batched iteration the worker reports (max_num_seqs > 1)."""
         self._step_listeners.append(listener)
+
+    def on_worker_ready(self, listener: Callable[[ModelInfo], None]) -> None:
+        """Call `listener(info)` on the event loop each time a worker reports ready (a replacement too)."""
+        self._ready_listeners.append(listener)
 
     @abstractmethod
     def _send(self, message: ipc.ToWorker) -> None:
@@ -240,10 +250,12 @@ class RoutingEngineClient(EngineClient):
         elif isinstance(message, ipc.Heartbeat):
             pass  # progress only: the process client's stall watchdog counts every message
         elif isinstance(message, ipc.Ready):
-            self._info = ModelInfo(message.model_name, message.max_model_len)
+            self._info = ModelInfo(message.model_name, message.max_model_len, message.max_num_seqs)
             self._ready = True
-            logger.info("engine worker ready (pid %s): model %s, max_model_len %s",
-                        message.pid, message.model_name, message.max_model_len)
+            logger.info("engine worker ready (pid %s): model %s, max_model_len %s, max_num_seqs %s",
+                        message.pid, message.model_name, message.max_model_len, message.max_num_seqs)
+            for listener in self._ready_listeners:
+                listener(self._info)
             self._notify_state()
         elif isinstance(message, ipc.Fatal):
             logger.error("engine worker failed to start: %s", message.message)

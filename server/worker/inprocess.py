@@ -72,7 +72,7 @@ class InProcessEngineClient(RoutingEngineClient):
             return
         self.engine = engine
         self._engine_loop = engine_loop(engine, receive=self._receive, send=self._deliver)
-        self._deliver(ipc.Ready(engine.model_name, engine.max_model_len, pid=0))
+        self._deliver(ipc.Ready(engine.model_name, engine.max_model_len, pid=0, max_num_seqs=self._engine_loop.slots))
         try:
             self._engine_loop.run()
         except Exception as exc:

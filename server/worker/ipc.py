@@ -39,6 +39,7 @@ class Ready:
     model_name: str
     max_model_len: int
     pid: int
+    max_num_seqs: int = 1  # requests the worker runs at once (its loop's slots; the planner's count when auto)
 
 
 @dataclass(frozen=True)

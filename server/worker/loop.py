@@ -74,6 +74,11 @@ class EngineLoop:
         self._running: tuple[str, threading.Event] | None = None
         self._last_beat = 0.0
 
+    @property
+    def slots(self) -> int:
+        """Requests it runs at once (reported in Ready: the API's admission slots)."""
+        return 1
+
     def notice(self, message: ipc.ToWorker) -> None:
         """Thread-safe early look at an incoming message: an Abort of the running request (or a Shutdown)
         sets its cancel flag at once, while the engine is still inside a step. The message must still be

@@ -71,7 +71,8 @@ def worker_main(engine_factory: Callable[[], EngineLike], inbox: Connection, out
     loop = engine_loop(engine, receive=receive, send=outbox.send)
     threading.Thread(target=_read_inbox, args=(inbox, loop, received), name="subspec-worker-inbox",
                      daemon=True).start()
-    outbox.send(ipc.Ready(model_name=engine.model_name, max_model_len=engine.max_model_len, pid=os.getpid()))
+    outbox.send(ipc.Ready(model_name=engine.model_name, max_model_len=engine.max_model_len, pid=os.getpid(),
+                          max_num_seqs=loop.slots))
     try:
         loop.run()
     finally:

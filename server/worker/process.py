@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 from server.worker import ipc
-from server.worker.client import EngineNotReady, ModelInfo, RoutingEngineClient, WorkerDied
+from server.worker.client import EngineNotReady, RoutingEngineClient, WorkerDied
 from server.worker.loop import EngineLike
 from server.worker.main import worker_main
 
@@ -62,11 +62,10 @@ class ProcessEngineClient(RoutingEngineClient):
 
     def __init__(self, engine_factory: Callable[[], EngineLike], *, log_level: str = "INFO",
                  restart: bool = True, max_start_failures: int = 3, abort_timeout_s: float = 300.0,
-                 heartbeat_timeout_s: float | None = 60.0, on_fatal: Callable[[str], None] | None = None,
-                 on_ready: Callable[[ModelInfo], None] | None = None) -> None:
+                 heartbeat_timeout_s: float | None = 60.0, on_fatal: Callable[[str], None] | None = None) -> None:
         """`engine_factory` must be picklable (e.g. `functools.partial(load_engine, config)`): it is
-        called in the worker. `on_fatal` is called once if no worker can be started any more; `on_ready`
-        each time a worker reports its engine loaded (on the event loop).
+        called in the worker. `on_fatal` is called once if no worker can be started any more (`on_worker_ready`
+        registers what to call each time one reports its engine loaded).
         `heartbeat_timeout_s`: kill a worker that reports nothing for this long while it has work (None: never)."""
         super().__init__()
         self._engine_factory = engine_factory
@@ -75,7 +74,6 @@ class ProcessEngineClient(RoutingEngineClient):
         self._max_start_failures = max_start_failures
         self._abort_timeout_s = abort_timeout_s
         self._on_fatal = on_fatal
-        self._on_ready = on_ready
         self._context = mp.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: _Worker | None = None
@@ -191,8 +189,6 @@ class ProcessEngineClient(RoutingEngineClient):
         elif isinstance(message, ipc.Fatal):
             worker.fatal = message.message
         self._on_message(message)
-        if isinstance(message, ipc.Ready) and self._on_ready is not None and self._info is not None:
-            self._on_ready(self._info)
 
     def _on_worker_exit(self, worker: _Worker) -> None:
         if worker is not self._worker or self._closing:

@@ -17,7 +17,7 @@ from benchmarks.synthetic_weights import QWEN25_1_5B, TINY, TINY_QWEN3, random_w
 from subspec_core.architecture import shape_from_hf_config
 from subspec_core.config import SpeculationConfig, load_yaml, resolve_engine_config
 from subspec_core.planner import (
-    DEVICE, BudgetTooSmallError, MemoryPlan, choose_mode, device_budget, plan_for, plan_memory,
+    AUTO_MAX_NUM_SEQS, DEVICE, BudgetTooSmallError, MemoryPlan, choose_mode, device_budget, plan_for, plan_memory,
 )
 from subspec_core.quant import substitute_bytes_per_layer
 from subspec_core.weights import LayerLayout, ModelShape, shared_nbytes
@@ -396,7 +396,8 @@ def test_max_num_seqs_counts_a_kv_region_per_sequence_and_one_is_todays_plan():
 
 
 def test_max_num_seqs_is_a_setting_like_every_other():
-    """YAML < SUBSPEC_MAX_NUM_SEQS < --max-num-seqs; below 1 is refused."""
+    """YAML < SUBSPEC_MAX_NUM_SEQS < --max-num-seqs, each taking a count or auto (the default); below 1, or
+    anything else, is refused."""
     import argparse
 
     from server.engine_args import add_engine_arguments, engine_overrides
@@ -407,9 +408,15 @@ def test_max_num_seqs_is_a_setting_like_every_other():
     add_engine_arguments(parser)
     flags = engine_overrides(parser.parse_args(["--max-num-seqs", "4"]))
     assert resolve_engine_config(environ={"SUBSPEC_MAX_NUM_SEQS": "3"}, cli_overrides=flags).max_num_seqs == 4
-    assert resolve_engine_config(environ={}).max_num_seqs == 1
-    with pytest.raises(ValueError, match="max_num_seqs"):
-        resolve_engine_config(environ={}, cli_overrides={"max_num_seqs": 0})
+    assert resolve_engine_config(environ={}).max_num_seqs == "auto"
+    assert resolve_engine_config(yaml_data={"max_num_seqs": 2}, environ={"SUBSPEC_MAX_NUM_SEQS": "auto"}).max_num_seqs \
+        == "auto"
+    assert engine_overrides(parser.parse_args(["--max-num-seqs", "AUTO"])) == {"max_num_seqs": "auto"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-num-seqs", "many"])
+    for bad in (0, "many", True, 2.5):
+        with pytest.raises(ValueError, match="max_num_seqs"):
+            resolve_engine_config(environ={}, cli_overrides={"max_num_seqs": bad})
 
 
 def test_the_plan_says_how_many_sequences_its_budget_holds():
@@ -428,3 +435,76 @@ def test_the_plan_says_how_many_sequences_its_budget_holds():
         assert fitted.seqs_that_fit == fit
         over = plan_memory(**common, budget_bytes=budget, max_num_seqs=fit + 1)
         assert len(over.resident_layers) < len(one.resident_layers)
+
+
+def test_auto_max_num_seqs_fills_the_memory_left_after_the_layers_up_to_its_cap():
+    """auto places the layers as for one sequence (the same resident layers), then takes as many sequences as the
+    slack holds: one more would not fit, or the cap is reached. 8 GB with every Qwen2.5-7B layer streamed has room
+    for one; a larger budget for several, never a resident layer fewer."""
+    common = dict(shape=QWEN7B, dtype=torch.bfloat16, mode="subspec", speculation=SpeculationConfig(max_depth=48),
+                  max_model_len=2048, prefill_chunk_size=256, stream_slots=2, max_resident_layers=None,
+                  shared_bytes=QWEN7B_SHARED)
+    for budget, resident_cap in ((int(7.6 * GiB), None), (10 * GiB, None), (10 * GiB, 5), (40 * GiB, 0)):
+        args = {**common, "budget_bytes": budget, "max_resident_layers": resident_cap}
+        one = plan_memory(**args)
+        auto = plan_memory(**args, max_num_seqs=None)
+        assert auto.resident_layers == one.resident_layers and auto.device_bytes <= budget
+        assert auto.seqs_reason.startswith("auto")
+        counted = plan_memory(**args, max_num_seqs=auto.max_num_seqs)  # the same plan, but for its reason
+        assert auto == dataclasses.replace(counted, seqs_reason=auto.seqs_reason)
+        if auto.max_num_seqs < AUTO_MAX_NUM_SEQS:
+            assert auto.seqs_that_fit == auto.max_num_seqs  # one more does not fit beside these layers
+    assert plan_memory(**common, budget_bytes=int(7.6 * GiB), max_num_seqs=None).max_num_seqs == 1
+    several = plan_memory(**{**common, "max_resident_layers": 5}, budget_bytes=10 * GiB, max_num_seqs=None)
+    assert 1 < several.max_num_seqs <= AUTO_MAX_NUM_SEQS
+    roomy = plan_memory(**{**common, "max_resident_layers": 0}, budget_bytes=40 * GiB, max_num_seqs=None)
+    assert roomy.max_num_seqs == AUTO_MAX_NUM_SEQS
+    assert f"max_num_seqs {several.max_num_seqs} (auto: " in several.seqs_line()
+    assert f"max_num_seqs {several.max_num_seqs} x " in several.table()
+
+
+def test_auto_max_num_seqs_is_one_without_a_budget_or_with_post_speculation():
+    """On a CPU nothing bounds the count but the machine, so auto keeps one (an explicit count is honoured);
+    post-speculation decodes one request at a time."""
+    assert plan(budget=None, device_type="cpu").max_num_seqs == 1
+    cpu = plan_memory(shape=QWEN7B, dtype=torch.bfloat16, mode="subspec", speculation=SpeculationConfig(max_depth=48),
+                      max_model_len=2048, prefill_chunk_size=256, stream_slots=2, budget_bytes=None,
+                      max_resident_layers=None, shared_bytes=QWEN7B_SHARED, device_type="cpu", max_num_seqs=None)
+    assert cpu.max_num_seqs == 1 and "no memory budget" in cpu.seqs_reason
+    post = plan_memory(shape=QWEN7B, dtype=torch.bfloat16, mode="subspec",
+                       speculation=SpeculationConfig(max_depth=8, post_levels=4), max_model_len=2048,
+                       prefill_chunk_size=256, stream_slots=2, budget_bytes=40 * GiB, max_resident_layers=0,
+                       shared_bytes=QWEN7B_SHARED, max_num_seqs=None)
+    assert post.max_num_seqs == 1 and "post-speculation" in post.seqs_reason
+
+
+def test_sequences_come_before_an_unset_prefill_chunk():
+    """With both left to the planner, the sequences take the slack first and the chunk grows into what is left."""
+    common = dict(shape=QWEN7B, dtype=torch.bfloat16, mode="subspec", speculation=SpeculationConfig(max_depth=48),
+                  max_model_len=2048, prefill_chunk_size=None, stream_slots=2, budget_bytes=10 * GiB,
+                  max_resident_layers=5, shared_bytes=QWEN7B_SHARED)
+    auto = plan_memory(**common, max_num_seqs=None)
+    counted = plan_memory(**{**common, "prefill_chunk_size": 256}, max_num_seqs=None)
+    assert auto.max_num_seqs == counted.max_num_seqs > 1
+    assert auto.prefill_chunk_size >= 256 and auto.device_bytes <= 10 * GiB
+
+
+def test_subspec_plan_prints_the_sequences_it_chose_and_why(capsys):
+    """`subspec plan` shows max_num_seqs with its KV cost and reason; --json carries both."""
+    import argparse
+    import json
+
+    from server.plan_cmd import add_plan_arguments, run_plan
+
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    preset = str(CONFIG_DIR / "qwen2.5-7b-instruct-8gb.yaml")
+    assert run_plan(parser.parse_args(["--config", preset, "--gpu-memory-budget", "7.9GiB", "--json"])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_num_seqs"] > 1 and report["max_num_seqs_reason"].startswith("auto")
+    assert report["kv_bytes"] > 0
+    assert run_plan(parser.parse_args(["--config", preset, "--max-num-seqs", "auto"])) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^max_num_seqs 1 \(auto: [^)]*\): KV cache [\d.]+ MiB", out, re.M), out
+    assert run_plan(parser.parse_args(["--config", preset, "--max-num-seqs", "2"])) == 2
+    assert "max_num_seqs=2" in capsys.readouterr().err

@@ -195,8 +195,12 @@ class FakeBatch:
         return len(self._members)
 
     @property
+    def capacity(self) -> int:
+        return self.engine.max_num_seqs
+
+    @property
     def has_room(self) -> bool:
-        return self.active < self.engine.max_num_seqs
+        return self.active < self.capacity
 
     def admit(self, request: GenerationRequest, *, cancelled: Callable[[], bool] | None = None) -> None:
         if not self.has_room:

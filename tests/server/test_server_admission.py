@@ -106,3 +106,22 @@ async def test_several_slots_run_that_many_requests_and_queue_the_rest_in_order(
     await asyncio.wait_for(admission.wait_idle(), 1)
     with pytest.raises(ValueError):
         Admission(max_waiting=1, slots=0)
+
+
+async def test_resizing_grants_waiters_new_slots_and_a_smaller_count_lets_running_requests_finish():
+    """The worker's count arrives after requests may have queued behind the one slot the API starts with."""
+    admission = Admission(max_waiting=4)
+    tickets = [admission.reserve(f"r{i}") for i in range(4)]
+    assert [t.holds_slot for t in tickets] == [True, False, False, False]
+    admission.resize(3)  # the ready worker decodes three at once: the two oldest waiters start now
+    assert [t.holds_slot for t in tickets] == [True, True, True, False]
+    admission.resize(1)  # a replacement worker with one: nobody is stopped, nobody new starts until under it
+    tickets[0].release()
+    tickets[1].release()
+    assert not tickets[3].holds_slot and admission.running == 1
+    tickets[2].release()
+    assert tickets[3].holds_slot and admission.running == 1
+    tickets[3].release()
+    await asyncio.wait_for(admission.wait_idle(), 1)
+    with pytest.raises(ValueError):
+        admission.resize(0)
