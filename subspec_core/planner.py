@@ -262,7 +262,7 @@ def plan_memory(
 
     reason = "as configured"
     if max_num_seqs is None:
-        seqs, reason = auto_num_seqs(budget_bytes=budget_bytes, post_levels=speculation.post_levels,
+        seqs, reason = auto_num_seqs(mode=mode, budget_bytes=budget_bytes, post_levels=speculation.post_levels,
                                      fits=functools.partial(fits, chunk))
         sizes = sizes_for(chunk, seqs)
     if prefill_chunk_size is None:
@@ -288,13 +288,18 @@ def plan_memory(
     return dataclasses.replace(plan, host_ram_bytes=host_ram)
 
 
-def auto_num_seqs(*, budget_bytes: int | None, post_levels: int, fits: Callable[[int], bool]) -> tuple[int, str]:
+def auto_num_seqs(*, mode: str, budget_bytes: int | None, post_levels: int,
+                  fits: Callable[[int], bool]) -> tuple[int, str]:
     """max_num_seqs auto, once the layers are placed for one sequence: the most sequences (up to AUTO_MAX_NUM_SEQS)
-    for which `fits(count)` holds, and why, in a few words. One without a budget (a CPU: host memory is the
-    compute memory, and nothing bounds it but the machine) and with post-speculation (Engine.batch_decoder: it
-    decodes one request at a time)."""
+    for which `fits(count)` holds, and why, in a few words. One where batching is not the better default: without
+    a budget (a CPU: host memory is the compute memory, and nothing bounds it but the machine), with
+    post-speculation (Engine.batch_decoder: it decodes one request at a time), and in mode resident, where nothing
+    streams to share and a lone request's one-token step replays CUDA graphs that the batched step has not."""
     if post_levels > 0:
         return 1, "auto: post-speculation decodes one request at a time"
+    if mode == "resident":
+        return 1, ("auto: nothing streams to share in mode resident, and a lone request's step is a CUDA graph; "
+                   "--max-num-seqs N decodes N together")
     if budget_bytes is None:
         return 1, "auto: no memory budget to size more from, as on a CPU; --max-num-seqs N decodes N together"
     count = 1

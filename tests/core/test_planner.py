@@ -463,9 +463,9 @@ def test_auto_max_num_seqs_fills_the_memory_left_after_the_layers_up_to_its_cap(
     assert f"max_num_seqs {several.max_num_seqs} x " in several.table()
 
 
-def test_auto_max_num_seqs_is_one_without_a_budget_or_with_post_speculation():
+def test_auto_max_num_seqs_is_one_without_a_budget_with_post_speculation_and_in_mode_resident():
     """On a CPU nothing bounds the count but the machine, so auto keeps one (an explicit count is honoured);
-    post-speculation decodes one request at a time."""
+    post-speculation decodes one request at a time; mode resident streams nothing to share."""
     assert plan(budget=None, device_type="cpu").max_num_seqs == 1
     cpu = plan_memory(shape=QWEN7B, dtype=torch.bfloat16, mode="subspec", speculation=SpeculationConfig(max_depth=48),
                       max_model_len=2048, prefill_chunk_size=256, stream_slots=2, budget_bytes=None,
@@ -476,6 +476,10 @@ def test_auto_max_num_seqs_is_one_without_a_budget_or_with_post_speculation():
                        prefill_chunk_size=256, stream_slots=2, budget_bytes=40 * GiB, max_resident_layers=0,
                        shared_bytes=QWEN7B_SHARED, max_num_seqs=None)
     assert post.max_num_seqs == 1 and "post-speculation" in post.seqs_reason
+    resident = plan_memory(shape=QWEN7B, dtype=torch.bfloat16, mode="resident", speculation=SpeculationConfig(),
+                           max_model_len=2048, prefill_chunk_size=256, stream_slots=2, budget_bytes=40 * GiB,
+                           max_resident_layers=None, shared_bytes=QWEN7B_SHARED, max_num_seqs=None)
+    assert resident.max_num_seqs == 1 and "resident" in resident.seqs_reason and resident.seqs_that_fit > 1
 
 
 def test_sequences_come_before_an_unset_prefill_chunk():
