@@ -31,6 +31,27 @@ def scrape_metrics(http: httpx.Client) -> dict[str, float]:
     return values
 
 
+def wait_for(condition: Any, timeout: float = 10, what: str = "condition", poll_s: float = 0.01) -> float:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` s. Returns the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
+def post_in_thread(url: str, body: dict, results: dict, key: str, timeout: float = 60) -> threading.Thread:
+    """POST `body` to `url` on a thread of its own (a concurrent client); its response lands in `results[key]`."""
+    thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=timeout)))
+    thread.start()
+    return thread
+
+
+def long_chat(content: str, max_tokens: int) -> dict:
+    """A chat body that generates exactly `max_tokens` tokens (ignore_eos): a request that runs as long as asked."""
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "ignore_eos": True}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

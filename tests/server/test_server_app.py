@@ -15,7 +15,7 @@ from server.app import create_app
 from server.worker.inprocess import InProcessEngineClient
 from server.settings import ServerSettings
 from tests.server.server_fakes import FakeEngine, FakeTokenizer, render_reply
-from tests.server.server_harness import REPO_ROOT, UvicornThread, scrape_metrics
+from tests.server.server_harness import REPO_ROOT, UvicornThread, post_in_thread, scrape_metrics, wait_for
 
 KEY = "sk-fake"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -276,20 +276,6 @@ def test_503_until_the_engine_is_ready():
         assert httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": MSGS}).status_code == 200
 
 
-def post_in_thread(url: str, body: dict, results: dict, key: str) -> threading.Thread:
-    def run() -> None:
-        results[key] = httpx.post(url, json=body, timeout=30)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
-def wait_for(predicate, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 def test_queue_full_is_a_429_and_admitted_requests_complete_in_order():

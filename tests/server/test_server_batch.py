@@ -20,7 +20,7 @@ from server.worker.loop import EngineLoop, engine_loop
 from subspec_core.grammar import regex_constraint
 from tests.server.loop_harness import Harness, request
 from tests.server.server_fakes import FakeEngine, FakeTokenizer, render_reply
-from tests.server.server_harness import UvicornThread, scrape_metrics
+from tests.server.server_harness import UvicornThread, long_chat, post_in_thread, scrape_metrics
 
 
 def events_of(messages, rid):
@@ -226,53 +226,6 @@ def test_the_api_runs_as_many_requests_at_once_as_the_ready_worker_reports(max_n
         assert httpx.get(f"{server.base_url}/health").json()["max_num_seqs"] == max_num_seqs
 
 
-def test_a_killed_batch_worker_fails_every_running_request_with_500_and_keeps_the_queued_one():
-    """Two requests decoded together in a real spawned worker, a third waiting in the API's queue: the worker dies,
-    both running requests get a 500, the queued one runs on the replacement."""
-    import functools
-    import os
-    import signal
-
-    from server.worker.process import ProcessEngineClient
-    from tests.server.server_fakes import make_fake_engine
-
-    client = ProcessEngineClient(functools.partial(make_fake_engine, max_num_seqs=2, delay_s=0.02,
-                                                   chars_per_event=1), log_level="CRITICAL")
-    app = create_app(settings=ServerSettings(max_queue=4), engine_client=client, tokenizer=FakeTokenizer(),
-                     model_name="fake-model")
-    with UvicornThread(app) as server:
-        server.wait_healthy(60)
-        url = f"{server.base_url}/v1/chat/completions"
-        pid = httpx.get(f"{server.base_url}/health").json()["worker_pid"]
-        results: dict[str, httpx.Response] = {}
-
-        def post(key: str, max_tokens: int) -> threading.Thread:
-            body = {"messages": [{"role": "user", "content": key}], "max_tokens": max_tokens, "ignore_eos": True}
-            thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=60)))
-            thread.start()
-            return thread
-
-        running = [post("r0", 200), post("r1", 200)]
-        deadline = time.monotonic() + 30
-        while app.state.admission.running < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        queued = post("queued", 5)
-        while app.state.admission.waiting == 0:
-            time.sleep(0.01)
-        with httpx.Client(base_url=server.base_url) as http:
-            while scrape_metrics(http)["subspec_generation_tokens_total"] < 4:
-                time.sleep(0.01)  # both are generating on the worker
-        os.kill(pid, signal.SIGKILL)
-        for thread in running:
-            thread.join(30)
-        for key in ("r0", "r1"):
-            assert results[key].status_code == 500 and results[key].json()["error"]["code"] == "worker_died"
-        queued.join(60)
-        assert results["queued"].status_code == 200, results["queued"].text
-        assert results["queued"].json()["choices"][0]["message"]["content"] == render_reply(5, ignore_eos=True)[0]
-
-
 def test_http_a_request_timeout_ends_one_request_and_the_other_finishes_exact():
     engine = FakeEngine(max_num_seqs=2, delay_s=0.02, chars_per_event=1)
     app = batch_app(engine, request_timeout_s=1.0)
@@ -281,13 +234,8 @@ def test_http_a_request_timeout_ends_one_request_and_the_other_finishes_exact():
         url = f"{server.base_url}/v1/chat/completions"
         results: dict = {}
 
-        def post(key: str, max_tokens: int) -> threading.Thread:
-            body = {"messages": [{"role": "user", "content": key}], "max_tokens": max_tokens, "ignore_eos": True}
-            thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=30)))
-            thread.start()
-            return thread
-
-        threads = [post("long", 200), post("short", 30)]  # 4 s against the 1 s deadline; 0.6 s
+        threads = [post_in_thread(url, long_chat(key, n), results, key, timeout=30)
+                   for key, n in (("long", 200), ("short", 30))]  # 4 s against the 1 s deadline; 0.6 s
         for thread in threads:
             thread.join(30)
         assert results["long"].status_code == 504 and results["long"].json()["error"]["code"] == "request_timeout"

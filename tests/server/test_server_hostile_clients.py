@@ -25,7 +25,7 @@ from server.app import create_app
 from server.settings import ServerSettings
 from server.worker.inprocess import InProcessEngineClient
 from tests.server.server_fakes import FakeEngine, FakeTokenizer, render_reply
-from tests.server.server_harness import UvicornThread, scrape_metrics
+from tests.server.server_harness import UvicornThread, scrape_metrics, wait_for
 
 MSGS = [{"role": "user", "content": "Say hello"}]
 CHAT = "/v1/chat/completions"
@@ -40,14 +40,6 @@ def serve(engine: FakeEngine, tokenizer: Any = None, **settings: Any) -> Uvicorn
 
 def status_count(http: httpx.Client, status: int) -> float:
     return scrape_metrics(http).get(f'subspec_requests_total{{endpoint="{CHAT}",status="{status}"}}', 0)
-
-
-def wait_for(condition: Any, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def silent_stream(port: int, body: dict) -> socket.socket:

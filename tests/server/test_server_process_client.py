@@ -20,7 +20,7 @@ from server.worker.process import ProcessEngineClient
 from server.settings import ServerSettings
 from subspec_core.types import GenerationRequest, SamplingParams
 from tests.server.server_fakes import FailingEngineFactory, FakeTokenizer, make_fake_engine, render_reply
-from tests.server.server_harness import UvicornThread
+from tests.server.server_harness import UvicornThread, long_chat, post_in_thread, scrape_metrics, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -96,11 +96,13 @@ async def test_a_worker_that_cannot_load_is_fatal_at_once():
         await client.close()
 
 
-def test_killed_worker_over_http_in_flight_500_queued_resubmitted_health_recovers():
-    """The brief's crash scenario through the app: kill the worker pid shown by /health while one request
-    runs and another waits; the first gets a 500, the second runs on the replacement worker."""
-    client = ProcessEngineClient(functools.partial(make_fake_engine, delay_s=0.02, chars_per_event=1),
-                                 log_level="CRITICAL")
+@pytest.mark.parametrize("max_num_seqs", [1, 2])
+def test_killed_worker_over_http_running_500_queued_resubmitted_health_recovers(max_num_seqs):
+    """The brief's crash scenario through the app: kill the worker pid shown by /health while `max_num_seqs`
+    requests run (decoded together when 2: the batched loop) and another waits; every running request gets a 500,
+    the waiting one runs on the replacement worker."""
+    client = ProcessEngineClient(functools.partial(make_fake_engine, max_num_seqs=max_num_seqs, delay_s=0.02,
+                                                   chars_per_event=1), log_level="CRITICAL")
     app = create_app(settings=ServerSettings(max_queue=4), engine_client=client, tokenizer=FakeTokenizer(),
                      model_name="fake-model")
     with UvicornThread(app) as server:
@@ -108,25 +110,17 @@ def test_killed_worker_over_http_in_flight_500_queued_resubmitted_health_recover
         url = f"{server.base_url}/v1/chat/completions"
         pid = httpx.get(f"{server.base_url}/health").json()["worker_pid"]
         results: dict[str, httpx.Response] = {}
-
-        def post(key: str, max_tokens: int) -> threading.Thread:
-            body = {"messages": [{"role": "user", "content": key}], "max_tokens": max_tokens, "ignore_eos": True}
-            thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=60)))
-            thread.start()
-            return thread
-
-        running = post("running", 200)
-        while app.state.admission.running == 0:
-            time.sleep(0.01)
-        queued = post("queued", 5)
-        while app.state.admission.waiting == 0:
-            time.sleep(0.01)
-        while "subspec_generation_tokens_total 0.0" in httpx.get(f"{server.base_url}/metrics").text:
-            time.sleep(0.01)  # until the running request has produced tokens on the worker
+        running = {f"r{i}": post_in_thread(url, long_chat(f"r{i}", 200), results, f"r{i}") for i in range(max_num_seqs)}
+        wait_for(lambda: app.state.admission.running == max_num_seqs, 30, "the requests to run")
+        queued = post_in_thread(url, long_chat("queued", 5), results, "queued")
+        wait_for(lambda: app.state.admission.waiting == 1, 30, "the last request to queue")
+        with httpx.Client(base_url=server.base_url) as http:  # until they have produced tokens on the worker
+            wait_for(lambda: scrape_metrics(http)["subspec_generation_tokens_total"] >= 2 * max_num_seqs, 30, "tokens")
         os.kill(pid, signal.SIGKILL)
-        running.join(30)
-        assert results["running"].status_code == 500, results["running"].text
-        assert results["running"].json()["error"]["code"] == "worker_died"
+        for key, thread in running.items():
+            thread.join(30)
+            assert results[key].status_code == 500, results[key].text
+            assert results[key].json()["error"]["code"] == "worker_died"
         health = httpx.get(f"{server.base_url}/health")
         assert health.status_code == 503 and health.json()["status"] == "restarting", health.text
         queued.join(60)
@@ -195,16 +189,10 @@ def test_a_hung_worker_turns_health_503_is_killed_and_replaced_queued_requests_s
         assert httpx.get(f"{server.base_url}/health").json()["worker_restarts"] == 0
         results: dict[str, httpx.Response] = {}
 
-        def post(key: str, max_tokens: int) -> threading.Thread:
-            body = {"messages": [{"role": "user", "content": key}], "max_tokens": max_tokens, "ignore_eos": True}
-            thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=60)))
-            thread.start()
-            return thread
-
-        running = post("running", 50)
+        running = post_in_thread(url, long_chat("running", 50), results, "running")
         while app.state.admission.running == 0:
             time.sleep(0.01)
-        queued = post("queued", 1)
+        queued = post_in_thread(url, long_chat("queued", 1), results, "queued")
         while app.state.admission.waiting == 0:
             time.sleep(0.01)
         os.kill(pid, signal.SIGSTOP)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import httpx
 import pytest
+
+from tests.server.server_harness import post_in_thread, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,19 +23,6 @@ def health(base_url: str) -> httpx.Response:
     return httpx.get(f"{base_url}/health", timeout=10)
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
-def post_in_thread(url: str, body: dict, results: dict, key: str) -> threading.Thread:
-    thread = threading.Thread(target=lambda: results.__setitem__(key, httpx.post(url, json=body, timeout=300)))
-    thread.start()
-    return thread
-
-
 def test_queue_full_gives_429_while_earlier_requests_complete(real_server_queue1):
     base = real_server_queue1.base_url
     url = f"{base}/v1/chat/completions"
@@ -44,8 +32,9 @@ def test_queue_full_gives_429_while_earlier_requests_complete(real_server_queue1
         with http.stream("POST", url, json=body) as running:
             lines = (line for line in running.iter_lines() if line)
             next(lines)  # the first request holds the engine
-            waiting = post_in_thread(url, {"messages": QUESTION, "max_tokens": 8, "temperature": 0}, results, "queued")
-            wait_until(lambda: health(base).json()["queue_depth"] == 1, 30, "second request never queued")
+            waiting = post_in_thread(url, {"messages": QUESTION, "max_tokens": 8, "temperature": 0}, results, "queued",
+                                     timeout=300)
+            wait_for(lambda: health(base).json()["queue_depth"] == 1, 30, "second request never queued")
             rejected = http.post(url, json={"messages": QUESTION, "max_tokens": 8})
             assert rejected.status_code == 429, rejected.text
             assert rejected.json()["error"]["code"] == "queue_full" and int(rejected.headers["Retry-After"]) >= 1
@@ -66,10 +55,11 @@ def test_worker_crash_fails_in_flight_keeps_queued_and_recovers(real_server_queu
     url = f"{base}/v1/chat/completions"
     first = health(base).json()
     results: dict[str, httpx.Response] = {}
-    running = post_in_thread(url, LONG, results, "running")
-    wait_until(lambda: health(base).json()["running"] == 1, 30, "request never started")
-    queued = post_in_thread(url, {"messages": QUESTION, "max_tokens": 8, "temperature": 0}, results, "queued")
-    wait_until(lambda: health(base).json()["queue_depth"] == 1, 30, "second request never queued")
+    running = post_in_thread(url, LONG, results, "running", timeout=300)
+    wait_for(lambda: health(base).json()["running"] == 1, 30, "request never started")
+    queued = post_in_thread(url, {"messages": QUESTION, "max_tokens": 8, "temperature": 0}, results, "queued",
+                            timeout=300)
+    wait_for(lambda: health(base).json()["queue_depth"] == 1, 30, "second request never queued")
     time.sleep(0.5)
     os.kill(first["worker_pid"], signal.SIGKILL)
     running.join(60)
