@@ -80,7 +80,7 @@ class BatchGraphs:
             return
         self.captures += 1
         self._graphs[composition] = graph
-        if len(self._graphs) > self.max_graphs:
+        if len(self._graphs) > self.max_graphs:  # not in flight: the capture synchronised the device
             self._graphs.popitem(last=False)
 
     def _warm_up(self, step: LevelStep) -> None:
