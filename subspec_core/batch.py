@@ -3,7 +3,8 @@
 In the offload regime a target forward costs the weight stream, nearly whatever rows it carries, so verifying the
 trees of B requests in one forward pays the stream once for B of them. An iteration is the single-sequence loop's
 three calls, each over the batch: draft every sequence's tree with one draft forward per level
-(batch_drafting.grow_batched), verify all trees with one target forward (model.forward_hidden_batched: the
+(batch_drafting.grow_batched; on CUDA each level replayed as a graph captured per batch composition,
+batch_graphs.py), verify all trees with one target forward (model.forward_hidden_batched: the
 linears over every row, attention per sequence within its own KV region), then accept, commit and emit per
 sequence with its own sampling parameters and seed. Vanilla and resident: one forward over every last token.
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from subspec_core.batch_drafting import DraftRequest, grow_batched
+from subspec_core.batch_graphs import BatchGraphs
 from subspec_core.cancel import CancelCheck
 from subspec_core.detokenize import IncrementalDetokenizer
 from subspec_core.engine import Engine, _Cursor, _Decoding, _request_seed, _Step, _step_logprobs
@@ -63,6 +65,9 @@ class BatchDecoder:
             raise ValueError("post-speculation (post_levels > 0) runs one request at a time (Engine.generate)")
         self.engine = engine
         self._sequences: list[_Sequence | None] = [None] * len(engine.kv_regions)
+        # the draft levels' CUDA graphs, one per batch composition (batch_graphs.py); None: eager
+        graphed = bool(engine.drafters) and engine.config.cuda_graphs and engine.device.type == "cuda"
+        self.draft_graphs = BatchGraphs(device=engine.device) if graphed else None
         self.forward_rows = 0  # rows of the last step's target forward (trees and prompt chunks): a metric
 
     @property
@@ -280,7 +285,7 @@ class BatchDecoder:
                          root_token=sequences[i].cursor.root, prefix_length=sequences[i].cursor.length,
                          committed=sequences[i].committed, depth=depths[i])
             for i in growing
-        ], forward=engine.draft_forward_batched, stop=stop) if growing else []
+        ], forward=engine.draft_forward_batched, stop=stop, graphs=self.draft_graphs) if growing else []
         trees: list[TokenTree] = [root_only_tree(seq.cursor.root) for seq in sequences]
         verify_size = engine.config.speculation.verify_size
         for i, tree in zip(growing, grown):

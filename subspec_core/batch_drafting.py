@@ -8,18 +8,21 @@ sequence at the root, topk at each later level), each row attending to its own r
     Two sequences, topk 2, depths 2 and 1:   level 0 (root):  rows [a0 | b0]        one forward
                                              level 1:         rows [a1 a2]          one forward (b is done)
 
-Eager: the shapes vary with the batch's make-up. Static shapes per batch-size bucket, captured as one CUDA graph
-per bucket, are the next step (issue #20); the per-sequence halves (`root_inputs`/`root_update`, ...) are the
-same ops the single-sequence graphs capture.
+A level is one `_grow_level` call: the per-sequence halves (`root_inputs`/`root_update`, ...) the single-sequence
+graphs capture, around the shared forward. Its shapes are fixed by the level's composition (who grows, in which
+bucket), so on CUDA each composition's level is captured once and replayed (batch_graphs.py); without `graphs`
+every op is launched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 from typing import Callable, Sequence
 
 import torch
 
+from subspec_core.batch_graphs import BatchGraphs
 from subspec_core.cancel import CancelCheck, raise_if_cancelled
 from subspec_core.drafting import DraftBucket, DraftRows, TreeDrafter
 from subspec_core.kv_cache import KVCache
@@ -54,25 +57,35 @@ def _forward_rows(forward: BatchedDraftFn, rows: Sequence[tuple[KVCache, DraftRo
     return [logits[seq.start : seq.stop] for seq in sequences]
 
 
-def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn,
-                 stop: CancelCheck | None = None) -> list[TokenTree]:
+def _grow_level(forward: BatchedDraftFn, growing: Sequence[tuple[DraftRequest, DraftBucket]], root: bool) -> None:
+    """One level for every growing sequence: one draft forward over their frontiers (their roots, at the root level),
+    then each drafter's next level into its own buffers."""
+    rows = [(r.kv_cache, r.drafter.root_inputs(b) if root else r.drafter.level_inputs(b)) for r, b in growing]
+    for (r, b), logits in zip(growing, _forward_rows(forward, rows)):
+        if root:
+            r.drafter.root_update(b, logits)
+        else:
+            r.drafter.level_update(b, logits)
+
+
+def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn, stop: CancelCheck | None = None,
+                 graphs: BatchGraphs | None = None) -> list[TokenTree]:
     """Grow each request's tree of 1 + depth * topk nodes, with max(depth) draft forwards shared by all: the
     trees are those each drafter's own `grow` would make (the same steps on the same inputs; only the rows a
     forward carries beside them differ). The trees are views of the drafters' buffers. `stop` is asked before
-    each level's forward (GenerationCancelled once it answers True), as Engine.generate asks between levels."""
+    each level's forward (GenerationCancelled once it answers True), as Engine.generate asks between levels.
+    `graphs`: replay each level's captured graph (CUDA); None launches every op."""
     buckets: list[DraftBucket] = [
         r.drafter.start_tree(root_token=r.root_token, prefix_length=r.prefix_length, depth=r.depth,
                              committed=r.committed)
         for r in requests
     ]
-    raise_if_cancelled(stop)
-    logits = _forward_rows(forward, [(r.kv_cache, r.drafter.root_inputs(b)) for r, b in zip(requests, buckets)])
-    for r, b, rows in zip(requests, buckets, logits):
-        r.drafter.root_update(b, rows)
-    for level in range(1, max(r.depth for r in requests)):
+    for level in range(max(r.depth for r in requests)):
         raise_if_cancelled(stop)
         growing = [(r, b) for r, b in zip(requests, buckets) if r.depth > level]
-        logits = _forward_rows(forward, [(r.kv_cache, r.drafter.level_inputs(b)) for r, b in growing])
-        for (r, b), rows in zip(growing, logits):
-            r.drafter.level_update(b, rows)
+        step = functools.partial(_grow_level, forward, growing, level == 0)
+        if graphs is None:
+            step()
+        else:  # the composition: every buffer and shape the level touches
+            graphs.run((level == 0, *((r.drafter, r.kv_cache, b.length) for r, b in growing)), step)
     return [r.drafter.finish_tree(b, r.depth) for r, b in zip(requests, buckets)]

@@ -345,7 +345,9 @@ def _rows(s: PlanSizes, *, resident: int, streamed_ids: tuple[int, ...], shape: 
                             reserve=True))
         if s.graph_pool:
             what = (f"level step ({speculation.topk} rows over {capacity} slots) + its warm-up"
-                    + (" + the post-speculation stream's" if speculation.post_levels else "") if speculative
+                    + (" + the post-speculation stream's" if speculation.post_levels else "")
+                    + (f" + the batched level's ({speculation.topk * max_num_seqs} rows) + its warm-up"
+                       if max_num_seqs > 1 else "") if speculative
                     else f"one-token step (1 row over {capacity} slots) + its warm-up")
             rows.append(PlanRow("draft CUDA-graph pool" if speculative else "step CUDA-graph pool", DEVICE,
                                 s.graph_pool, what, reserve=True))

@@ -51,7 +51,8 @@ QUANT_TEMP_BYTES_PER_WEIGHT = {"int4": 8.5, "nf4": 2.5, "fp4": 2.5, "int8": 4.5}
 
 # Streams that run matmuls, each with its own cuBLAS workspace: the compute stream, and with CUDA graphs (the
 # draft's, drafting.TreeDrafter.capture_cuda_graphs, or the one-token step's, step_graphs.py) the warm-up stream
-# and the capture stream; post-speculation's side stream (postspec.py) is one more.
+# and the capture stream; the batched draft level's warm-up stream (batch_graphs.py, with max_num_seqs > 1) and
+# post-speculation's side stream (postspec.py) are one more each.
 MATMUL_STREAMS_EAGER = 1
 MATMUL_STREAMS_GRAPHED = 3
 
@@ -81,7 +82,8 @@ def logits_buffer_bytes(*, rows: int, vocab_size: int) -> int:
 def draft_step_bytes(*, shape: ModelShape, dtype: torch.dtype, topk: int, capacity: int, device_type: str) -> int:
     """The CUDA-graph pool of the draft: the root step and the level step share one pool (`pool=root.pool()`),
     replayed in turn, so it holds the larger, the level step: a forward of `topk` rows over the whole cache, then
-    three (topk, V) float32 at once: the logits, their tempered log-softmax and expand_frontier's candidates."""
+    three (topk, V) float32 at once: the logits, their tempered log-softmax and expand_frontier's candidates. A
+    batched level (batch_graphs.py) is the same with `topk` every sequence's rows, each masked over its region."""
     forward = activation_bytes(shape=shape, dtype=dtype, rows=topk, kv_length=capacity, device_type=device_type)
     return forward + 3 * topk * shape.vocab_size * 4
 
@@ -187,11 +189,16 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
     out_rows = sum(out for out, _ in linear_shapes(shape).values())
     substitute = substitute_bytes_per_layer(shape.linear_params_per_layer, out_rows, quant_type=speculation.quant_type,
                                             block_size=speculation.quant_block_size)
-    streams = (MATMUL_STREAMS_GRAPHED if graphed else MATMUL_STREAMS_EAGER) + post
-    # the captured pool and the warm-up's cached blocks: of the draft's level step, or of the one-token step; and
-    # post-speculation's side stream caches one draft step's temporaries of its own
-    step = draft_step_bytes(shape=shape, dtype=dtype, topk=(speculation.topk if speculative else 1) * max_num_seqs,
-                            capacity=capacity, device_type=device_type)
+    # the captured pool and the warm-up's cached blocks: of the draft's level step (one sequence's, Engine.generate),
+    # or of the one-token step; and post-speculation's side stream caches one draft step's temporaries of its own
+    step_rows = speculation.topk if speculative else 1
+    step = draft_step_bytes(shape=shape, dtype=dtype, topk=step_rows, capacity=capacity, device_type=device_type)
+    # the batched draft levels' graphs (batch_graphs.py) have a pool and a warm-up stream of their own, each bound
+    # by a level over every sequence's topk rows (captured lazily, so the pool may hold more than one level's
+    # block sizes: the bound is also the margin); batched plain steps run eagerly
+    batched = draft_step_bytes(shape=shape, dtype=dtype, topk=step_rows * max_num_seqs, capacity=capacity,
+                               device_type=device_type) if speculative and max_num_seqs > 1 else 0
+    streams = (MATMUL_STREAMS_GRAPHED if graphed else MATMUL_STREAMS_EAGER) + post + bool(graphed and batched)
     return PlanSizes(
         layer=layer,
         substitute=substitute if speculative else 0,
@@ -206,7 +213,7 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
         # ancestor matrices, per sequence
         tree=(seq_rows * seq_rows + (1 + speculation.draft_levels * speculation.topk) ** 2) * max_num_seqs
         if speculative else 0,
-        graph_pool=(2 * step if graphed else 0) + (step if post and cuda else 0),
+        graph_pool=(2 * (step + batched) if graphed else 0) + (step if post and cuda else 0),
         workspaces=CUBLAS_WORKSPACE_BYTES * streams if cuda else 0,
         context=CUDA_CONTEXT_BYTES if cuda else 0,
         quantize=quantize if speculative else 0,

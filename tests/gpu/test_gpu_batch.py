@@ -1,6 +1,7 @@
 """GPU check of batched decoding (subspec_core/batch.py, issue #20): four chat prompts decoded together on the real
 CUDA path (memory-efficient attention per sequence, the copy stream's ring) each return their solo tokens, up to
 a bf16 near-tie (agreement.py), in subspec and vanilla mode; the batch streams the weights once per iteration.
+The batched draft levels replayed as CUDA graphs (batch_graphs.py) give the eager levels' tokens.
 
 Skipped without CUDA. On the lent GPU machine: `python -m pytest -q tests/gpu/test_gpu_batch.py`.
 """
@@ -35,10 +36,10 @@ SAMPLING = [SamplingParams(max_tokens=64, temperature=0), SamplingParams(max_tok
                                                                           seed=5)]
 
 
-def _engine(mode: str, max_num_seqs: int) -> Engine:
+def _engine(mode: str, max_num_seqs: int, cuda_graphs: bool = True) -> Engine:
     model = os.environ.get("SUBSPEC_DEVICE_MODEL", "default")
     data = {"model": model, "mode": mode, "device": "cuda", "max_resident_layers": 0, "gpu_memory_budget": "6GiB",
-            "max_num_seqs": max_num_seqs}
+            "max_num_seqs": max_num_seqs, "cuda_graphs": cuda_graphs}
     return build_engine(resolve_engine_config(yaml_data=data, environ={}), progress=False)
 
 
@@ -48,12 +49,10 @@ def _chat_prompt(engine: Engine, text: str) -> tuple[int, ...]:
     return tuple(tok.encode(rendered, add_special_tokens=False))
 
 
-@pytest.mark.parametrize("mode", ["subspec", "vanilla"])
-def test_four_requests_decoded_together_return_their_solo_tokens(mode) -> None:
-    solo, batched = _engine(mode, 1), _engine(mode, 4)
-    requests = [GenerationRequest(f"r{i}", _chat_prompt(solo, text), params)
-                for i, (text, params) in enumerate(zip(PROMPTS, SAMPLING))]
-    batch = BatchDecoder(batched)
+def _decode(batch: BatchDecoder, requests: list[GenerationRequest]) -> tuple[dict[str, list[int]], list[int]]:
+    """Three requests admitted together, the fourth after two iterations; each request's tokens, and the weight
+    bytes each iteration streamed."""
+    layers = batch.engine.target_layers
     got: dict[str, list[int]] = {}
     for request in requests[:3]:
         batch.admit(request)
@@ -62,16 +61,44 @@ def test_four_requests_decoded_together_return_their_solo_tokens(mode) -> None:
     while batch.active or len(got) < len(requests):
         if iterations == 2:
             batch.admit(requests[3])  # joins after the others started
-        before = batched.target_layers.h2d_bytes
+        before = layers.h2d_bytes
         for event in batch.step():
             got.setdefault(event.request_id, []).extend(event.token_ids)
-        streamed.append(batched.target_layers.h2d_bytes - before)
+        streamed.append(layers.h2d_bytes - before)
         iterations += 1
     torch.cuda.synchronize()
+    return got, streamed
+
+
+@pytest.mark.parametrize("mode", ["subspec", "vanilla"])
+def test_four_requests_decoded_together_return_their_solo_tokens(mode) -> None:
+    solo, batched = _engine(mode, 1), _engine(mode, 4)
+    requests = [GenerationRequest(f"r{i}", _chat_prompt(solo, text), params)
+                for i, (text, params) in enumerate(zip(PROMPTS, SAMPLING))]
+    got, streamed = _decode(BatchDecoder(batched), requests)
     assert len(set(streamed)) == 1  # one weight stream per iteration, prompts riding along
     for request in requests:
         expected = [t for e in solo.generate(request) for t in e.token_ids]
         params = request.sampling
         agreement = compare_generations(solo, request.prompt_token_ids, expected, got[request.request_id],
                                         exact=False, dtype=torch.bfloat16, params=params, seed=params.seed)
+        assert agreement.ok, f"{request.request_id}: {agreement}"
+
+
+def test_batched_draft_levels_replayed_as_cuda_graphs_give_the_eager_tokens() -> None:
+    """Four greedy requests, one joining late (new compositions mid-way), decoded with the batched draft levels
+    captured and replayed, then eagerly (cuda_graphs false): the same tokens, up to a bf16 near-tie of the target
+    (a replayed level may round a draft logit apart, which changes a tree, hence the verify rows beside it)."""
+    graphed, eager = _engine("subspec", 4), _engine("subspec", 4, cuda_graphs=False)
+    requests = [GenerationRequest(f"r{i}", _chat_prompt(graphed, text), SamplingParams(max_tokens=48, temperature=0))
+                for i, text in enumerate(PROMPTS)]
+    batch = BatchDecoder(graphed)
+    tokens, _ = _decode(batch, requests)
+    expected, _ = _decode(BatchDecoder(eager), requests)
+    graphs = batch.draft_graphs
+    assert graphs is not None and graphs.capturing and graphs.replays > graphs.captures > 0
+    for request in requests:
+        agreement = compare_generations(eager, request.prompt_token_ids, expected[request.request_id],
+                                        tokens[request.request_id], exact=False, dtype=torch.bfloat16,
+                                        params=request.sampling, seed=None)
         assert agreement.ok, f"{request.request_id}: {agreement}"
