@@ -8,45 +8,27 @@ Skipped without CUDA. On the lent GPU machine: `python -m pytest -q tests/gpu/te
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from subspec_core.agreement import compare_generations
 from subspec_core.batch import BatchDecoder
-from subspec_core.build import build_engine
-from subspec_core.config import resolve_engine_config
 from subspec_core.engine import Engine
 from subspec_core.types import GenerationRequest, SamplingParams
+from tests.gpu.gpu_engines import PROMPTS, chat_prompt, gpu_engine
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-PROMPTS = [
-    "Write a haiku about autumn leaves.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "What is 12 times 13? Explain.",
-    "Décris Paris en deux phrases.",
-]
 SAMPLING = [SamplingParams(max_tokens=64, temperature=0), SamplingParams(max_tokens=40, temperature=0.8, seed=3),
             SamplingParams(max_tokens=64, temperature=0), SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9,
                                                                           seed=5)]
 
 
 def _engine(mode: str, max_num_seqs: int, cuda_graphs: bool = True) -> Engine:
-    model = os.environ.get("SUBSPEC_DEVICE_MODEL", "default")
-    data = {"model": model, "mode": mode, "device": "cuda", "max_resident_layers": 0, "gpu_memory_budget": "6GiB",
-            "max_num_seqs": max_num_seqs, "cuda_graphs": cuda_graphs}
-    return build_engine(resolve_engine_config(yaml_data=data, environ={}), progress=False)
-
-
-def _chat_prompt(engine: Engine, text: str) -> tuple[int, ...]:
-    tok = engine.tokenizer
-    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-    return tuple(tok.encode(rendered, add_special_tokens=False))
+    return gpu_engine(mode, gpu_memory_budget="6GiB", max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs)
 
 
 def _decode(batch: BatchDecoder, requests: list[GenerationRequest]) -> tuple[dict[str, list[int]], list[int]]:
@@ -73,7 +55,7 @@ def _decode(batch: BatchDecoder, requests: list[GenerationRequest]) -> tuple[dic
 @pytest.mark.parametrize("mode", ["subspec", "vanilla"])
 def test_four_requests_decoded_together_return_their_solo_tokens(mode) -> None:
     solo, batched = _engine(mode, 1), _engine(mode, 4)
-    requests = [GenerationRequest(f"r{i}", _chat_prompt(solo, text), params)
+    requests = [GenerationRequest(f"r{i}", chat_prompt(solo, text), params)
                 for i, (text, params) in enumerate(zip(PROMPTS, SAMPLING))]
     got, streamed = _decode(BatchDecoder(batched), requests)
     assert len(set(streamed)) == 1  # one weight stream per iteration, prompts riding along
@@ -90,7 +72,7 @@ def test_batched_draft_levels_replayed_as_cuda_graphs_give_the_eager_tokens() ->
     captured and replayed, then eagerly (cuda_graphs false): the same tokens, up to a bf16 near-tie of the target
     (a replayed level may round a draft logit apart, which changes a tree, hence the verify rows beside it)."""
     graphed, eager = _engine("subspec", 4), _engine("subspec", 4, cuda_graphs=False)
-    requests = [GenerationRequest(f"r{i}", _chat_prompt(graphed, text), SamplingParams(max_tokens=48, temperature=0))
+    requests = [GenerationRequest(f"r{i}", chat_prompt(graphed, text), SamplingParams(max_tokens=48, temperature=0))
                 for i, text in enumerate(PROMPTS)]
     batch = BatchDecoder(graphed)
     tokens, _ = _decode(batch, requests)

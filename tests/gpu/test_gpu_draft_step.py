@@ -6,15 +6,12 @@ Skipped without CUDA. Run on the lent GPU: `python -m pytest -q tests/gpu`.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from subspec_core.build import build_engine
-from subspec_core.config import resolve_engine_config
 from subspec_core.engine import Engine
 from subspec_core.types import GenerationRequest, SamplingParams
+from tests.gpu.gpu_engines import chat_prompt, gpu_engine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,17 +21,8 @@ pytestmark = [
 TEXT = "Write a short poem about a lighthouse and explain its imagery."
 
 
-def _engine(mode: str, **overrides) -> Engine:
-    model = os.environ.get("SUBSPEC_DEVICE_MODEL", "default")
-    data = {"model": model, "mode": mode, "device": "cuda", "max_resident_layers": 0, "gpu_memory_budget": "4GiB",
-            **overrides}
-    return build_engine(resolve_engine_config(yaml_data=data, environ={}), progress=False)
-
-
 def _prompt(engine: Engine) -> tuple[int, ...]:
-    tok = engine.tokenizer
-    rendered = tok.apply_chat_template([{"role": "user", "content": TEXT}], add_generation_prompt=True, tokenize=False)
-    return tuple(tok.encode(rendered, add_special_tokens=False))
+    return chat_prompt(engine, TEXT)
 
 
 def _greedy(engine: Engine, max_tokens: int = 64) -> list[int]:
@@ -43,8 +31,8 @@ def _greedy(engine: Engine, max_tokens: int = 64) -> list[int]:
 
 
 def test_graphed_drafting_equals_eager_drafting_fp32() -> None:
-    graphed = _engine("subspec", dtype="float32", cuda_graphs=True)
-    eager = _engine("subspec", dtype="float32", cuda_graphs=False)
+    graphed = gpu_engine("subspec", dtype="float32", cuda_graphs=True)
+    eager = gpu_engine("subspec", dtype="float32", cuda_graphs=False)
     assert graphed.drafter.graphed and not eager.drafter.graphed
     drafter, depth, tokens = graphed.drafter, graphed.config.speculation.max_depth, 320
     first = drafter.bucket_for(committed=len(_prompt(graphed)), depth=depth)
@@ -52,7 +40,7 @@ def test_graphed_drafting_equals_eager_drafting_fp32() -> None:
         "the run must replay more than one attention bucket's graphs"
     output = _greedy(graphed, tokens)
     assert output == _greedy(eager, tokens)
-    vanilla = _engine("vanilla", dtype="float32")
+    vanilla = gpu_engine("vanilla", dtype="float32")
     assert output[:64] == _greedy(vanilla)
 
 
@@ -60,8 +48,8 @@ def test_graphed_drafting_equals_eager_drafting_bf16() -> None:
     """In bf16, the GPU's dtype, with the engine's chosen attention kernels (memory-efficient for the masked calls,
     flash for the one-token step): replaying the captured graphs drafts the very trees launching every op does,
     so the same tokens come out."""
-    graphed = _engine("subspec", dtype="bfloat16", cuda_graphs=True)
-    eager = _engine("subspec", dtype="bfloat16", cuda_graphs=False)
+    graphed = gpu_engine("subspec", dtype="bfloat16", cuda_graphs=True)
+    eager = gpu_engine("subspec", dtype="bfloat16", cuda_graphs=False)
     try:
         assert graphed.drafter.graphed and not eager.drafter.graphed
         assert graphed.attention.as_dict()["draft_level"] == "efficient"
@@ -82,7 +70,7 @@ def test_graphed_drafting_equals_eager_drafting_bf16() -> None:
 
 
 def test_a_draft_tree_never_synchronises_with_the_host() -> None:
-    engine = _engine("subspec", cuda_graphs=False)  # eager: every op is launched and checked
+    engine = gpu_engine("subspec", cuda_graphs=False)  # eager: every op is launched and checked
     prompt = list(range(1, 40))
     with torch.inference_mode():
         engine.prompt_logits(prompt)
@@ -100,7 +88,7 @@ def test_a_draft_tree_never_synchronises_with_the_host() -> None:
 
 def test_streamed_logits_hold_under_injected_copy_and_compute_delays(monkeypatch) -> None:
     """The ring's events order copies and compute: slowing either stream must not change a logit."""
-    streamed, resident = _engine("vanilla"), _engine("resident", max_resident_layers=None)
+    streamed, resident = gpu_engine("vanilla"), gpu_engine("resident", max_resident_layers=None)
     ids = streamed.tokenizer("Delays on either stream must not change what the layers compute.")["input_ids"]
     expected = resident.prompt_logits(ids)
     streamer = streamed.target_layers.streamer
@@ -149,8 +137,8 @@ def test_graphed_one_token_step_equals_eager(mode, dtype) -> None:
     """The one-token step replayed as CUDA graphs (step_graphs.py: per layer and weight slot, per attention
     length) gives the eager step's tokens, across more than one attention length."""
     resident = {"max_resident_layers": None} if mode == "resident" else {}
-    graphed = _engine(mode, dtype=dtype, cuda_graphs=True, **resident)
-    eager = _engine(mode, dtype=dtype, cuda_graphs=False, **resident)
+    graphed = gpu_engine(mode, dtype=dtype, cuda_graphs=True, **resident)
+    eager = gpu_engine(mode, dtype=dtype, cuda_graphs=False, **resident)
     try:
         assert graphed.step_graphs is not None and graphed.step_graphs.captured and eager.step_graphs is None
         prompt_length = len(_prompt(graphed))

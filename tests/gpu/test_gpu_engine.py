@@ -6,56 +6,33 @@ SUBSPEC_DEVICE_MODEL to the default model's GGUF file; without it the default mo
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from subspec_core.agreement import compare_generations
-from subspec_core.build import build_engine
-from subspec_core.config import resolve_engine_config
 from subspec_core.engine import Engine
 from subspec_core.types import GenerationRequest, SamplingParams
+from tests.gpu.gpu_engines import PROMPTS, chat_prompt, gpu_engine
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-PROMPTS = [
-    "Write a haiku about autumn leaves.",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "What is 12 times 13? Explain.",
-    "Décris Paris en deux phrases.",
-]
-
-
-def _engine(mode: str, **overrides) -> Engine:
-    model = os.environ.get("SUBSPEC_DEVICE_MODEL", "default")
-    data = {"model": model, "mode": mode, "device": "cuda", "max_resident_layers": 0, "gpu_memory_budget": "4GiB", **overrides}
-    return build_engine(resolve_engine_config(yaml_data=data, environ={}), progress=False)
-
-
 @pytest.fixture(scope="module")
 def engines() -> dict[str, Engine]:
-    return {"subspec": _engine("subspec"), "vanilla": _engine("vanilla"), "resident": _engine("resident", max_resident_layers=None),
-            "subspec-nf4": _engine("subspec", speculation={"quant_type": "nf4"})}
+    return {"subspec": gpu_engine("subspec"), "vanilla": gpu_engine("vanilla"), "resident": gpu_engine("resident", max_resident_layers=None),
+            "subspec-nf4": gpu_engine("subspec", speculation={"quant_type": "nf4"})}
 
 
 @pytest.fixture(scope="module")
 def fp32_engines() -> dict[str, Engine]:
-    return {"subspec": _engine("subspec", dtype="float32"), "vanilla": _engine("vanilla", dtype="float32")}
-
-
-def _chat_prompt(engine: Engine, text: str) -> tuple[int, ...]:
-    tok = engine.tokenizer
-    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-    return tuple(tok.encode(rendered, add_special_tokens=False))
+    return {"subspec": gpu_engine("subspec", dtype="float32"), "vanilla": gpu_engine("vanilla", dtype="float32")}
 
 
 def _greedy(engine: Engine, text: str, max_tokens: int = 96) -> tuple[list[int], object]:
     ids, stats = [], None
-    request = GenerationRequest("gpu", _chat_prompt(engine, text), SamplingParams(max_tokens=max_tokens, temperature=0))
+    request = GenerationRequest("gpu", chat_prompt(engine, text), SamplingParams(max_tokens=max_tokens, temperature=0))
     for event in engine.generate(request):
         ids += event.token_ids
         stats = event.stats or stats
@@ -84,7 +61,7 @@ def test_subspec_agrees_with_vanilla_greedy_on_gpu_bf16(engines, text, substitut
     """bf16: identical, or a first divergence at a near-tie of the target's own top-2 logits (agreement.py)."""
     expected, _ = _greedy(engines["vanilla"], text)
     got, stats = _greedy(engines[substitute], text)
-    result = compare_generations(engines["vanilla"], _chat_prompt(engines["vanilla"], text), expected, got, exact=False)
+    result = compare_generations(engines["vanilla"], chat_prompt(engines["vanilla"], text), expected, got, exact=False)
     print(f"\n[{substitute}] {text[:30]!r}: {result.as_dict()} tau={stats.mean_accept_length:.2f}")
     assert result.ok, result
     assert stats.h2d_bytes > 0 and stats.mean_accept_length > 1
@@ -124,7 +101,7 @@ def test_seeded_sampling_subspec_equals_vanilla_on_gpu_fp32(fp32_engines) -> Non
 def test_post_speculation_on_a_side_stream_equals_vanilla_fp32(fp32_engines) -> None:
     """Post-speculation on CUDA (postspec.py: the extension on a side stream, ordered by an event against the
     verify): float32 greedy output token for token, with chained iterations, and the next request unaffected."""
-    engine = _engine("subspec", dtype="float32", speculation={"max_depth": 8, "post_levels": 16})
+    engine = gpu_engine("subspec", dtype="float32", speculation={"max_depth": 8, "post_levels": 16})
     try:
         assert engine.postspec is not None
         chained = 0
