@@ -298,21 +298,20 @@ class TreeDrafter:
         """`grow`, with each level's candidates restricted to the tokens `guide` allows after their parent's path
         (a constrained request). Eager, with one host read per level in `guide`: the captured graphs and the
         unconstrained path stay as they are."""
-        if not 1 <= depth <= self.max_depth:
-            raise ValueError(f"depth must be in [1, {self.max_depth}], got {depth}")
-        bucket = self.bucket_for(committed=committed, depth=depth)
-        self._begin_tree()
-        self.root_token.copy_(root_token)
-        self.prefix_length.copy_(prefix_length)
+        bucket = self.start_tree(root_token=root_token, prefix_length=prefix_length, depth=depth, committed=committed)
         raise_if_cancelled(cancelled)
         self.root_step(bucket, allowed=guide.root())
-        for level in range(1, depth + 1):
-            nodes = self.level1_nodes + (level - 1) * self.topk
-            allowed = guide.level(nodes, self.tokens, self.parents)  # the last level's: for its verify rows
-            if level < depth:
-                raise_if_cancelled(cancelled)
-                self.level_step(bucket, allowed=allowed)
+        allowed = self.guide_frontier(guide)
+        for _ in range(depth - 1):
+            raise_if_cancelled(cancelled)
+            self.level_step(bucket, allowed=allowed)
+            allowed = self.guide_frontier(guide)  # the last level's: for its verify rows
         return self.tree(depth)  # not extendable: post-speculation leaves constrained requests alone
+
+    def guide_frontier(self, guide: DraftGuide) -> torch.Tensor:
+        """Add the level just grown (the frontier) to `guide`'s tree: what may follow each of its nodes (topk, V),
+        the next level's `allowed` (one host read)."""
+        return guide.level(self.frontier_nodes, self.tokens, self.parents)
 
     @staticmethod
     def _run(step, bucket: DraftBucket, graph: torch.cuda.CUDAGraph | None) -> None:  # type: ignore[no-untyped-def]

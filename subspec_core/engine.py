@@ -181,6 +181,24 @@ class Engine:
         dec.stats.grammar_s += time.perf_counter() - started
         return mask_logits(logits, allowed)
 
+    def _tree_masks(self, dec: _Decoding) -> TreeMasks | None:
+        """A constrained request's masks for the tree it drafts next (its guide, then its verify rows); None
+        otherwise."""
+        if dec.grammar is None:
+            return None
+        return TreeMasks(dec.grammar, vocab_size=self.shape.vocab_size, device=self.device, end_mask=self._end_mask)
+
+    @staticmethod
+    def _allowed_on_tree(dec: _Decoding, logits: torch.Tensor, masks: TreeMasks | None,
+                         kept: torch.Tensor | None) -> torch.Tensor:
+        """Verify `logits` (size, V) masked row by row by what the grammar allows after that row's path (`kept`:
+        the grown nodes the verified tree kept; None: all), in place; unchanged without masks."""
+        if masks is None:
+            return logits
+        masked = mask_logits(logits, masks.rows(kept))
+        dec.stats.grammar_s += masks.host_s  # the tree's mask work, its verify rows' included
+        return masked
+
     def close(self) -> None:
         """Wait for in-flight weight copies, then free the streaming ring and unregister the page-locked host
         arena (idempotent; an engine dropped without it is torn down in the same order, offload.release_ring)."""
@@ -371,10 +389,8 @@ class Engine:
         its candidates restricted level by level to what the grammar allows after their path, never chained
         (an extension would need the grammar too); its masks come with it."""
         assert self.drafter is not None
-        masks = None
-        if dec.grammar is not None:
-            masks = TreeMasks(dec.grammar, vocab_size=self.shape.vocab_size, device=self.device,
-                              end_mask=self._end_mask)
+        masks = self._tree_masks(dec)
+        if masks is not None:
             tree = self.drafter.grow_guided(root_token=cursor.root, prefix_length=cursor.length, committed=committed,
                                             depth=depth, guide=masks, cancelled=dec.cancelled)
         elif self.postspec is not None:
@@ -407,9 +423,7 @@ class Engine:
             logits = self.verify_logits(tree, prefix_length=n, slot_base=planned.verify_base, cancelled=dec.cancelled,
                                         while_waiting=while_waiting)  # (size, V)
         dec.stats.verify_h2d_bytes += self.target_layers.h2d_bytes - h2d
-        choosing = logits if masks is None else mask_logits(logits, masks.rows(planned.kept))  # row i: after i's path
-        if masks is not None:
-            dec.stats.grammar_s += masks.host_s
+        choosing = self._allowed_on_tree(dec, logits, masks, planned.kept)  # row i: after i's path
         path, emitted = self._accept(tree=tree, logits=choosing, committed=n, depth=depth,
                                      verify_base=planned.verify_base, cursor=cursor, dec=dec)
         chain = None if self.postspec is None else self.postspec.candidates(planned, path=path, emitted=emitted)
@@ -453,7 +467,10 @@ class Engine:
         return path, emitted
 
     def _emit(self, dec: _Decoding, step: _Step, *, accept_length: int | None) -> TokenEvent:
-        """Apply EOS, max_tokens and stop strings to newly chosen tokens, in order, and make their event."""
+        """Advance a constrained request's grammar past newly chosen tokens, apply EOS, max_tokens and stop
+        strings to them, in order, and make their event."""
+        if dec.grammar is not None:
+            dec.grammar.consume(step.tokens)
         kept: list[int] = []
         finish = None
         for token in step.tokens:
@@ -516,11 +533,12 @@ class Engine:
             if self.postspec is not None:
                 self.postspec.abandon()  # no draft work outlives the request
 
-    def _events(self, request: GenerationRequest, cancelled: CancelCheck | None) -> Iterator[TokenEvent]:
+    def _decoding(self, request: GenerationRequest, cancelled: CancelCheck | None) -> _Decoding:
+        """A validated request's decoding state (its grammar's too, for a structured output)."""
         self.validate(request)
         prompt = list(request.prompt_token_ids)
         params = request.sampling
-        dec = _Decoding(
+        return _Decoding(
             request_id=request.request_id,
             params=params,
             seed=_request_seed(params.seed, self.config.seed),
@@ -531,28 +549,36 @@ class Engine:
             cancelled=cancelled,
             grammar=self._grammar_state(params),
         )
+
+    def _first_step(self, dec: _Decoding, logits: torch.Tensor, prompt_length: int) -> tuple[_Cursor, _Step]:
+        """The first token, chosen from the prompt's last logits (1, V): the cursor after the prompt, and the step."""
+        length = torch.full((1,), prompt_length, dtype=torch.long, device=self.device)
+        first = choose_tokens(
+            logits=self._allowed_now(dec, logits), params=dec.params, seed=dec.seed, positions=length,
+            first_position=prompt_length, num_positions=1,
+        )
+        return _Cursor(length=length, root=first), _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
+
+    def _first_event(self, dec: _Decoding, step: _Step) -> TokenEvent:
+        """The first step's event; with no output token allowed (scoring only: the prompt's logprobs), an empty
+        finished one."""
+        if dec.budget == 0:
+            return TokenEvent(request_id=dec.request_id, token_ids=(), text="", finish_reason=FINISH_LENGTH,
+                              stats=dec.stats)
+        return self._emit(dec, step, accept_length=None)
+
+    def _events(self, request: GenerationRequest, cancelled: CancelCheck | None) -> Iterator[TokenEvent]:
+        dec = self._decoding(request, cancelled)
+        prompt = list(request.prompt_token_ids)
         speculative = self.draft_layers is not None
         h2d_start = self.target_layers.h2d_bytes
         with torch.inference_mode():
             started = time.perf_counter()
             logits, prompt_logprobs = self._prefill(prompt, dec)
-            length = torch.full((1,), len(prompt), dtype=torch.long, device=self.device)
-            first = choose_tokens(
-                logits=self._allowed_now(dec, logits), params=params, seed=dec.seed, positions=length,
-                first_position=len(prompt), num_positions=1,
-            )
-            cursor = _Cursor(length=length, root=first)
-            step = _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
-            if dec.grammar is not None:
-                dec.grammar.consume(step.tokens)
+            cursor, step = self._first_step(dec, logits, len(prompt))
             dec.stats.prefill_s = time.perf_counter() - started
             committed = len(prompt)  # KV rows written; the last chosen token is not in the cache yet
-            if dec.budget == 0:  # scoring only: the prompt's logprobs, no output token
-                event = TokenEvent(request_id=dec.request_id, token_ids=(), text="", finish_reason=FINISH_LENGTH,
-                                   stats=dec.stats)
-            else:
-                event = self._emit(dec, step, accept_length=None)
-            event = replace(event, prompt_logprobs=prompt_logprobs)
+            event = replace(self._first_event(dec, step), prompt_logprobs=prompt_logprobs)
             while True:
                 dec.stats.h2d_bytes = self.target_layers.h2d_bytes - h2d_start
                 yield event
@@ -565,8 +591,6 @@ class Engine:
                     next_step = self._speculative_step(cursor, committed, depth, dec)
                 else:
                     next_step = self._plain_step(cursor, committed, dec)
-                if dec.grammar is not None:
-                    dec.grammar.consume(next_step.tokens)
                 self._commit(step.tokens[-1], next_step)
                 step = next_step
                 committed += len(step.tokens)
