@@ -15,9 +15,14 @@ cancelled or dropped (`leave`). No one else's tokens change: each sequence decod
 region and position-keyed sampling; rows computed beside other rows may round differently in the last bit, which
 flips only a float32 near-tie, see agreement.py). batch_rows.py builds each participant's rows.
 
-Restrictions for now: post-speculation (post_levels > 0) and structured outputs (a constraint) keep their
-single-sequence path, Engine.generate. A BatchDecoder decodes in every region, region 0 included, which
-Engine.generate also uses: drive an engine through one or the other at a time.
+A structured output (a constraint) is a member like any other: its first token and each verified row are masked
+by its own grammar state, its tree is grown guided (its levels chosen among what the grammar allows) within the
+shared draft forwards, and the tokens it commits advance its grammar (Engine's own pieces: `_first_step`,
+`_tree_masks`, `_allowed_on_tree`, `_emit`). The others' rows are never masked.
+
+Restriction for now: post-speculation (post_levels > 0) keeps its single-sequence path, Engine.generate. A
+BatchDecoder decodes in every region, region 0 included, which Engine.generate also uses: drive an engine through
+one or the other at a time.
 """
 
 from __future__ import annotations
@@ -30,14 +35,14 @@ import torch
 from subspec_core.batch_drafting import DraftRequest, grow_batched
 from subspec_core.batch_graphs import BatchGraphs
 from subspec_core.cancel import CancelCheck
-from subspec_core.detokenize import IncrementalDetokenizer
-from subspec_core.engine import Engine, _Cursor, _Decoding, _request_seed, _Step, _step_logprobs
+from subspec_core.constrained import TreeMasks
+from subspec_core.engine import Engine, _Cursor, _Decoding, _Step, _step_logprobs
 from subspec_core.batch_rows import ForwardRows, concatenate, prefill_rows, root_only_tree, token_rows, tree_rows
 from subspec_core.kv_cache import KVCache
 from subspec_core.model import SequenceRows
 from subspec_core.sampling import choose_tokens
 from subspec_core.tree import TokenTree, select_verify_nodes, subtree
-from subspec_core.types import FINISH_LENGTH, GenerationRequest, RequestStats, TokenEvent
+from subspec_core.types import GenerationRequest, TokenEvent
 
 
 @dataclass
@@ -55,6 +60,15 @@ class _Sequence:
     committed: int = 0  # KV rows written; the last step's last token (the root) is not in the cache yet
     last: _Step | None = None
     h2d_share: float = 0.0  # weight bytes streamed on its behalf: its own prefill's, its share of each forward
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """A sequence's tree to verify: the grown nodes it kept (None: all), and a constrained request's masks."""
+
+    tree: TokenTree
+    kept: torch.Tensor | None
+    masks: TreeMasks | None
 
 
 class BatchDecoder:
@@ -97,19 +111,8 @@ class BatchDecoder:
     # ------------------------------------------------------------------------------------- joining, leaving
     def _new_sequence(self, request: GenerationRequest, cancelled: CancelCheck | None) -> _Sequence:
         """Validate a request and give it a free region (nothing runs yet)."""
-        engine = self.engine
-        engine.validate(request)
-        params = request.sampling
-        if params.constraint is not None:
-            raise ValueError("structured outputs run one request at a time (Engine.generate), not in a batch")
+        dec = self.engine._decoding(request, cancelled)
         prompt = list(request.prompt_token_ids)
-        dec = _Decoding(
-            request_id=request.request_id, params=params, seed=_request_seed(params.seed, engine.config.seed),
-            budget=min(params.max_tokens, engine.max_model_len - len(prompt)),
-            eos=frozenset() if params.ignore_eos else engine.eos_token_ids,
-            detokenizer=IncrementalDetokenizer(engine.tokenizer, prompt_token_ids=prompt, stop=params.stop),
-            stats=RequestStats(prompt_tokens=len(prompt)), cancelled=cancelled,
-        )
         return _Sequence(region=self._free_region(prompt), dec=dec, prompt=prompt, started=time.perf_counter())
 
     def join(self, request: GenerationRequest, *, cancelled: CancelCheck | None = None) -> TokenEvent:
@@ -143,19 +146,11 @@ class BatchDecoder:
         """The first token from the prompt's last logits (1, V), chosen as Engine.generate chooses it, and its
         event; the sequence decodes from the next iteration on, unless that event finished it."""
         engine, dec = self.engine, seq.dec
-        prompt_length = len(seq.prompt)
         with torch.inference_mode():
-            length = torch.full((1,), prompt_length, dtype=torch.long, device=engine.device)
-            first = choose_tokens(logits=logits, params=dec.params, seed=dec.seed, positions=length,
-                                  first_position=prompt_length, num_positions=1)
-            seq.last = _Step(first.tolist(), 0, _step_logprobs(dec, logits, first))
-        seq.cursor, seq.committed, seq.prefilling = _Cursor(length=length, root=first), prompt_length, False
+            seq.cursor, seq.last = engine._first_step(dec, logits, len(seq.prompt))
+        seq.committed, seq.prefilling = len(seq.prompt), False
         dec.stats.prefill_s = time.perf_counter() - seq.started
-        if dec.budget == 0:  # scoring only: the prompt's logprobs, no output token
-            event = TokenEvent(request_id=dec.request_id, token_ids=(), text="", finish_reason=FINISH_LENGTH,
-                               stats=dec.stats)
-        else:
-            event = engine._emit(dec, seq.last, accept_length=None)
+        event = engine._first_event(dec, seq.last)
         self._sequences[seq.region] = None if event.finished else seq
         return event
 
@@ -261,8 +256,9 @@ class BatchDecoder:
         chosen = []
         for i, seq in enumerate(sequences):
             dec = seq.dec
-            token = choose_tokens(logits=logits[i : i + 1], params=dec.params, seed=dec.seed,
-                                  positions=seq.cursor.length + 1, first_position=seq.committed + 1, num_positions=1)
+            token = choose_tokens(logits=engine._allowed_now(dec, logits[i : i + 1]), params=dec.params,
+                                  seed=dec.seed, positions=seq.cursor.length + 1, first_position=seq.committed + 1,
+                                  num_positions=1)
             seq.cursor.root.copy_(token)
             seq.cursor.length.add_(1)
             chosen.append(token)
@@ -275,23 +271,27 @@ class BatchDecoder:
             steps.append(_Step([values[i]], 0, _step_logprobs(seq.dec, logits[i : i + 1], chosen[i])))
         return steps, firsts
 
-    def _trees(self, sequences: list[_Sequence], depths: list[int], stop: CancelCheck | None) -> list[TokenTree]:
-        """Each sequence's tree to verify: grown together (depth >= 1) and pruned to max_verify_tokens, or the
-        root alone where one token is all the budget allows (the solo loop's plain step, as a one-node tree)."""
+    def _trees(self, sequences: list[_Sequence], depths: list[int], stop: CancelCheck | None) -> list[_Tree]:
+        """Each sequence's tree to verify: grown together (depth >= 1; guided by a constrained request's masks) and
+        pruned to max_verify_tokens, or the root alone where one token is all the budget allows (the solo loop's
+        plain step, as a one-node tree: its one row masked by the grammar's state, as that step's)."""
         engine = self.engine
+        masks = [engine._tree_masks(seq.dec) for seq in sequences]
         growing = [i for i, depth in enumerate(depths) if depth >= 1]
         grown = grow_batched(requests=[
             DraftRequest(drafter=engine.drafters[sequences[i].region], kv_cache=self._cache(sequences[i]),
                          root_token=sequences[i].cursor.root, prefix_length=sequences[i].cursor.length,
-                         committed=sequences[i].committed, depth=depths[i])
+                         committed=sequences[i].committed, depth=depths[i], guide=masks[i])
             for i in growing
         ], forward=engine.draft_forward_batched, stop=stop, graphs=self.draft_graphs) if growing else []
-        trees: list[TokenTree] = [root_only_tree(seq.cursor.root) for seq in sequences]
+        trees = [_Tree(root_only_tree(seq.cursor.root), None, guide) for seq, guide in zip(sequences, masks)]
         verify_size = engine.config.speculation.verify_size
         for i, tree in zip(growing, grown):
+            kept = None
             if verify_size < tree.size:
-                tree = subtree(tree, select_verify_nodes(scores=tree.scores, budget=verify_size))
-            trees[i] = tree
+                kept = select_verify_nodes(scores=tree.scores, budget=verify_size)
+                tree = subtree(tree, kept)
+            trees[i] = _Tree(tree, kept, masks[i])
         return trees
 
     def _speculative_steps(self, sequences: list[_Sequence], prefilling: list[_Sequence],
@@ -303,16 +303,18 @@ class BatchDecoder:
         # a tree deeper than the tokens still allowed would only draft what gets cut
         depths = [min(max_depth, seq.dec.budget - seq.dec.stats.completion_tokens - 1) for seq in sequences]
         draft_start = engine._clock.mark()
-        trees = self._trees(sequences, depths, stop) if sequences else []
+        planned = self._trees(sequences, depths, stop) if sequences else []
+        trees = [plan.tree for plan in planned]
         verify_start = engine._clock.mark()
         parts = [tree_rows(tree=tree, committed=seq.committed, kv_cache=self._cache(seq), dtype=engine._dtype)
                  for seq, tree in zip(sequences, trees)]
         hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=True, stop=stop)  # (rows, hidden)
         firsts = self._prefilled(prefilling, hidden, rows[len(sequences):])
         accepted, asked = [], []  # logits a sequence at a time; kept only where logprobs are asked for
-        for seq, tree, depth, row in zip(sequences, trees, depths, rows):
-            logits = engine.logits(hidden[row.start : row.stop])  # (size, V)
-            accepted.append(engine._accept(tree=tree, logits=logits, committed=seq.committed, depth=depth,
+        for seq, plan, depth, row in zip(sequences, planned, depths, rows):
+            logits = engine.logits(hidden[row.start : row.stop])  # (size, V); row i: after i's path
+            logits = engine._allowed_on_tree(seq.dec, logits, plan.masks, plan.kept)
+            accepted.append(engine._accept(tree=plan.tree, logits=logits, committed=seq.committed, depth=depth,
                                            verify_base=seq.committed, cursor=seq.cursor, dec=seq.dec,
                                            cache=self._cache(seq)))
             asked.append(logits if seq.dec.params.logprobs is not None else None)

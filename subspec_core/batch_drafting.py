@@ -11,7 +11,7 @@ sequence at the root, topk at each later level), each row attending to its own r
 A level is one `_grow_level` call: the per-sequence halves (`root_inputs`/`root_update`, ...) the single-sequence
 graphs capture, around the shared forward. Its shapes are fixed by the level's composition (who grows, in which
 bucket), so on CUDA each composition's level is captured once and replayed (batch_graphs.py); without `graphs`
-every op is launched.
+every op is launched, as in a level with a constrained request (its masks come from the host level by level).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from subspec_core.batch_graphs import BatchGraphs
 from subspec_core.cancel import CancelCheck, raise_if_cancelled
-from subspec_core.drafting import DraftBucket, DraftRows, TreeDrafter
+from subspec_core.drafting import DraftBucket, DraftGuide, DraftRows, TreeDrafter
 from subspec_core.kv_cache import KVCache
 from subspec_core.model import SequenceRows
 from subspec_core.tree import TokenTree
@@ -35,7 +35,8 @@ BatchedDraftFn = Callable[[torch.Tensor, torch.Tensor, tuple[SequenceRows, ...]]
 
 @dataclass(frozen=True)
 class DraftRequest:
-    """One sequence's grow: its drafter and KV region, the root (1,) and N (1,) on the device, N on the host."""
+    """One sequence's grow: its drafter and KV region, the root (1,) and N (1,) on the device, N on the host; a
+    constrained request's `guide` (TreeDrafter.grow_guided's)."""
 
     drafter: TreeDrafter
     kv_cache: KVCache
@@ -43,6 +44,7 @@ class DraftRequest:
     prefix_length: torch.Tensor
     committed: int
     depth: int
+    guide: DraftGuide | None = None
 
 
 def _forward_rows(forward: BatchedDraftFn, rows: Sequence[tuple[KVCache, DraftRows]]) -> list[torch.Tensor]:
@@ -57,15 +59,16 @@ def _forward_rows(forward: BatchedDraftFn, rows: Sequence[tuple[KVCache, DraftRo
     return [logits[seq.start : seq.stop] for seq in sequences]
 
 
-def _grow_level(forward: BatchedDraftFn, growing: Sequence[tuple[DraftRequest, DraftBucket]], root: bool) -> None:
+def _grow_level(forward: BatchedDraftFn, growing: Sequence[tuple[DraftRequest, DraftBucket]], root: bool,
+                allowed: Sequence[torch.Tensor | None]) -> None:
     """One level for every growing sequence: one draft forward over their frontiers (their roots, at the root level),
-    then each drafter's next level into its own buffers."""
+    then each drafter's next level into its own buffers (a guided one's among its `allowed` tokens)."""
     rows = [(r.kv_cache, r.drafter.root_inputs(b) if root else r.drafter.level_inputs(b)) for r, b in growing]
-    for (r, b), logits in zip(growing, _forward_rows(forward, rows)):
+    for (r, b), logits, mask in zip(growing, _forward_rows(forward, rows), allowed):
         if root:
-            r.drafter.root_update(b, logits)
+            r.drafter.root_update(b, logits, mask)
         else:
-            r.drafter.level_update(b, logits)
+            r.drafter.level_update(b, logits, mask)
 
 
 def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn, stop: CancelCheck | None = None,
@@ -74,18 +77,27 @@ def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn, s
     trees are those each drafter's own `grow` would make (the same steps on the same inputs; only the rows a
     forward carries beside them differ). The trees are views of the drafters' buffers. `stop` is asked before
     each level's forward (GenerationCancelled once it answers True), as Engine.generate asks between levels.
-    `graphs`: replay each level's captured graph (CUDA); None launches every op."""
+    `graphs`: replay each level's captured graph (CUDA); None launches every op.
+    A guided request's levels are chosen among what its guide allows, as `grow_guided` chooses them: each level is
+    added to its guide (a host read) before the next level's forward. A level with a guided request runs eagerly
+    (its masks are new tensors each time, made on the host), as `grow_guided` does."""
     buckets: list[DraftBucket] = [
         r.drafter.start_tree(root_token=r.root_token, prefix_length=r.prefix_length, depth=r.depth,
                              committed=r.committed)
         for r in requests
     ]
+    allowed = [None if r.guide is None else r.guide.root() for r in requests]  # a guided one's next level's masks
     for level in range(max(r.depth for r in requests)):
         raise_if_cancelled(stop)
-        growing = [(r, b) for r, b in zip(requests, buckets) if r.depth > level]
-        step = functools.partial(_grow_level, forward, growing, level == 0)
-        if graphs is None:
+        at = [i for i, r in enumerate(requests) if r.depth > level]
+        growing = [(requests[i], buckets[i]) for i in at]
+        step = functools.partial(_grow_level, forward, growing, level == 0, [allowed[i] for i in at])
+        if graphs is None or any(r.guide is not None for r, _ in growing):
             step()
         else:  # the composition: every buffer and shape the level touches
             graphs.run((level == 0, *((r.drafter, r.kv_cache, b.length) for r, b in growing)), step)
+        for i in at:
+            guide = requests[i].guide
+            if guide is not None:  # the next level's masks; the last level's are its verify rows'
+                allowed[i] = requests[i].drafter.guide_frontier(guide)
     return [r.drafter.finish_tree(b, r.depth) for r, b in zip(requests, buckets)]

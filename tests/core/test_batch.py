@@ -8,6 +8,7 @@ differently in the last bit, as a verify row and a one-token step already do.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import pytest
@@ -17,8 +18,9 @@ from subspec_core.agreement import compare_generations
 from subspec_core.batch import BatchDecoder
 from subspec_core.batch_drafting import DraftRequest, grow_batched
 from subspec_core.config import SpeculationConfig
+from subspec_core.constrained import TreeMasks
 from subspec_core.engine import Engine
-from subspec_core.grammar import regex_constraint
+from subspec_core.grammar import json_schema_constraint, lark_constraint, regex_constraint
 from subspec_core.types import GenerationRequest, SamplingParams, TokenEvent
 from tests.core.tiny import TINY_VOCAB, generate_ids, tiny_engine, tiny_hf_model
 
@@ -156,41 +158,102 @@ def test_a_cancelled_or_dropped_request_leaves_the_others_exact(model, tiny_toke
 
 
 def test_batched_drafting_grows_each_sequences_own_tree(model, tiny_tokenizer) -> None:
-    """One draft forward per level for all sequences gives each the tree its own drafter grows alone."""
-    engine = tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=2)
-    prompts, depths = (prompt_of(10, 7), prompt_of(4, 8)), (6, 3)
+    """One draft forward per level for all sequences gives each the tree its own drafter grows alone: `grow`'s, or
+    for a sequence with a guide (a constrained request's TreeMasks) `grow_guided`'s, with the same verify masks."""
+    engine = tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=3)
+    prompts, depths = (prompt_of(10, 7), prompt_of(4, 8), prompt_of(6, 9)), (6, 3, 5)
+    constrained = SamplingParams(constraint=regex_constraint("[a-c]{3,8}-[0-9]+", "x"))
+
+    def guides() -> list[TreeMasks | None]:
+        masks = TreeMasks(engine._grammar_state(constrained), vocab_size=TINY_VOCAB, device=engine.device,
+                          end_mask=None)
+        return [None, masks, None]
+
     with torch.inference_mode():
         for prompt, region in zip(prompts, engine.kv_regions):
             list(engine._prefill_chunks(prompt, cache=region))
         roots = [torch.tensor([p[-1]]) for p in prompts]  # any root token: the drafter does not care
         lengths = [torch.tensor([len(p)]) for p in prompts]
-        alone = []
-        for drafter, root, length, prompt, depth in zip(engine.drafters, roots, lengths, prompts, depths):
-            tree = drafter.grow(root_token=root, prefix_length=length, committed=len(prompt), depth=depth)
+        alone, alone_guides = [], guides()
+        for drafter, root, length, prompt, depth, guide in zip(engine.drafters, roots, lengths, prompts, depths,
+                                                               alone_guides):
+            grow = drafter.grow if guide is None else functools.partial(drafter.grow_guided, guide=guide)
+            tree = grow(root_token=root, prefix_length=length, committed=len(prompt), depth=depth)
             alone.append((tree.tokens.clone(), tree.parents.clone(), tree.scores.clone()))
+        batch_guides = guides()
         trees = grow_batched(requests=[
-            DraftRequest(drafter=d, kv_cache=c, root_token=r, prefix_length=n, committed=len(p), depth=depth)
-            for d, c, r, n, p, depth in zip(engine.drafters, engine.kv_regions, roots, lengths, prompts, depths)
+            DraftRequest(drafter=d, kv_cache=c, root_token=r, prefix_length=n, committed=len(p), depth=depth,
+                         guide=guide)
+            for d, c, r, n, p, depth, guide in zip(engine.drafters, engine.kv_regions, roots, lengths, prompts, depths,
+                                                   batch_guides)
         ], forward=engine.draft_forward_batched)
     for tree, (tokens, parents, scores), depth in zip(trees, alone, depths):
         assert tree.size == 1 + depth * SPEC.topk
         assert torch.equal(tree.tokens, tokens) and torch.equal(tree.parents, parents)
         torch.testing.assert_close(tree.scores, scores)
+    assert torch.equal(batch_guides[1].rows(), alone_guides[1].rows())  # every node's state: the verify rows' masks
+    assert not alone_guides[1].rows()[1:].all()  # the guide restricted something
 
 
 def test_batch_refuses_what_runs_one_request_at_a_time(model, tiny_tokenizer) -> None:
-    """Structured outputs and post-speculation keep their single-sequence path for now; a full batch says so."""
+    """Post-speculation keeps its single-sequence path for now; a full batch says so."""
     engine = tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=1)
     batch = BatchDecoder(engine)
-    constrained = SamplingParams(max_tokens=4, constraint=regex_constraint("[ab]+", "test"))
-    with pytest.raises(ValueError, match="structured outputs"):
-        batch.join(GenerationRequest("c", (1, 2, 3), constrained))
     batch.join(GenerationRequest("a", (1, 2, 3), SamplingParams(max_tokens=4)))
     with pytest.raises(RuntimeError, match="full"):
         batch.join(GenerationRequest("b", (1, 2, 3), SamplingParams(max_tokens=4)))
     post = tiny_engine(model, tiny_tokenizer, speculation=SpeculationConfig(topk=2, max_depth=3, post_levels=2))
     with pytest.raises(ValueError, match="post-speculation"):
         BatchDecoder(post)
+
+
+JSON = json_schema_constraint({"type": "object", "properties": {"n": {"type": "integer"}},
+                               "additionalProperties": False}, "response_format")
+# constrained requests beside free ones: a JSON schema (greedy) from the start, a regex (seeded) admitted mid-way and
+# a Lark grammar (greedy) admitted later; each ends its grammar before max_tokens (then only the end token follows).
+# Every tree of theirs is grown guided in the shared draft forwards, every verify row of theirs masked, the free
+# ones' rows never
+CONSTRAINED = (
+    SCHEDULE[0],
+    (0, GenerationRequest("json", tuple(prompt_of(7, 21)), SamplingParams(max_tokens=24, temperature=0,
+                                                                           constraint=JSON))),
+    (1, GenerationRequest("regex", tuple(prompt_of(11, 22)), SamplingParams(
+        max_tokens=20, temperature=0.8, top_p=0.95, seed=5, constraint=regex_constraint("[a-c]{3,8}-[0-9]+", "x")))),
+    (2, GenerationRequest("lark", tuple(prompt_of(4, 23)), SamplingParams(
+        max_tokens=16, temperature=0, constraint=lark_constraint('start: ("ab" | "cd")+ /[0-9]{2,4}/', "x")))),
+    SCHEDULE[2],
+)
+
+
+@pytest.mark.parametrize("mode,spec,ride", [("subspec", SPEC, False),
+                                            ("subspec", SpeculationConfig(topk=2, max_depth=5, max_verify_tokens=6),
+                                             True),
+                                            ("vanilla", SPEC, True)], ids=["whole-tree", "pruned-admitted", "vanilla"])
+def test_constrained_requests_decode_in_the_batch_with_their_solo_tokens(model, tiny_tokenizer, mode, spec,
+                                                                          ride) -> None:
+    """Structured outputs are batch members: each constrained request returns exactly its solo Engine.generate
+    tokens (greedy and seeded), joining at the start or mid-generation, decoded in the same forwards as the free
+    requests, which still return their own solo tokens."""
+    solo = tiny_engine(model, tiny_tokenizer, mode=mode, speculation=spec)
+    batched = tiny_engine(model, tiny_tokenizer, mode=mode, speculation=spec, max_num_seqs=5)
+    together: list[set[str]] = []
+    last: dict[str, TokenEvent] = {}
+
+    def on_step(_: int, events: list[TokenEvent]) -> None:
+        together.append({e.request_id for e in events})
+        last.update((e.request_id, e) for e in events)
+
+    got = decode_together(BatchDecoder(batched), CONSTRAINED, on_step, ride=ride)
+    for name in ("json", "regex", "lark"):
+        request = next(r for _, r in CONSTRAINED if r.request_id == name)
+        expected, stats = generate_ids(solo, list(request.prompt_token_ids), **request.sampling.__dict__)
+        assert got[name] == expected, name  # exact: the masks leave no near-tie to excuse
+        assert last[name].stats.grammar_s > 0
+        if mode == "subspec":
+            assert last[name].stats.accepted_tokens > 0  # its guided drafts were accepted
+    assert any({"json", "greedy"} <= ids for ids in together)
+    assert any({"json", "regex", "lark", "greedy", "topk"} <= ids for ids in together)
+    assert_solo_tokens(solo, got, tuple(item for item in CONSTRAINED if item[1].sampling.constraint is None))
 
 
 def test_logprobs_stop_strings_and_text_are_per_request(model, tiny_tokenizer) -> None:
