@@ -12,10 +12,9 @@ keeps the message semantics of the one-at-a-time EngineLoop (server/worker/loop.
   at its next draft level or layer (`step(stop=...)`) and is void;
 - the stop check, asked before each draft level and layer, also sends the throttled Heartbeat, so the API's
   stall watchdog sees progress during a long streamed step;
-- a request the batch cannot take (a structured-output constraint) waits at the head of the queue until the
-  batch is empty and then runs alone through `Engine.generate`, as in the one-at-a-time loop (the two share
-  KV region 0, so never at the same time). Requests behind it wait too: first come, first served, so it
-  cannot be starved by a steady stream of batchable ones;
+- every request is batchable, a structured output (a constraint) included: its grammar masks only its own rows
+  (subspec_core/batch.py). Queued requests are admitted oldest first (first come, first served). An engine with
+  post-speculation has no BatchDecoder and gets the one-at-a-time EngineLoop instead (`engine_loop`);
 - a ValueError from admitting a request is that request's 400; any other failure of a step fails every member
   with a 500 (whose fault it was is unknown) and the loop carries on with a fresh batch.
 Each step also sends `Step(sequences, rows)`, what its target forward served (the `subspec_batch_size` and
@@ -74,11 +73,6 @@ class _Member:
     aborted: threading.Event = field(default_factory=threading.Event)
 
 
-def batchable(request: GenerationRequest) -> bool:
-    """Whether a BatchDecoder takes the request (structured outputs run alone, through Engine.generate)."""
-    return request.sampling.constraint is None
-
-
 class BatchLoop(EngineLoop):
     """Serves Submit/Abort messages against a BatchDecoder over `engine`; see the module docstring."""
 
@@ -97,7 +91,6 @@ class BatchLoop(EngineLoop):
         return self._batch.capacity
 
     def notice(self, message: ipc.ToWorker) -> None:
-        super().notice(message)  # a request running alone (a structured output)
         if isinstance(message, ipc.Shutdown):
             self._stopping.set()
         elif isinstance(message, ipc.Abort):
@@ -118,8 +111,6 @@ class BatchLoop(EngineLoop):
                 self._admit_waiting()
                 if self._members:
                     self._step()
-                elif self._pending and not self._stopping.is_set():  # the head cannot join, and the batch is empty
-                    self._run_one(self._pending.popleft())
         finally:
             for request_id in list(self._members):
                 self._let_go(request_id, "stopped by the worker's shutdown")
@@ -140,8 +131,8 @@ class BatchLoop(EngineLoop):
 
     # ------------------------------------------------------------------------------------ joining
     def _admit_waiting(self) -> None:
-        """Admit queued requests, oldest first, while the batch has room and the oldest is batchable."""
-        while self._pending and self._batch.has_room and batchable(self._pending[0]) and not self._stopping.is_set():
+        """Admit queued requests, oldest first, while the batch has room."""
+        while self._pending and self._batch.has_room and not self._stopping.is_set():
             self._admit(self._pending.popleft())
 
     def _admit(self, request: GenerationRequest) -> None:

@@ -1,6 +1,6 @@
 """Several requests in flight (max_num_seqs > 1): the worker's BatchLoop against a FakeBatch, and the HTTP layer
 over it. Each request's events reach its own stream exactly as alone; joins, aborts and failures of one leave
-the others untouched; heartbeats flow during a step; a structured output waits and runs alone."""
+the others untouched; heartbeats flow during a step; a structured output is a member like any other."""
 
 from __future__ import annotations
 
@@ -120,19 +120,20 @@ def test_a_request_for_prompt_logprobs_joins_with_its_first_event_at_once():
     h.shutdown()
 
 
-def test_a_structured_output_waits_for_an_empty_batch_and_runs_alone():
-    """A constrained request runs through engine.generate once the batch is empty; requests behind it wait."""
+def test_a_structured_output_joins_the_batch_beside_the_others():
+    """A constrained request is admitted like any other, without waiting for the batch to empty: it decodes beside
+    the request before it and the one after, and finishes first (the shortest)."""
     engine = FakeEngine(max_num_seqs=3, delay_s=0.01, chars_per_event=1)
     h = Harness(engine)
-    h.send(ipc.Submit(request("first", max_tokens=10)))
+    h.send(ipc.Submit(request("first", max_tokens=30)))
     h.send(ipc.Submit(request("constrained", max_tokens=4, constraint=regex_constraint("[ab]+", "test"))))
-    h.send(ipc.Submit(request("after", max_tokens=4)))
+    h.send(ipc.Submit(request("after", max_tokens=6)))
     messages = h.until_done("first", "constrained", "after")
     order = [m.request_id for m in messages if isinstance(m, ipc.Done)]
-    assert order == ["first", "constrained", "after"]
+    assert order == ["constrained", "after", "first"]
     assert text_of(messages, "constrained") == render_reply(4)[0]
     steps = [m.sequences for m in messages if isinstance(m, ipc.Step)]
-    assert max(steps) == 1  # nobody decoded beside "first" or "after"
+    assert max(steps) == 3  # all three in one forward
     h.shutdown()
 
 

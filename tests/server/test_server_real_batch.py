@@ -114,24 +114,36 @@ def test_seeded_sampling_and_an_abort_leave_every_other_request_exact(real_serve
         assert scrape_metrics(http)['subspec_requests_total{endpoint="/v1/completions",status="499"}'] >= 1
 
 
-def test_a_structured_output_runs_alone_beside_a_batch_and_everyone_gets_their_solo_text(
+def test_a_structured_output_decodes_inside_the_batch_and_everyone_gets_their_solo_text(
         real_server: ServeProcess, real_server_batch: ServeProcess):
-    """A constrained request cannot join a batch: it waits for the batch to empty and runs alone (Engine.generate);
-    the batched requests and it each return what they return one at a time."""
+    """A constrained request is a batch member like any other: it joins two running requests, so some forwards serve
+    three sequences (it running alone never could), and each of the three returns its one-at-a-time text."""
     regex = {"structured_outputs": {"regex": "[A-F]{4}-[0-9]{2}"}}
-    jobs = [(PROMPTS[0][0], 12, {}), ("The code is", 20, regex), (PROMPTS[1][0], 12, {})]
+    jobs = [(PROMPTS[2][0], 20, {}), (PROMPTS[0][0], 12, {}), ("The code is", 20, regex)]
     auth = {"Authorization": f"Bearer {API_KEY}"}
     solo = [complete(real_server.base_url, p, n, auth, **extra) for p, n, extra in jobs]
     together: dict[int, str] = {}
     threads = [threading.Thread(target=lambda i=i, p=p, n=n, e=e: together.__setitem__(
         i, complete(real_server_batch.base_url, p, n, **e))) for i, (p, n, e) in enumerate(jobs)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.2)  # in this order
-    for thread in threads:
-        thread.join(600)
+    with httpx.Client(base_url=real_server_batch.base_url) as http:
+        before = scrape_metrics(http)
+        for thread in threads[:2]:
+            thread.start()
+        deadline = time.monotonic() + 300
+        while http.get("/health").json()["running"] < 2:  # the free ones are decoding: the constrained one joins them
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        threads[2].start()
+        for thread in threads:
+            thread.join(600)
+        after = scrape_metrics(http)
     assert [together[i] for i in range(len(jobs))] == solo
-    assert re.fullmatch("[A-F]{4}-[0-9]{2}", together[1])
+    assert re.fullmatch("[A-F]{4}-[0-9]{2}", together[2])
+
+    def three_or_more(metrics: dict[str, float]) -> float:
+        return metrics.get("subspec_batch_size_count", 0) - metrics.get('subspec_batch_size_bucket{le="2.0"}', 0)
+
+    assert three_or_more(after) > three_or_more(before)
 
 
 @pytest.fixture(scope="module")
