@@ -16,9 +16,10 @@ import torch
 from subspec_core.batch import BatchDecoder
 from subspec_core.batch_drafting import DraftRequest, grow_batched
 from subspec_core.batch_graphs import BatchGraphs, LevelStep
+from subspec_core.grammar import regex_constraint
 from subspec_core.types import GenerationRequest, SamplingParams, TokenEvent
 from tests.core.test_batch import SPEC, assert_solo_tokens, decode_together, prompt_of
-from tests.core.tiny import tiny_engine, tiny_hf_model
+from tests.core.tiny import generate_ids, tiny_engine, tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -145,6 +146,25 @@ def test_graphed_batch_equals_the_eager_batch_and_solo_across_joins_leaves_and_a
                if drafter is long_drafter}
     assert lengths == {288, 352}
     assert len({tuple(d for d, _, _ in composition[1:]) for composition in graphs.asked}) >= 4
+
+
+def test_levels_with_a_constrained_request_run_eagerly_and_the_others_replay(model, tiny_tokenizer):
+    """A level that grows a constrained request's tree is never captured (its masks are made on the host, level by
+    level): it runs eagerly, the free request's rows beside the constrained one's; once that request has finished,
+    the free request's levels are captured and replayed. Each returns its solo tokens, the constrained one exactly."""
+    solo = tiny_engine(model, tiny_tokenizer, speculation=SPEC)
+    batch = BatchDecoder(tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=2))
+    batch.draft_graphs = graphs = ImitatedGraphs()
+    constrained = GenerationRequest("constrained", tuple(prompt_of(6, 31)), SamplingParams(
+        max_tokens=10, temperature=0.8, seed=4, constraint=regex_constraint("[a-c]{3,8}-[0-9]+", "x")))
+    schedule = ((0, GenerationRequest("free", tuple(prompt_of(9, 32)), SamplingParams(max_tokens=40, temperature=0))),
+                (0, constrained))
+    got = decode_together(batch, schedule)
+    expected, _ = generate_ids(solo, list(constrained.prompt_token_ids), **constrained.sampling.__dict__)
+    assert got["constrained"] == expected
+    assert_solo_tokens(solo, got, schedule[:1])
+    assert graphs.replays > 0
+    assert {drafter for composition in graphs.asked for drafter, _, _ in composition[1:]} == {batch.engine.drafters[0]}
 
 
 def test_at_most_max_graphs_are_kept_least_recently_used_dropped() -> None:
