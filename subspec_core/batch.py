@@ -54,6 +54,7 @@ class _Sequence:
     dec: _Decoding
     prompt: list[int]
     started: float  # when it was admitted (perf_counter): its first token's wait is its prefill_s
+    prompt_ids: torch.Tensor | None = None  # (P,) on the compute device while its prompt rides the batch's forwards
     prefilled: int = 0  # prompt rows in its KV region
     prefilling: bool = True  # until its first token is chosen
     cursor: _Cursor | None = None  # set with the first token
@@ -79,6 +80,12 @@ class BatchDecoder:
             raise ValueError("post-speculation (post_levels > 0) runs one request at a time (Engine.generate)")
         self.engine = engine
         self._sequences: list[_Sequence | None] = [None] * len(engine.kv_regions)
+        # Rows one target forward may carry: what the planner sizes its activations for (reserves.plan_sizes: every
+        # sequence's verify rows, or one prefill chunk, whichever is more). Prompt chunks riding on a forward take
+        # what the decoding sequences leave, so a burst of newcomers never outgrows the plan.
+        seq_rows = engine.config.speculation.verify_size if engine.drafters else 1
+        self.row_budget = max(self.capacity * seq_rows, engine.prefill_chunk_size)
+        self._seq_rows = seq_rows
         # the draft levels' CUDA graphs, one per batch composition (batch_graphs.py); None: eager
         graphed = bool(engine.drafters) and engine.config.cuda_graphs and engine.device.type == "cuda"
         self.draft_graphs = BatchGraphs(device=engine.device) if graphed else None
@@ -140,6 +147,7 @@ class BatchDecoder:
         cache = self._cache(seq)
         seq.prefilled = seq.dec.stats.cached_prompt_tokens = cache.reusable_prefix(seq.prompt)
         del cache.token_ids[seq.prefilled :]
+        seq.prompt_ids = torch.tensor(seq.prompt, dtype=torch.long, device=self.engine.device)  # between iterations
         self._sequences[seq.region] = seq
 
     def _first_event(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
@@ -184,16 +192,17 @@ class BatchDecoder:
             return []
         engine = self.engine
         decoding = [seq for seq in sequences if not seq.prefilling]
-        prefilling = [seq for seq in sequences if seq.prefilling]
+        prefilling = self._prefill_turns([seq for seq in sequences if seq.prefilling], decoding=len(decoding))
         h2d = engine.target_layers.h2d_bytes
         with torch.inference_mode():
             if engine.drafters:
                 steps, firsts = self._speculative_steps(decoding, prefilling, stop)
             else:
                 steps, firsts = self._plain_steps(decoding, prefilling, stop)
-        share = (engine.target_layers.h2d_bytes - h2d) / len(sequences)  # the forward's stream, paid once for all
+        served = decoding + [seq for seq, _ in prefilling]
+        share = (engine.target_layers.h2d_bytes - h2d) / len(served)  # the forward's stream, paid once for all
         events = []
-        for seq in sequences:
+        for seq in served:
             seq.h2d_share += share
             seq.dec.stats.h2d_bytes = int(seq.h2d_share)
         for seq, step in zip(decoding, steps):
@@ -205,7 +214,7 @@ class BatchDecoder:
             if event.finished:
                 self._sequences[seq.region] = None
             events.append(event)
-        for seq, first in zip(prefilling, firsts):
+        for (seq, _), first in zip(prefilling, firsts):
             if first is not None:
                 events.append(self._first_event(seq, first))
         return events
@@ -221,26 +230,41 @@ class BatchDecoder:
         backend = engine.attention.verify_tree if masked else engine.attention.one_token_step
         return engine.target_hidden_batched(tokens, positions, rows, backend=backend, stop=stop), rows
 
-    def _prefill_parts(self, prefilling: list[_Sequence]) -> list[ForwardRows]:
-        """Each prefilling sequence's next prompt chunk (batch_rows.prefill_rows)."""
-        engine = self.engine
-        return [prefill_rows(prompt=seq.prompt, start=seq.prefilled, chunk_size=engine.prefill_chunk_size,
-                             kv_cache=self._cache(seq), dtype=engine._dtype, device=engine.device)
-                for seq in prefilling]
+    def _prefill_turns(self, prefilling: list[_Sequence], *, decoding: int) -> list[tuple[_Sequence, int]]:
+        """The prefilling sequences whose prompt rides on this step's forward, oldest first, each with its rows: up to
+        a prefill chunk of what the row budget leaves beside `decoding` sequences' verify rows (at least one tree's
+        worth, as someone is prefilling, so a sequence still in the batch has room). The others wait a step."""
+        left = self.row_budget - decoding * self._seq_rows
+        turns = []
+        for seq in sorted(prefilling, key=lambda s: s.started):
+            rows = min(self.engine.prefill_chunk_size, len(seq.prompt) - seq.prefilled, left)
+            if rows <= 0:
+                break
+            turns.append((seq, rows))
+            left -= rows
+        return turns
 
-    def _prefilled(self, prefilling: list[_Sequence], hidden: torch.Tensor,
+    def _prefill_parts(self, prefilling: list[tuple[_Sequence, int]]) -> list[ForwardRows]:
+        """Each prefilling sequence's next `rows` prompt rows (batch_rows.prefill_rows)."""
+        assert all(seq.prompt_ids is not None for seq, _ in prefilling)  # admit made them
+        return [prefill_rows(prompt_ids=seq.prompt_ids, start=seq.prefilled, rows=rows, kv_cache=self._cache(seq),
+                             dtype=self.engine._dtype) for seq, rows in prefilling]
+
+    def _prefilled(self, prefilling: list[tuple[_Sequence, int]], hidden: torch.Tensor,
                    rows: tuple[SequenceRows, ...]) -> list[torch.Tensor | None]:
         """Record each prefilling sequence's chunk as committed rows; where it completed the prompt, the logits
         (1, V) of its last row (they choose the first token), else None."""
         done: list[torch.Tensor | None] = []
-        for seq, row in zip(prefilling, rows):
+        for (seq, _), row in zip(prefilling, rows):
             end = seq.prefilled + (row.stop - row.start)
             self._cache(seq).token_ids.extend(seq.prompt[seq.prefilled : end])
             seq.prefilled = end
+            if end == len(seq.prompt):
+                seq.prompt_ids = None
             done.append(self.engine.logits(hidden[row.stop - 1 : row.stop]) if end == len(seq.prompt) else None)
         return done
 
-    def _plain_steps(self, sequences: list[_Sequence], prefilling: list[_Sequence],
+    def _plain_steps(self, sequences: list[_Sequence], prefilling: list[tuple[_Sequence, int]],
                      stop: CancelCheck | None) -> tuple[list[_Step], list[torch.Tensor | None]]:
         """One target forward over every sequence's last token (vanilla, resident) and the prefilling sequences'
         chunks: row i is sequence i's token at slot and position N_i, seeing its region's slots [0, N_i]."""
@@ -294,7 +318,7 @@ class BatchDecoder:
             trees[i] = _Tree(tree, kept, masks[i])
         return trees
 
-    def _speculative_steps(self, sequences: list[_Sequence], prefilling: list[_Sequence],
+    def _speculative_steps(self, sequences: list[_Sequence], prefilling: list[tuple[_Sequence, int]],
                            stop: CancelCheck | None) -> tuple[list[_Step], list[torch.Tensor | None]]:
         """Draft every decoding sequence's tree, verify all of them (and the prefilling sequences' chunks) in one
         target forward, accept per sequence."""
@@ -310,14 +334,17 @@ class BatchDecoder:
                  for seq, tree in zip(sequences, trees)]
         hidden, rows = self._forward(parts + self._prefill_parts(prefilling), masked=True, stop=stop)  # (rows, hidden)
         firsts = self._prefilled(prefilling, hidden, rows[len(sequences):])
-        accepted, asked = [], []  # logits a sequence at a time; kept only where logprobs are asked for
+        # logits a sequence at a time (the plan holds one tree's); where logprobs are asked, only its path's rows stay
+        accepted, asked = [], []
         for seq, plan, depth, row in zip(sequences, planned, depths, rows):
             logits = engine.logits(hidden[row.start : row.stop])  # (size, V); row i: after i's path
             logits = engine._allowed_on_tree(seq.dec, logits, plan.masks, plan.kept)
-            accepted.append(engine._accept(tree=plan.tree, logits=logits, committed=seq.committed, depth=depth,
+            path, emitted = engine._accept(tree=plan.tree, logits=logits, committed=seq.committed, depth=depth,
                                            verify_base=seq.committed, cursor=seq.cursor, dec=seq.dec,
-                                           cache=self._cache(seq)))
-            asked.append(logits if seq.dec.params.logprobs is not None else None)
+                                           cache=self._cache(seq))
+            accepted.append((path, emitted))
+            asked.append(logits.index_select(0, path.nodes) if seq.dec.params.logprobs is not None else None)
+            del logits  # before the next sequence's are made
         if not sequences:
             return [], firsts
         verify_end = engine._clock.mark()
@@ -334,7 +361,6 @@ class BatchDecoder:
             stats.iterations += 1
             stats.drafted_tokens += tree.size - 1
             stats.accepted_tokens += len(values) - 1
-            logprobs = None if logits is None else _step_logprobs(
-                seq.dec, logits.index_select(0, path.nodes[: len(values)]), emitted[: len(values)])
+            logprobs = None if logits is None else _step_logprobs(seq.dec, logits[: len(values)], emitted[: len(values)])
             steps.append(_Step(values, tree.size - 1, logprobs))
         return steps, firsts

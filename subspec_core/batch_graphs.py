@@ -89,15 +89,25 @@ class BatchGraphs:
         if self._side is None:
             self._side = torch.cuda.Stream(device=self.device)
         self._side.wait_stream(current)
-        with torch.cuda.stream(self._side):
-            step()
-        current.wait_stream(self._side)
+        try:
+            with torch.cuda.stream(self._side):
+                step()
+        finally:  # even when it fails: what follows must not overtake side-stream kernels writing draft rows
+            current.wait_stream(self._side)
 
     def _record(self, step: LevelStep) -> Replayable:
-        """Capture `step` into the shared pool; nothing runs."""
+        """Capture `step` into the shared pool; nothing runs. A failed capture leaves the stream it was made on
+        current (torch.cuda.graph ends the capture before it restores the stream, and an error in between skips the
+        restore), so the caller's stream is restored here and the device drained before eager drafting resumes."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            step()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                step()
+        except BaseException:
+            torch.cuda.set_stream(current)
+            torch.cuda.synchronize(self.device)
+            raise
         return graph

@@ -51,15 +51,16 @@ def token_rows(*, token: torch.Tensor, length: torch.Tensor, committed: int, kv_
                        bias=None)
 
 
-def prefill_rows(*, prompt: Sequence[int], start: int, chunk_size: int, kv_cache: KVCache, dtype: torch.dtype,
-                 device: torch.device) -> ForwardRows:
-    """The prompt's chunk from `start`: rows at slots and positions [start, end), causal among themselves and
-    seeing rows [0, start) (the chunks Engine's own prefill runs)."""
-    end = min(start + chunk_size, len(prompt))
+def prefill_rows(*, prompt_ids: torch.Tensor, start: int, rows: int, kv_cache: KVCache,
+                 dtype: torch.dtype) -> ForwardRows:
+    """`rows` rows of the prompt (its token ids (P,) on the compute device) from `start`, cut at its end: slots and
+    positions [start, end), causal among themselves and seeing rows [0, start) (the chunks Engine's own prefill
+    runs). A slice of ids already on the device: no host copy, which would wait for the draft queued before it."""
+    end = min(start + rows, prompt_ids.shape[0])
+    device = prompt_ids.device
     slots = torch.arange(start, end, device=device)
     mask = causal_chunk_mask(start=start, length=end - start, device=device)
-    return ForwardRows(tokens=torch.tensor(list(prompt[start:end]), dtype=torch.long, device=device),
-                       positions=slots, kv_cache=kv_cache, slots=slots, kv_length=end,
+    return ForwardRows(tokens=prompt_ids[start:end], positions=slots, kv_cache=kv_cache, slots=slots, kv_length=end,
                        bias=attention_bias(mask, dtype))
 
 

@@ -193,11 +193,13 @@ def plan_sizes(*, shape: ModelShape, dtype: torch.dtype, mode: str, speculation:
     # or of the one-token step; and post-speculation's side stream caches one draft step's temporaries of its own
     step_rows = speculation.topk if speculative else 1
     step = draft_step_bytes(shape=shape, dtype=dtype, topk=step_rows, capacity=capacity, device_type=device_type)
-    # the batched draft levels' graphs (batch_graphs.py) have a pool and a warm-up stream of their own, each bound
-    # by a level over every sequence's topk rows (captured lazily, so the pool may hold more than one level's
-    # block sizes: the bound is also the margin); batched plain steps run eagerly
-    batched = draft_step_bytes(shape=shape, dtype=dtype, topk=step_rows * max_num_seqs, capacity=capacity,
-                               device_type=device_type) if speculative and max_num_seqs > 1 else 0
+    # the batched draft levels' graphs (batch_graphs.py) have a pool and a warm-up stream of their own. They are
+    # captured lazily, as the batch grows from 1 to max_num_seqs sequences, and a pool only reuses a freed block
+    # for a request no larger, so each may hold a level of every width: the sum over 1..max_num_seqs sequences'
+    # topk rows (a full batch's level alone would undercount). Batched plain steps run eagerly.
+    batched = sum(draft_step_bytes(shape=shape, dtype=dtype, topk=step_rows * seqs, capacity=capacity,
+                                   device_type=device_type) for seqs in range(1, max_num_seqs + 1)
+                  ) if speculative and max_num_seqs > 1 else 0
     streams = (MATMUL_STREAMS_GRAPHED if graphed else MATMUL_STREAMS_EAGER) + post + bool(graphed and batched)
     return PlanSizes(
         layer=layer,

@@ -32,7 +32,7 @@ from typing import Any, Callable, Protocol
 from server.edge.request_id import log_suffix
 from server.worker import ipc
 from server.worker.loop import (
-    HEARTBEAT_INTERVAL_S, EngineLike, EngineLoop, Receive, Send, as_token_event, log_finished,
+    HEARTBEAT_INTERVAL_S, EngineLike, EngineLoop, Receive, Send, as_token_event, device_is_lost, log_finished,
 )
 from subspec_core.cancel import CancelCheck, GenerationCancelled
 from subspec_core.types import GenerationRequest, TokenEvent
@@ -152,6 +152,8 @@ class BatchLoop(EngineLoop):
         except Exception as exc:
             logger.exception("request %s failed joining the batch%s", request_id, member.tag)
             self._fail(request_id, 500, "server_error", f"engine error: {type(exc).__name__}: {exc}")
+            if device_is_lost(exc):
+                raise
 
     def _member_check(self, request_id: str, aborted: threading.Event) -> CancelCheck:
         """join's check before each layer of its prefill: a heartbeat, and stop on its abort or a shutdown."""
@@ -173,6 +175,8 @@ class BatchLoop(EngineLoop):
             logger.exception("a batched step failed; failing its %d request(s)", len(self._members))
             for request_id in list(self._members):
                 self._fail(request_id, 500, "server_error", f"engine error: {type(exc).__name__}: {exc}")
+            if device_is_lost(exc):
+                raise
             self._batch = self._open_batch()
             return
         self._send(ipc.Step(sequences, self._batch.forward_rows))

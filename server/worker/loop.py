@@ -60,6 +60,15 @@ def engine_loop(engine: EngineLike, *, receive: Receive, send: Send) -> EngineLo
     return BatchLoop(engine, batch=batch, open_batch=open_batch, receive=receive, send=send)
 
 
+def device_is_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a CUDA error the process cannot recover from (an illegal address, a device-side assert:
+    the context is poisoned and every later call fails too). Then the loop must end, so that the worker exits and
+    a fresh one, with a fresh context, replaces it; answering 500 forever would be worse. Out of memory is not one
+    (torch.OutOfMemoryError is no AcceleratorError): the next request may well fit. By name: this module is
+    imported without torch."""
+    return any(cls.__name__ == "AcceleratorError" for cls in type(exc).__mro__)
+
+
 class EngineLoop:
     """Runs submitted requests through `engine.generate`, honouring aborts inside engine steps."""
 
@@ -166,9 +175,11 @@ class EngineLoop:
             status, kind = (500, "server_error") if emitted else (400, "invalid_request_error")
             logger.info("request %s rejected by the engine (%d): %s%s", request_id, status, exc, tag)
             self._send(ipc.Error(request_id, status, kind, str(exc)))
-        except Exception as exc:  # one bad request must not take the worker down
+        except Exception as exc:  # one bad request must not take the worker down, unless the device is lost
             logger.exception("request %s failed in the engine%s", request_id, tag)
             self._send(ipc.Error(request_id, 500, "server_error", f"engine error: {type(exc).__name__}: {exc}"))
+            if device_is_lost(exc):
+                raise
         finally:
             if events is not None and hasattr(events, "close"):
                 events.close()

@@ -31,12 +31,10 @@ def test_token_and_prompt_chunk_rows():
     region = regions()[0]
     step = token_rows(token=torch.tensor([5]), length=torch.tensor([9]), committed=9, kv_cache=region)
     assert step.slots.tolist() == [9] and step.kv_length == 10 and step.bias is None
-    chunk = prefill_rows(prompt=list(range(10)), start=4, chunk_size=4, kv_cache=region, dtype=torch.float32,
-                         device=torch.device("cpu"))
+    chunk = prefill_rows(prompt_ids=torch.arange(10), start=4, rows=4, kv_cache=region, dtype=torch.float32)
     assert chunk.tokens.tolist() == [4, 5, 6, 7] and chunk.slots.tolist() == [4, 5, 6, 7] and chunk.kv_length == 8
     assert chunk.bias[0].tolist() == [0, 0, 0, 0, 0, NEG, NEG, NEG]  # rows [0, 4) and itself
-    last = prefill_rows(prompt=list(range(10)), start=8, chunk_size=4, kv_cache=region, dtype=torch.float32,
-                        device=torch.device("cpu"))
+    last = prefill_rows(prompt_ids=torch.arange(10), start=8, rows=4, kv_cache=region, dtype=torch.float32)
     assert last.tokens.tolist() == [8, 9] and last.kv_length == 10  # the prompt's end cuts the chunk
 
 
@@ -44,8 +42,7 @@ def test_concatenate_gives_each_participant_its_row_range_and_region():
     caches = regions()
     parts = [
         token_rows(token=torch.tensor([5]), length=torch.tensor([3]), committed=3, kv_cache=caches[0]),
-        prefill_rows(prompt=[1, 2, 3], start=0, chunk_size=16, kv_cache=caches[2], dtype=torch.float32,
-                     device=torch.device("cpu")),
+        prefill_rows(prompt_ids=torch.tensor([1, 2, 3]), start=0, rows=16, kv_cache=caches[2], dtype=torch.float32),
         tree_rows(tree=root_only_tree(torch.tensor([6])), committed=4, kv_cache=caches[1], dtype=torch.float32),
     ]
     tokens, positions, rows = concatenate(parts)

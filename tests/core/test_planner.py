@@ -398,15 +398,16 @@ def test_max_num_seqs_counts_a_kv_region_per_sequence_and_one_is_todays_plan():
 
 def test_the_graph_pool_holds_the_batched_draft_levels_beside_one_sequences_step():
     """With CUDA graphs and max_num_seqs 4, the reserve holds drafter 0's captured steps (Engine.generate) and the
-    batched levels' own pool (batch_graphs.py), each with its warm-up's blocks: 2 x (level of topk rows + level of
-    4 x topk rows), and one more cuBLAS workspace for the batched warm-up stream. Plain modes batch eagerly."""
+    batched levels' own pool (batch_graphs.py), each with its warm-up's blocks: 2 x (level of topk rows + levels of
+    1..4 x topk rows, captured lazily as the batch grows), and one more cuBLAS workspace for the batched warm-up
+    stream. Plain modes batch eagerly."""
     spec = SpeculationConfig(topk=6, max_depth=8)
     common = dict(shape=QWEN7B, dtype=torch.bfloat16, speculation=spec, capacity=2112, chunk=256, max_model_len=2048,
                   stream_slots=2, shared_bytes=QWEN7B_SHARED, device_type="cuda", cuda_graphs=True)
     step = functools.partial(draft_step_bytes, shape=QWEN7B, dtype=torch.bfloat16, capacity=2112, device_type="cuda")
     one, four = (plan_sizes(**common, mode="subspec", max_num_seqs=n) for n in (1, 4))
     assert one.graph_pool == 2 * step(topk=6)
-    assert four.graph_pool == 2 * (step(topk=6) + step(topk=24))
+    assert four.graph_pool == 2 * (step(topk=6) + sum(step(topk=6 * seqs) for seqs in range(1, 5)))
     assert four.workspaces == one.workspaces + CUBLAS_WORKSPACE_BYTES
     vanilla = [plan_sizes(**common, mode="vanilla", max_num_seqs=n) for n in (1, 4)]
     assert vanilla[0].graph_pool == vanilla[1].graph_pool == 2 * step(topk=1)

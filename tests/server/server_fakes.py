@@ -9,6 +9,7 @@ another process can count the work done after an abort. Prompts containing a tri
   RAISE_VALUE    generate() raises ValueError before any output (-> HTTP 400)
   RAISE_RUNTIME  raises RuntimeError after the first event (-> 500 for that request only)
   EXIT_WORKER    kills the process after the first event (worker-crash tests; process client only)
+  DEVICE_LOST    raises torch's AcceleratorError (a poisoned CUDA context) after the first event
   HANG           blocks for `hang_s` in the second iteration (abort watchdog tests)
 Everything is module level and picklable, so a spawned worker can build it from a functools.partial.
 """
@@ -173,6 +174,10 @@ class FakeEngine:
                     raise RuntimeError("the fake engine broke")
                 if "EXIT_WORKER" in prompt:
                     os._exit(3)
+                if "DEVICE_LOST" in prompt:
+                    import torch  # only here: the fake engine otherwise runs without torch
+
+                    raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
         finally:
             if not done:
                 self.closed_early.append(rid)

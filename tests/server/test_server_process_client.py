@@ -132,6 +132,33 @@ def test_killed_worker_over_http_running_500_queued_resubmitted_health_recovers(
         assert "subspec_worker_restarts_total 1.0" in metrics
 
 
+@pytest.mark.parametrize("max_num_seqs", [1, 2])
+def test_a_lost_device_ends_the_worker_and_a_fresh_one_serves_the_next_request(max_num_seqs):
+    """A CUDA error that poisons the context (torch.AcceleratorError) fails its request with a 500 and ends the
+    worker, serial or batched, instead of answering 500 to everything after it; the replacement serves."""
+    client = ProcessEngineClient(functools.partial(make_fake_engine, max_num_seqs=max_num_seqs, delay_s=0.01),
+                                 log_level="CRITICAL")
+    app = create_app(settings=ServerSettings(), engine_client=client, tokenizer=FakeTokenizer(),
+                     model_name="fake-model")
+    with UvicornThread(app) as server:
+        server.wait_healthy(60)
+        url = f"{server.base_url}/v1/chat/completions"
+        pid = httpx.get(f"{server.base_url}/health").json()["worker_pid"]
+        lost = httpx.post(url, json={"messages": [{"role": "user", "content": "DEVICE_LOST"}]}, timeout=60)
+        assert lost.status_code == 500, lost.text
+        assert "AcceleratorError" in lost.json()["error"]["message"] or lost.json()["error"]["code"] == "worker_died"
+
+        def replaced() -> bool:
+            health = httpx.get(f"{server.base_url}/health")
+            return health.status_code == 200 and health.json()["worker_pid"] not in (None, pid)
+
+        wait_for(replaced, 60, "a fresh worker")
+        assert httpx.get(f"{server.base_url}/health").json()["worker_restarts"] == 1
+        ok = httpx.post(url, json=long_chat("after", 5), timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == render_reply(
+            5, ignore_eos=True)[0]
+
+
 def test_disconnect_frees_the_engine_within_one_level(tmp_path):
     """A streaming client leaves mid-iteration: its request stops within a level (counted in the worker's
     trace), so the next request starts a level later instead of when the whole iteration would have ended.
