@@ -24,9 +24,11 @@ keeps its blocks for the next). If a capture fails, a warning says so once and n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Hashable, Iterator, Protocol
+from unittest import mock
 
 import torch
 
@@ -36,6 +38,17 @@ log = logging.getLogger(__name__)
 MAX_GRAPHS = 64
 
 LevelStep = Callable[[], None]  # one level: the draft forward over every growing sequence and their updates
+
+
+@contextlib.contextmanager
+def keeping_cached_blocks() -> Iterator[None]:
+    """Within it, `torch.cuda.empty_cache` does nothing. Entering `torch.cuda.graph` empties the allocator's cache
+    to give a capture room; a capture made mid-serving (a new composition) would then hand back the blocks the
+    verify forward is about to take again, and every cudaMalloc of theirs synchronises the device, stalling the
+    weight stream. The plan's budget already holds those blocks, so they stay. (vLLM patches its graph captures
+    the same way.)"""
+    with mock.patch.object(torch.cuda, "empty_cache", lambda: None):
+        yield
 
 
 class Replayable(Protocol):
@@ -104,7 +117,7 @@ class BatchGraphs:
         current = torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with keeping_cached_blocks(), torch.cuda.graph(graph, pool=self._pool):
                 step()
         except BaseException:
             torch.cuda.set_stream(current)

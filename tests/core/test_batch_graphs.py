@@ -185,3 +185,15 @@ def test_a_failed_capture_warns_once_and_drafts_eagerly(caplog) -> None:
     assert runs == ["a", "b", "a"]  # each level once: the failed capture's warm-up was the level
     assert len(graphs) == 0 and not graphs.capturing
     assert ["batched draft level" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_a_capture_mid_serving_keeps_the_allocators_cached_blocks() -> None:
+    """`keeping_cached_blocks`, around BatchGraphs' torch.cuda.graph, makes the cache-emptying that graph's entry
+    does a no-op (the verify's blocks stay cached), and only while it is entered."""
+    from subspec_core.batch_graphs import keeping_cached_blocks
+
+    real = torch.cuda.empty_cache
+    with keeping_cached_blocks():
+        assert torch.cuda.empty_cache is not real
+        torch.cuda.empty_cache()  # a no-op, whatever the device
+    assert torch.cuda.empty_cache is real
