@@ -9,7 +9,7 @@ sequence at the root, topk at each later level), each row attending to its own r
                                              level 1:         rows [a1 a2]          one forward (b is done)
 
 A level is one `_grow_level` call: the per-sequence halves (`root_inputs`/`root_update`, ...) the single-sequence
-graphs capture, around the shared forward. Its shapes are fixed by the level's composition (who grows, in which
+graphs capture, around the shared forward (a guided sequence's masks read from its drafter's staged buffer). Its shapes are fixed by the level's composition (who grows, in which
 bucket), so on CUDA each composition's level is captured once and replayed (batch_graphs.py); without `graphs`
 every op is launched, as in a level with a constrained request (its masks come from the host level by level).
 """
@@ -79,8 +79,9 @@ def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn, s
     each level's forward (GenerationCancelled once it answers True), as Engine.generate asks between levels.
     `graphs`: replay each level's captured graph (CUDA); None launches every op.
     A guided request's levels are chosen among what its guide allows, as `grow_guided` chooses them: each level is
-    added to its guide (a host read) before the next level's forward. A level with a guided request runs eagerly
-    (its masks are new tensors each time, made on the host), as `grow_guided` does."""
+    added to its guide (a host read) before the next level's forward, whose masks are staged in its drafter's own
+    buffer (`stage_allowed`), so a guided level is captured and replayed like any other (guided or not is part of
+    its composition: the masking is an op more)."""
     buckets: list[DraftBucket] = [
         r.drafter.start_tree(root_token=r.root_token, prefix_length=r.prefix_length, depth=r.depth,
                              committed=r.committed)
@@ -91,11 +92,13 @@ def grow_batched(*, requests: Sequence[DraftRequest], forward: BatchedDraftFn, s
         raise_if_cancelled(stop)
         at = [i for i, r in enumerate(requests) if r.depth > level]
         growing = [(requests[i], buckets[i]) for i in at]
-        step = functools.partial(_grow_level, forward, growing, level == 0, [allowed[i] for i in at])
-        if graphs is None or any(r.guide is not None for r, _ in growing):
+        masks = [None if allowed[i] is None else requests[i].drafter.stage_allowed(allowed[i]) for i in at]
+        step = functools.partial(_grow_level, forward, growing, level == 0, masks)
+        if graphs is None:
             step()
-        else:  # the composition: every buffer and shape the level touches
-            graphs.run((level == 0, *((r.drafter, r.kv_cache, b.length) for r, b in growing)), step)
+        else:  # the composition: every buffer and shape the level touches, and which rows are masked
+            graphs.run((level == 0, *((r.drafter, r.kv_cache, b.length, r.guide is not None) for r, b in growing)),
+                       step)
         for i in at:
             guide = requests[i].guide
             if guide is not None:  # the next level's masks; the last level's are its verify rows'

@@ -116,6 +116,7 @@ class TreeDrafter:
         self.frontier_scores = torch.zeros(k, dtype=torch.float32, device=device)
         self.positions = torch.zeros(k, **long)
         self.slots = torch.zeros(k, **long)
+        self._staged: dict[int, torch.Tensor] = {}  # a guided level's allowed tokens, by rows (stage_allowed)
         # The masks: one buffer each, seen by bucket L as a contiguous (rows, L) view of its first rows * L
         # elements; a grow's root step rewrites its bucket's view whole, so buckets need not agree.
         columns = torch.arange(capacity, **long)
@@ -307,6 +308,15 @@ class TreeDrafter:
             self.level_step(bucket, allowed=allowed)
             allowed = self.guide_frontier(guide)  # the last level's: for its verify rows
         return self.tree(depth)  # not extendable: post-speculation leaves constrained requests alone
+
+    def stage_allowed(self, allowed: torch.Tensor) -> torch.Tensor:
+        """`allowed` (rows, V: the root's 1 or a level's topk) copied into this drafter's buffer for that many rows,
+        made on first use: a guided level that reads its masks there is the same ops on the same addresses every
+        time, so it can be captured and replayed (batch_graphs.py) whatever the grammar allows."""
+        buffer = self._staged.get(allowed.shape[0])
+        if buffer is None:
+            buffer = self._staged[allowed.shape[0]] = torch.empty_like(allowed)
+        return buffer.copy_(allowed)
 
     def guide_frontier(self, guide: DraftGuide) -> torch.Tensor:
         """Add the level just grown (the frontier) to `guide`'s tree: what may follow each of its nodes (topk, V),

@@ -142,29 +142,37 @@ def test_graphed_batch_equals_the_eager_batch_and_solo_across_joins_leaves_and_a
     assert_solo_tokens(solo, graphed, tuple(item for item in SCHEDULE if item[1].request_id != "dropped"))
     assert graphs is not None and graphs.replays > graphs.captures > 3
     long_drafter = batch.engine.drafters[0]  # "long" joined first: region 0
-    lengths = {length for composition in graphs.asked for drafter, _, length in composition[1:]
+    lengths = {length for composition in graphs.asked for drafter, _, length, _ in composition[1:]
                if drafter is long_drafter}
     assert lengths == {288, 352}
-    assert len({tuple(d for d, _, _ in composition[1:]) for composition in graphs.asked}) >= 4
+    assert len({tuple(entry[0] for entry in composition[1:]) for composition in graphs.asked}) >= 4
 
 
-def test_levels_with_a_constrained_request_run_eagerly_and_the_others_replay(model, tiny_tokenizer):
-    """A level that grows a constrained request's tree is never captured (its masks are made on the host, level by
-    level): it runs eagerly, the free request's rows beside the constrained one's; once that request has finished,
-    the free request's levels are captured and replayed. Each returns its solo tokens, the constrained one exactly."""
+def test_levels_growing_a_constrained_request_are_replayed_with_its_staged_masks(model, tiny_tokenizer):
+    """A level growing a constrained request's tree reads its masks from its drafter's staged buffer, so it is
+    captured and replayed like the others, guided or not being part of the composition: the graphed batch grows the
+    eager batch's trees (its accept lengths; the imitation replays the recorded closure, so masks passed as fresh
+    tensors would be the capture's stale ones and grow other trees), and each request returns its solo tokens, the
+    constrained one exactly."""
     solo = tiny_engine(model, tiny_tokenizer, speculation=SPEC)
-    batch = BatchDecoder(tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=2))
-    batch.draft_graphs = graphs = ImitatedGraphs()
     constrained = GenerationRequest("constrained", tuple(prompt_of(6, 31)), SamplingParams(
-        max_tokens=10, temperature=0.8, seed=4, constraint=regex_constraint("[a-c]{3,8}-[0-9]+", "x")))
+        max_tokens=24, temperature=0.8, seed=4, constraint=regex_constraint("[a-c]{3,8}-[0-9]+", "x")))
     schedule = ((0, GenerationRequest("free", tuple(prompt_of(9, 32)), SamplingParams(max_tokens=40, temperature=0))),
                 (0, constrained))
-    got = decode_together(batch, schedule)
+    got, accepted = {}, {}
+    for graphs in (None, ImitatedGraphs()):
+        batch = BatchDecoder(tiny_engine(model, tiny_tokenizer, speculation=SPEC, max_num_seqs=2))
+        batch.draft_graphs = graphs
+        accepts = accepted[graphs is None] = []
+        got[graphs is None] = decode_together(
+            batch, schedule, lambda _, events, accepts=accepts: accepts.append(
+                [(e.request_id, e.accept_length) for e in events]))
+    assert got[False] == got[True] and accepted[False] == accepted[True]
     expected, _ = generate_ids(solo, list(constrained.prompt_token_ids), **constrained.sampling.__dict__)
-    assert got["constrained"] == expected
-    assert_solo_tokens(solo, got, schedule[:1])
-    assert graphs.replays > 0
-    assert {drafter for composition in graphs.asked for drafter, _, _ in composition[1:]} == {batch.engine.drafters[0]}
+    assert got[False]["constrained"] == expected
+    assert_solo_tokens(solo, got[False], schedule[:1])
+    guided = [composition for composition in graphs.asked if any(entry[3] for entry in composition[1:])]
+    assert len(set(guided)) < len(guided) and graphs.replays > graphs.captures  # guided levels replayed
 
 
 def test_at_most_max_graphs_are_kept_least_recently_used_dropped() -> None:
