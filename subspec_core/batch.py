@@ -259,9 +259,10 @@ class BatchDecoder:
             end = seq.prefilled + (row.stop - row.start)
             self._cache(seq).token_ids.extend(seq.prompt[seq.prefilled : end])
             seq.prefilled = end
-            if end == len(seq.prompt):
-                seq.prompt_ids = None
-            done.append(self.engine.logits(hidden[row.stop - 1 : row.stop]) if end == len(seq.prompt) else None)
+            complete = end == len(seq.prompt)
+            if complete:
+                seq.prompt_ids = None  # its prompt no longer rides on a forward
+            done.append(self.engine.logits(hidden[row.stop - 1 : row.stop]) if complete else None)
         return done
 
     def _plain_steps(self, sequences: list[_Sequence], prefilling: list[tuple[_Sequence, int]],

@@ -9,9 +9,9 @@ sequence at the root, topk at each later level), each row attending to its own r
                                              level 1:         rows [a1 a2]          one forward (b is done)
 
 A level is one `_grow_level` call: the per-sequence halves (`root_inputs`/`root_update`, ...) the single-sequence
-graphs capture, around the shared forward (a guided sequence's masks read from its drafter's staged buffer). Its shapes are fixed by the level's composition (who grows, in which
-bucket), so on CUDA each composition's level is captured once and replayed (batch_graphs.py); without `graphs`
-every op is launched, as in a level with a constrained request (its masks come from the host level by level).
+graphs capture, around the shared forward (a guided sequence's masks read from its drafter's staged buffer). Its
+shapes are fixed by the level's composition (who grows, in which bucket, guided or not), so on CUDA each
+composition's level is captured once and replayed (batch_graphs.py); without `graphs` every op is launched.
 """
 
 from __future__ import annotations

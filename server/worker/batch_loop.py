@@ -16,7 +16,8 @@ keeps the message semantics of the one-at-a-time EngineLoop (server/worker/loop.
   (subspec_core/batch.py). Queued requests are admitted oldest first (first come, first served). An engine with
   post-speculation has no BatchDecoder and gets the one-at-a-time EngineLoop instead (`engine_loop`);
 - a ValueError from admitting a request is that request's 400; any other failure of a step fails every member
-  with a 500 (whose fault it was is unknown) and the loop carries on with a fresh batch.
+  with a 500 (whose fault it was is unknown) and the loop carries on with a fresh batch, unless the device is
+  lost (`device_is_lost`): then the loop ends and the worker with it, to be replaced.
 Each step also sends `Step(sequences, rows)`, what its target forward served (the `subspec_batch_size` and
 `subspec_forward_rows` histograms).
 """

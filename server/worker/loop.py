@@ -13,7 +13,8 @@ by tests), so both clients share one definition of ordering, abort and error sem
 - while a request runs, a `Heartbeat` goes out at most every `HEARTBEAT_INTERVAL_S` seconds from inside
   the engine's step (its cancel checks), so the API process can tell a slow step from a hung one;
 - a `ValueError` raised before the first event is the caller's fault (HTTP 400); any other failure is a
-  500 for that request only, and the loop carries on with the next one.
+  500 for that request only, and the loop carries on with the next one, unless the device is lost
+  (`device_is_lost`): then the loop ends and the worker with it, to be replaced.
 """
 
 from __future__ import annotations
